@@ -1,0 +1,1 @@
+"""billing: the credits ledger of an LLM API gateway."""

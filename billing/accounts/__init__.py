@@ -1,0 +1,1 @@
+"""Customer accounts: balances, history, lots, staff grants and adjustments."""

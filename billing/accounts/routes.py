@@ -1,0 +1,171 @@
+"""HTTP adapter for accounts: thin; every rule lives in the service and the ledger core."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+
+from billing.accounts import schemas as s
+from billing.accounts import service
+from billing.auth.middleware import requires
+from billing.auth.principal import ACCOUNT, GATEWAY, SUPPORT, Principal
+from billing.context import Context
+from billing.errors import invalid
+from billing.http import error_responses, money_response
+from billing.idempotency import HEADER, require_key
+from billing.schemas import ListOf
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(name=HEADER, required=False, description="Required: a retry with the same key is safe."),
+]
+Limit = Annotated[int, QueryParameter(ge=1, le=service.MAX_PAGE, description="Page size, 1-100.")]
+Cursor = Annotated[str | None, QueryParameter(description="Return entries older than this entry id (cursor).")]
+Ctx = NamedDependency[Context]
+
+READERS = requires(SUPPORT, GATEWAY, ACCOUNT)
+PROVISIONERS = requires(SUPPORT, GATEWAY)
+STAFF = requires(SUPPORT)
+
+
+class AccountsController(Controller):
+    path = "/v1/accounts"
+    tags = ["accounts"]
+
+    @post(
+        "/",
+        guards=[PROVISIONERS],
+        summary="Create an account (idempotent on external_id)",
+        responses=error_responses(400, 401, 403, 409),
+        status_code=201,
+    )
+    async def create_account(self, data: JSONBody[s.CreateAccount], ctx: Ctx) -> Response[s.Account]:
+        account, created = await service.create_account(ctx, data)
+        return Response(account, status_code=201 if created else 200)
+
+    @get(
+        "/",
+        guards=[PROVISIONERS],
+        summary="Find an account by external_id",
+        responses=error_responses(400, 401, 403, 404),
+    )
+    async def find_account(self, external_id: FromQuery[str], ctx: Ctx, request: Request) -> s.Account:
+        return await service.find_by_external_id(ctx, request.user, external_id)
+
+    @get(
+        "/{account_id:str}",
+        guards=[READERS],
+        summary="Retrieve an account",
+        responses=error_responses(401, 403, 404),
+    )
+    async def get_account(self, account_id: FromPath[str], ctx: Ctx, request: Request) -> s.Account:
+        return await service.get_account(ctx, request.user, account_id)
+
+    @get(
+        "/{account_id:str}/balance",
+        guards=[READERS],
+        summary="Balance now, or as of a past time",
+        responses=error_responses(400, 401, 403, 404),
+    )
+    async def get_balance(
+        self, account_id: FromPath[str], ctx: Ctx, request: Request, as_of: FromQuery[datetime | None] = None
+    ) -> s.Balance | s.BalanceAsOf:
+        principal: Principal = request.user
+        if as_of is None:
+            return await service.get_balance(ctx, principal, account_id)
+        if as_of.tzinfo is None:
+            raise invalid("timezone_required", "`as_of` must carry a UTC offset, e.g. 2026-11-01T00:00:00Z.", "as_of")
+        return await service.balance_as_of(ctx, principal, account_id, as_of)
+
+    @get(
+        "/{account_id:str}/ledger",
+        guards=[READERS],
+        summary="Ledger history, newest first, with running balance",
+        responses=error_responses(400, 401, 403, 404),
+    )
+    async def get_ledger(
+        self,
+        account_id: FromPath[str],
+        ctx: Ctx,
+        request: Request,
+        limit: Limit = 20,
+        starting_after: Cursor = None,
+    ) -> ListOf[s.LedgerLine]:
+        return await service.ledger(ctx, request.user, account_id, limit, starting_after)
+
+    @get(
+        "/{account_id:str}/lots",
+        guards=[READERS],
+        summary="Credit lots and what is left of each",
+        responses=error_responses(401, 403, 404),
+    )
+    async def get_lots(self, account_id: FromPath[str], ctx: Ctx, request: Request) -> ListOf[s.Lot]:
+        return await service.lots(ctx, request.user, account_id)
+
+    @post(
+        "/{account_id:str}/grants",
+        guards=[STAFF],
+        summary="Grant credits (staff; audit-logged)",
+        responses=error_responses(400, 401, 403, 404, 409),
+        status_code=201,
+    )
+    async def create_grant(
+        self,
+        account_id: FromPath[str],
+        data: JSONBody[s.CreateGrant],
+        ctx: Ctx,
+        request: Request,
+        idempotency_key: IdempotencyKey,
+    ) -> Response[s.MoneyMove]:
+        outcome = await service.move_money(
+            ctx,
+            request.user,
+            account_id,
+            data,
+            idempotency_key=require_key(idempotency_key),
+            path=request.url.path,
+        )
+        return money_response(outcome)
+
+    @post(
+        "/{account_id:str}/adjustments",
+        guards=[STAFF],
+        summary="Adjust a balance up or down (staff; audit-logged)",
+        responses=error_responses(400, 401, 402, 403, 404, 409),
+        status_code=201,
+    )
+    async def create_adjustment(
+        self,
+        account_id: FromPath[str],
+        data: JSONBody[s.CreateAdjustment],
+        ctx: Ctx,
+        request: Request,
+        idempotency_key: IdempotencyKey,
+    ) -> Response[s.MoneyMove]:
+        outcome = await service.move_money(
+            ctx,
+            request.user,
+            account_id,
+            data,
+            idempotency_key=require_key(idempotency_key),
+            path=request.url.path,
+        )
+        return money_response(outcome)
+
+
+class JournalController(Controller):
+    path = "/v1/journal_entries"
+    tags = ["ledger"]
+
+    @get(
+        "/{entry_id:str}",
+        guards=[STAFF],
+        summary="A journal entry with all its postings",
+        responses=error_responses(401, 403, 404),
+    )
+    async def get_entry(self, entry_id: FromPath[str], ctx: Ctx) -> s.JournalEntry:
+        return await service.get_journal_entry(ctx, entry_id)

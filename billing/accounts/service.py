@@ -1,0 +1,359 @@
+"""Accounts service: owns its transactions (one `async with db.begin()` per call, committed before the
+HTTP layer answers). HTTP handlers and later workers call these same functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import clock
+from billing.accounts import schemas as s
+from billing.auth.principal import Principal
+from billing.context import Context
+from billing.errors import INVALID_REQUEST, ApiError, from_money, invalid, not_found
+from billing.idempotency import Outcome, run_once
+from billing.ledger import entries
+from billing.ledger.model import Customer, LotCategory
+from billing.ledger.money import MoneyError, format_money, parse_money
+from billing.schemas import ListOf, internal_id, public_id
+
+ACCOUNT_COLUMNS = (
+    "a.id, a.public_id, a.external_id, a.kind, a.name, a.metadata, a.created_at,"
+    " b.balance, b.total_credits, b.total_usage"
+)
+MAX_PAGE = 100
+
+
+def new_account_id() -> str:
+    return "acct_" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
+
+
+def _balance(row: Row[Any]) -> s.Balance:
+    # No holds exist yet, so everything posted is available.
+    return s.Balance(
+        account=row.public_id,
+        balance=format_money(row.balance),
+        held=format_money(Decimal(0)),
+        available=format_money(row.balance),
+        total_credits=format_money(row.total_credits),
+        total_usage=format_money(row.total_usage),
+    )
+
+
+def _account(row: Row[Any]) -> s.Account:
+    return s.Account(
+        id=row.public_id,
+        external_id=row.external_id,
+        kind=row.kind,
+        name=row.name,
+        metadata=row.metadata,
+        created_at=row.created_at,
+        balance=_balance(row),
+    )
+
+
+async def _find(conn: AsyncConnection, principal: Principal, account: str) -> Row[Any]:
+    """The account, if it exists and the caller may see it; otherwise 404 (foreign accounts included)."""
+    row = (
+        await conn.execute(
+            text(
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts a JOIN balances b ON b.account_id = a.id"
+                " WHERE a.public_id = :p AND a.kind <> 'platform'"
+            ),
+            {"p": account},
+        )
+    ).first()
+    if row is None or not principal.may_see(row.id):
+        raise not_found("account", account)
+    return row
+
+
+async def create_account(ctx: Context, data: s.CreateAccount) -> tuple[s.Account, bool]:
+    """Create an account, idempotent on `external_id`: the same external id answers the existing account."""
+    async with ctx.db.begin() as conn:
+        created = await conn.scalar(
+            text(
+                "WITH a AS (INSERT INTO accounts (public_id, kind, type, external_id, name, metadata)"
+                " VALUES (:public_id, :kind, 'liability', :external_id, :name, CAST(:metadata AS jsonb))"
+                " ON CONFLICT (external_id) DO NOTHING RETURNING id)"
+                " INSERT INTO balances (account_id) SELECT id FROM a RETURNING account_id"
+            ),
+            {
+                "public_id": new_account_id(),
+                "kind": data.kind,
+                "external_id": data.external_id,
+                "name": data.name,
+                "metadata": msgspec.json.encode(data.metadata).decode(),
+            },
+        )
+        row = (
+            await conn.execute(
+                text(
+                    f"SELECT {ACCOUNT_COLUMNS} FROM accounts a JOIN balances b ON b.account_id = a.id"
+                    " WHERE a.external_id = :e"
+                ),
+                {"e": data.external_id},
+            )
+        ).one()
+    if row.kind != data.kind:
+        raise ApiError(
+            409,
+            INVALID_REQUEST,
+            "external_id_conflict",
+            f"external_id {data.external_id!r} already belongs to an account of kind {row.kind!r}.",
+            param="external_id",
+        )
+    return _account(row), created is not None
+
+
+async def get_account(ctx: Context, principal: Principal, account: str) -> s.Account:
+    async with ctx.db.connect() as conn:
+        return _account(await _find(conn, principal, account))
+
+
+async def find_by_external_id(ctx: Context, principal: Principal, external_id: str) -> s.Account:
+    async with ctx.db.connect() as conn:
+        public = await conn.scalar(text("SELECT public_id FROM accounts WHERE external_id = :e"), {"e": external_id})
+        if public is None:
+            raise not_found("account", external_id)
+        return _account(await _find(conn, principal, public))
+
+
+async def get_balance(ctx: Context, principal: Principal, account: str) -> s.Balance:
+    async with ctx.db.connect() as conn:
+        return _balance(await _find(conn, principal, account))
+
+
+async def balance_as_of(ctx: Context, principal: Principal, account: str, as_of: datetime) -> s.BalanceAsOf:
+    """The balance right after the last posting at or before `as_of` (0 before the first)."""
+    async with ctx.db.connect() as conn:
+        row = await _find(conn, principal, account)
+        balance = await conn.scalar(
+            text(
+                "SELECT balance_after FROM postings WHERE account_id = :id AND posted_at <= :t ORDER BY id DESC LIMIT 1"
+            ),
+            {"id": row.id, "t": as_of},
+        )
+    return s.BalanceAsOf(account=account, balance=format_money(balance or Decimal(0)), as_of=as_of)
+
+
+async def ledger(
+    ctx: Context, principal: Principal, account: str, limit: int, starting_after: str | None
+) -> ListOf[s.LedgerLine]:
+    """The account's journal entries, newest first, each with the running balance after it."""
+    cursor = internal_id("je", starting_after, "ledger_entry") if starting_after else None
+    async with ctx.db.connect() as conn:
+        row = await _find(conn, principal, account)
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT e.id, e.kind, e.posted_at, e.description, e.reason, p.amount, p.balance_after"
+                    " FROM (SELECT entry_id, sum(amount) AS amount,"
+                    "              (array_agg(balance_after ORDER BY id DESC))[1] AS balance_after"
+                    "       FROM postings WHERE account_id = :id AND (CAST(:cursor AS bigint) IS NULL OR entry_id < CAST(:cursor AS bigint))"
+                    "       GROUP BY entry_id ORDER BY entry_id DESC LIMIT :n) p"
+                    " JOIN journal_entries e ON e.id = p.entry_id ORDER BY e.id DESC"
+                ),
+                {"id": row.id, "cursor": cursor, "n": limit + 1},
+            )
+        ).all()
+    lines = [
+        s.LedgerLine(
+            id=public_id("je", r.id),
+            kind=r.kind,
+            amount=format_money(r.amount),
+            balance_after=format_money(r.balance_after),
+            posted_at=r.posted_at,
+            description=r.description,
+            reason=r.reason,
+        )
+        for r in rows[:limit]
+    ]
+    return ListOf(data=lines, has_more=len(rows) > limit)
+
+
+def _lot(r: Row[Any], account: str, now: datetime) -> s.Lot:
+    return s.Lot(
+        id=public_id("lot", r.id),
+        account=account,
+        category=r.category,
+        amount=format_money(r.amount),
+        remaining=format_money(r.remaining),
+        used=format_money(r.amount - r.remaining),
+        expires_at=r.expires_at,
+        expired=r.expires_at <= now,
+        created_at=r.created_at,
+        entry=public_id("je", r.entry_id),
+    )
+
+
+async def lots(ctx: Context, principal: Principal, account: str) -> ListOf[s.Lot]:
+    """Every lot of the account, in the order usage consumes them (soonest expiry first)."""
+    now = clock.now()
+    async with ctx.db.connect() as conn:
+        row = await _find(conn, principal, account)
+        rows = await conn.execute(
+            text(
+                "SELECT id, category, amount, remaining, expires_at, created_at, entry_id FROM lots"
+                " WHERE account_id = :id ORDER BY expires_at, id"
+            ),
+            {"id": row.id},
+        )
+        return ListOf(data=[_lot(r, account, now) for r in rows], has_more=False)
+
+
+async def journal_entry(conn: AsyncConnection, entry_id: int) -> s.JournalEntry | None:
+    head = (
+        await conn.execute(
+            text(
+                "SELECT e.id, e.kind, a.public_id AS account, e.posted_at, e.description, e.reason, e.actor,"
+                " e.reverses_entry_id FROM journal_entries e LEFT JOIN accounts a ON a.id = e.account_id"
+                " WHERE e.id = :id"
+            ),
+            {"id": entry_id},
+        )
+    ).first()
+    if head is None:
+        return None
+    postings = await conn.execute(
+        text(
+            "SELECT a.public_id, p.amount, p.lot_id FROM postings p JOIN accounts a ON a.id = p.account_id"
+            " WHERE p.entry_id = :id ORDER BY p.id"
+        ),
+        {"id": entry_id},
+    )
+    return s.JournalEntry(
+        id=public_id("je", head.id),
+        kind=head.kind,
+        account=head.account,
+        posted_at=head.posted_at,
+        description=head.description,
+        reason=head.reason,
+        actor=head.actor,
+        reverses=public_id("je", head.reverses_entry_id) if head.reverses_entry_id else None,
+        postings=[
+            s.PostingOut(account=p[0], amount=format_money(p[1]), lot=public_id("lot", p[2]) if p[2] else None)
+            for p in postings
+        ],
+    )
+
+
+async def get_journal_entry(ctx: Context, entry: str) -> s.JournalEntry:
+    async with ctx.db.connect() as conn:
+        found = await journal_entry(conn, internal_id("je", entry, "journal_entry"))
+    if found is None:
+        raise not_found("journal_entry", entry)
+    return found
+
+
+def _amount(raw: str, *, signed: bool) -> Decimal:
+    try:
+        amount = parse_money(raw)
+    except MoneyError as e:
+        raise from_money(e, "amount") from e
+    if not signed and amount < 0:
+        raise invalid("amount_must_be_positive", "`amount` must be positive.", "amount")
+    return amount
+
+
+async def move_money(
+    ctx: Context,
+    principal: Principal,
+    account: str,
+    data: s.CreateGrant | s.CreateAdjustment,
+    *,
+    idempotency_key: str,
+    path: str,
+) -> Outcome:
+    """A staff grant or adjustment: one balanced entry, its lot, and an audit record, in one transaction."""
+    is_grant = isinstance(data, s.CreateGrant)
+    amount = _amount(data.amount, signed=not is_grant)
+    now = clock.now()
+    expires_at = data.expires_at or now + timedelta(days=ctx.settings.default_lot_expiry_days)
+    if expires_at.tzinfo is None:
+        raise invalid(
+            "timezone_required",
+            "`expires_at` must carry a UTC offset, e.g. 2027-01-01T00:00:00Z.",
+            "expires_at",
+        )
+
+    async def work(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
+        customer = Customer(row.id)
+        state = await ctx.journal.lock_customer(conn, customer)
+        category = LotCategory(data.category)
+        if is_grant:
+            entry = entries.grant(
+                customer,
+                amount,
+                category=category,
+                expires_at=expires_at,
+                debt=state.debt,
+                now=now,
+                reason=data.reason,
+                actor=principal.actor,
+            )
+        else:
+            entry = entries.adjustment(
+                customer,
+                amount,
+                category=category,
+                expires_at=expires_at,
+                lots=state.lots,
+                debt=state.debt,
+                now=now,
+                reason=data.reason,
+                actor=principal.actor,
+            )
+        posted = await ctx.journal.post(conn, entry)
+        await conn.execute(
+            text(
+                "INSERT INTO audit_log (actor, action, account_id, entry_id, reason, details)"
+                " VALUES (:actor, :action, :account_id, :entry_id, :reason, CAST(:details AS jsonb))"
+            ),
+            {
+                "actor": principal.actor,
+                "action": entry.kind.value,
+                "account_id": row.id,
+                "entry_id": posted.entry_id,
+                "reason": data.reason,
+                "details": msgspec.json.encode({"amount": format_money(amount), "category": data.category}).decode(),
+            },
+        )
+        journal = await journal_entry(conn, posted.entry_id)
+        assert journal is not None
+        lot = None
+        if posted.lot_id is not None:
+            lot_row = (
+                await conn.execute(
+                    text(
+                        "SELECT id, category, amount, remaining, expires_at, created_at, entry_id FROM lots"
+                        " WHERE id = :id"
+                    ),
+                    {"id": posted.lot_id},
+                )
+            ).one()
+            lot = _lot(lot_row, account, now)
+        fresh = await _find(conn, principal, account)
+        move = s.MoneyMove(entry=journal, lot=lot, balance=_balance(fresh))
+        return 201, msgspec.to_builtins(move)
+
+    async with ctx.db.begin() as conn:
+        row = await _find(conn, principal, account)
+        return await run_once(
+            conn,
+            scope=principal.idempotency_scope,
+            key=idempotency_key,
+            method="POST",
+            path=path,
+            canonical_body=msgspec.json.encode(data),
+            work=work,
+        )

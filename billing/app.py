@@ -1,0 +1,142 @@
+"""The one place that wires the app: settings, database, auth, routes, error mapping, OpenAPI."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.di import NamedDependency, Provide
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from sqlalchemy import text
+
+from billing.accounts.routes import AccountsController, JournalController
+from billing.auth.middleware import PUBLIC_PATHS, BearerAuth
+from billing.auth.routes import TokensController
+from billing.auth.tokens import TokenResolver
+from billing.context import Context
+from billing.db.engine import make_engine
+from billing.db.journal import Journal
+from billing.errors import API, INVALID_REQUEST, ApiError
+from billing.http import error_responses
+from billing.settings import Settings
+
+log = logging.getLogger("billing")
+
+
+@get("/healthz", include_in_schema=True, tags=["health"], summary="The process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", tags=["health"], summary="The database answers", responses=error_responses(503))
+async def readyz(ctx: NamedDependency[Context]) -> Response[dict[str, str]]:
+    try:
+        async with ctx.db.connect() as conn:
+            await conn.execute(text("SELECT 1 FROM accounts LIMIT 1"))
+    except Exception as exc:  # any failure means not ready
+        log.warning("readyz: database not ready: %s", exc)
+        return Response(
+            {
+                "error": {
+                    "type": API,
+                    "code": "database_unavailable",
+                    "message": "The database is not reachable.",
+                }
+            },
+            status_code=503,
+        )
+    return Response({"status": "ready"})
+
+
+def _error(status: int, type_: str, code: str, message: str, param: str | None = None) -> Response[Any]:
+    return Response(ApiError(status, type_, code, message, param).body(), status_code=status, media_type=MediaType.JSON)
+
+
+def handle_api_error(_: Request, exc: ApiError) -> Response[Any]:
+    return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON)
+
+
+def handle_validation(_: Request, exc: ValidationException) -> Response[Any]:
+    problems = exc.extra if isinstance(exc.extra, list) else []
+    if problems and isinstance(problems[0], dict):
+        first = problems[0]
+        key = first.get("key")
+        message = str(first.get("message", exc.detail))
+        source = first.get("source", "body")
+        where = f" (at `{key}` in the {source})" if key else ""
+        return _error(400, INVALID_REQUEST, "invalid_parameter", f"{message}{where}", key)
+    return _error(400, INVALID_REQUEST, "invalid_request", str(exc.detail))
+
+
+def handle_http(_: Request, exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    if status >= 500:
+        return _error(status, API, "internal_error", "Something went wrong on our side.")
+    codes = {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "body_too_large",
+        415: "unsupported_media_type",
+    }
+    type_ = INVALID_REQUEST
+    message = str(exc.detail)
+    if status == 400 and "json" in message.lower():
+        return _error(400, type_, "malformed_json", "The request body is not valid JSON.")
+    return _error(status, type_, codes.get(status, "invalid_request"), message)
+
+
+def handle_not_found(_: Request, exc: NotFoundException) -> Response[Any]:
+    return _error(404, INVALID_REQUEST, "not_found", "No such endpoint.")
+
+
+def handle_internal(_: Request, exc: Exception) -> Response[Any]:
+    log.exception("unhandled error", exc_info=exc)
+    return _error(500, API, "internal_error", "Something went wrong on our side; nothing was half-done.")
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_engine(settings)
+    context = Context(db=engine, journal=Journal(), settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = Litestar(
+        route_handlers=[healthz, readyz, AccountsController, JournalController, TokensController],
+        dependencies={"ctx": Provide(lambda: context, use_cache=True, sync_to_thread=False)},
+        middleware=[DefineMiddleware(BearerAuth, exclude=PUBLIC_PATHS)],
+        exception_handlers={
+            ApiError: handle_api_error,
+            ValidationException: handle_validation,
+            NotFoundException: handle_not_found,
+            HTTPException: handle_http,
+            Exception: handle_internal,
+        },
+        openapi_config=OpenAPIConfig(
+            title="billing",
+            version="1.0.0",
+            description="Credits ledger of an LLM API gateway. Money is always a decimal string in US dollars.",
+            path="/schema",
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer", description="API token")}
+            ),
+            security=[{"bearer": []}],
+        ),
+        lifespan=[lifespan],
+        debug=False,
+    )
+    app.state.context = context
+    app.state.tokens = TokenResolver(engine, settings.admin_token, settings.token_cache_seconds)
+    return app

@@ -1,0 +1,1 @@
+"""Bearer tokens with scopes (SPEC §7): admin, support, gateway, and account-scoped tokens."""

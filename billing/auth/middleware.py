@@ -1,0 +1,47 @@
+"""Bearer-token authentication and scope guards."""
+
+from __future__ import annotations
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+
+from billing.auth.principal import Principal
+from billing.auth.tokens import TokenResolver
+from billing.errors import AUTHENTICATION, PERMISSION, ApiError
+
+PUBLIC_PATHS = ["^/healthz$", "^/readyz$", "^/schema", "^/v1/stripe/webhooks"]
+
+
+class BearerAuth(AbstractAuthenticationMiddleware):
+    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        header = connection.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise ApiError(
+                401,
+                AUTHENTICATION,
+                "missing_token",
+                "Send `Authorization: Bearer <token>` with every request.",
+            )
+        resolver: TokenResolver = connection.app.state.tokens
+        principal = await resolver.resolve(secret.strip())
+        if principal is None:
+            raise ApiError(401, AUTHENTICATION, "invalid_token", "The bearer token is unknown, revoked or expired.")
+        return AuthenticationResult(user=principal, auth=secret)
+
+
+def requires(*scopes: str):  # type: ignore[no-untyped-def]
+    """A route guard: the caller needs one of `scopes` (admin always passes)."""
+
+    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        principal: Principal = connection.user
+        if not principal.has_any(*scopes):
+            raise ApiError(
+                403,
+                PERMISSION,
+                "insufficient_scope",
+                f"This endpoint needs a token with one of the scopes: {', '.join(scopes)}.",
+            )
+
+    return guard

@@ -1,0 +1,1 @@
+"""Persistence: tables, engine, the journal store, migrations."""

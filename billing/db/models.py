@@ -1,0 +1,202 @@
+"""Tables. Internal: the API speaks msgspec Structs (billing/*/schemas.py), never these.
+
+Money columns are NUMERIC(38,12): exact, 1e-12 USD resolution, and sums of them stay exact.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MONEY = Numeric(38, 12, asdecimal=True)
+TS = TIMESTAMP(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class AccountRow(Base):
+    """The chart of accounts: customers (user, organization) and the platform's own accounts."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("kind IN ('user', 'organization', 'platform')", name="kind"),
+        CheckConstraint("type IN ('asset', 'liability', 'revenue', 'expense', 'equity')", name="type"),
+        CheckConstraint("(kind = 'platform') = (external_id IS NULL)", name="external_id_for_customers"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    public_id: Mapped[str] = mapped_column(Text, unique=True)
+    kind: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(Text)
+    external_id: Mapped[str | None] = mapped_column(Text, unique=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class BalanceRow(Base):
+    """Cached totals of one customer account, updated in the same transaction as its postings.
+
+    Platform accounts have none on purpose: they are only appended to, so no platform row is hot.
+    """
+
+    __tablename__ = "balances"
+
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), primary_key=True)
+    balance: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
+    total_credits: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
+    total_usage: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
+    updated_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class JournalEntryRow(Base):
+    __tablename__ = "journal_entries"
+    __table_args__ = (Index("ix_journal_entries_account_id_id", "account_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    account_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    posted_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+    description: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    actor: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    reverses_entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
+
+
+class LotRow(Base):
+    """A batch of credits. `remaining` caches the sum of the lot's postings (checked by verify)."""
+
+    __tablename__ = "lots"
+    __table_args__ = (
+        CheckConstraint("category IN ('paid', 'promotional', 'compensation')", name="category"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint("remaining >= 0 AND remaining <= amount", name="remaining_within_amount"),
+        Index("ix_lots_account_id_expires_at", "account_id", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    category: Mapped[str] = mapped_column(Text)
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    remaining: Mapped[Decimal] = mapped_column(MONEY)
+    expires_at: Mapped[datetime] = mapped_column(TS)
+    entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+
+
+class PostingRow(Base):
+    """One signed amount (positive = credit) on one account. Append-only, enforced by triggers."""
+
+    __tablename__ = "postings"
+    __table_args__ = (
+        CheckConstraint("amount <> 0", name="amount_nonzero"),
+        Index("ix_postings_account_id_id", "account_id", "id"),
+        Index("ix_postings_entry_id", "entry_id"),
+        Index("ix_postings_lot_id", "lot_id", postgresql_where=text("lot_id IS NOT NULL")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    lot_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("lots.id"))
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    # Running balance of a customer account right after this posting; NULL on platform accounts.
+    balance_after: Mapped[Decimal | None] = mapped_column(MONEY)
+    posted_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+
+
+class IdempotencyKeyRow(Base):
+    """The first outcome of every money-moving request, replayed for retries with the same key."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (PrimaryKeyConstraint("scope", "key"),)
+
+    scope: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[Any | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class ApiTokenRow(Base):
+    """Bearer tokens. Only a SHA-256 of the secret is stored; the secret is shown once, at minting."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (
+        CheckConstraint(
+            "scopes <@ ARRAY['admin', 'support', 'gateway', 'account']::text[] AND cardinality(scopes) > 0",
+            name="scopes_known",
+        ),
+        CheckConstraint("('account' = ANY(scopes)) = (account_id IS NOT NULL)", name="account_scope"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    public_id: Mapped[str] = mapped_column(Text, unique=True)
+    token_hash: Mapped[str] = mapped_column(Text, unique=True)
+    name: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(Text))
+    account_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+    expires_at: Mapped[datetime | None] = mapped_column(TS)
+    revoked_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class AuditLogRow(Base):
+    """Who did what to whose money, and why. Append-only."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_account_id_id", "account_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    account_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+
+
+__all__ = [
+    "AccountRow",
+    "ApiTokenRow",
+    "AuditLogRow",
+    "BalanceRow",
+    "Base",
+    "IdempotencyKeyRow",
+    "JournalEntryRow",
+    "LotRow",
+    "PostingRow",
+]

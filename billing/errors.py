@@ -1,0 +1,77 @@
+"""One error shape everywhere: {"error": {"type", "code", "message", ...}} (SPEC §7).
+
+Every refusal code maps to exactly one HTTP status here, so a code means the same thing on every route.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from billing.ledger import outcomes
+from billing.ledger.money import MoneyError
+from billing.ledger.outcomes import Refused
+
+INVALID_REQUEST = "invalid_request_error"
+AUTHENTICATION = "authentication_error"
+PERMISSION = "permission_error"
+IDEMPOTENCY = "idempotency_error"
+LEDGER = "ledger_error"
+API = "api_error"
+
+# Ledger refusals: code -> (status, type).
+REFUSAL_STATUS: dict[str, tuple[int, str]] = {
+    outcomes.AMOUNT_MUST_BE_POSITIVE: (400, INVALID_REQUEST),
+    outcomes.AMOUNT_MUST_NOT_BE_ZERO: (400, INVALID_REQUEST),
+    outcomes.EXPIRY_IN_PAST: (400, INVALID_REQUEST),
+    outcomes.INSUFFICIENT_CREDITS: (402, LEDGER),
+}
+
+
+class ErrorDetail(msgspec.Struct, omit_defaults=True):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, type_: str, code: str, message: str, param: str | None = None, **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.code = code
+        self.message = message
+        self.param = param
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"type": self.type, "code": self.code, "message": self.message}
+        if self.param:
+            error["param"] = self.param
+        error.update(self.extra)
+        return {"error": error}
+
+
+def invalid(code: str, message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, INVALID_REQUEST, code, message, param)
+
+
+def not_found(what: str, ident: str) -> ApiError:
+    return ApiError(404, INVALID_REQUEST, f"{what}_not_found", f"No {what.replace('_', ' ')} {ident!r}.")
+
+
+def from_money(error: MoneyError, param: str) -> ApiError:
+    return ApiError(400, INVALID_REQUEST, error.code, error.message, param)
+
+
+def from_refusal(refused: Refused) -> ApiError:
+    status, type_ = REFUSAL_STATUS[refused.code]
+    return ApiError(status, type_, refused.code, refused.message, **refused.details)

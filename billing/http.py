@@ -1,0 +1,34 @@
+"""HTTP helpers shared by every domain's routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Response
+from litestar.openapi.datastructures import ResponseSpec
+
+from billing.errors import ErrorBody
+from billing.idempotency import Outcome
+
+_DESCRIPTIONS = {
+    400: "Invalid request (bad JSON, field, money format, missing Idempotency-Key)",
+    401: "Missing or invalid bearer token",
+    402: "Not enough credits",
+    403: "Token lacks the scope",
+    404: "Not found (or not visible to this token)",
+    409: "Conflict (idempotency key reused with another body, or external_id of another kind)",
+    429: "Rate limited",
+    503: "Not ready",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
+    return {
+        status: ResponseSpec(data_container=ErrorBody, description=_DESCRIPTIONS[status], generate_examples=False)
+        for status in statuses
+    }
+
+
+def money_response(outcome: Outcome) -> Response[Any]:
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    return Response(outcome.body, status_code=outcome.status, headers=headers)

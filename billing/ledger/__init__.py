@@ -1,0 +1,1 @@
+"""The ledger core: immutable value types and pure functions that build balanced entries. No I/O."""

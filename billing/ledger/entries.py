@@ -1,0 +1,123 @@
+"""Pure functions that build balanced journal entries. The store persists what these return and never
+invents postings of its own (STYLE: Beancount's core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+
+from billing.ledger import outcomes
+from billing.ledger.lots import consume, debt_settled_by
+from billing.ledger.model import (
+    NEW_LOT,
+    Customer,
+    Entry,
+    EntryKind,
+    LotBalance,
+    LotCategory,
+    NewLot,
+    Platform,
+    Posting,
+)
+from billing.ledger.money import format_money
+from billing.ledger.outcomes import Refused
+
+# Where a staff grant's credits come from, by lot category.
+GRANT_SOURCE: dict[LotCategory, Platform] = {
+    LotCategory.PAID: Platform.MANUAL_PAYMENTS,
+    LotCategory.PROMOTIONAL: Platform.PROMOTIONAL_CREDITS,
+    LotCategory.COMPENSATION: Platform.COMPENSATION_CREDITS,
+}
+
+
+def _check_expiry(expires_at: datetime, now: datetime) -> None:
+    if expires_at <= now:
+        raise Refused(outcomes.EXPIRY_IN_PAST, "`expires_at` must be in the future.")
+
+
+def new_lot_postings(customer: Customer, amount: Decimal, debt: Decimal) -> list[Posting]:
+    """Credits into the lot the entry creates. Existing debt is paid from it first, inside the customer's
+    own account (lot → no lot), so what is left of every lot plus debt always equals the balance.
+    """
+    postings = [Posting(customer, amount, NEW_LOT)]
+    settled = debt_settled_by(debt, amount)
+    if settled:
+        postings += [Posting(customer, -settled, NEW_LOT), Posting(customer, settled, None)]
+    return postings
+
+
+def grant(
+    customer: Customer,
+    amount: Decimal,
+    *,
+    category: LotCategory,
+    expires_at: datetime,
+    debt: Decimal,
+    now: datetime,
+    reason: str,
+    actor: str,
+) -> Entry:
+    """Staff grant: a new lot of `category`, funded by the platform account for that category."""
+    if amount <= 0:
+        raise Refused(outcomes.AMOUNT_MUST_BE_POSITIVE, "A grant must be a positive amount.")
+    _check_expiry(expires_at, now)
+    return Entry(
+        kind=EntryKind.GRANT,
+        customer=customer,
+        postings=(*new_lot_postings(customer, amount, debt), Posting(GRANT_SOURCE[category], -amount)),
+        credits_delta=amount,
+        new_lot=NewLot(category, amount, expires_at),
+        description=f"{category.value} grant of {format_money(amount)} USD",
+        reason=reason,
+        actor=actor,
+    )
+
+
+def adjustment(
+    customer: Customer,
+    amount: Decimal,
+    *,
+    category: LotCategory,
+    expires_at: datetime,
+    lots: Iterable[LotBalance],
+    debt: Decimal,
+    now: datetime,
+    reason: str,
+    actor: str,
+) -> Entry:
+    """Staff correction of a balance, against `manual_adjustments`.
+
+    A positive adjustment adds a lot; a negative one takes credits out of live lots, soonest-expiring
+    first, and is refused rather than driving the account into debt.
+    """
+    if amount == 0:
+        raise Refused(outcomes.AMOUNT_MUST_NOT_BE_ZERO, "An adjustment must not be zero.")
+    if amount > 0:
+        _check_expiry(expires_at, now)
+        postings = [*new_lot_postings(customer, amount, debt), Posting(Platform.MANUAL_ADJUSTMENTS, -amount)]
+        new_lot: NewLot | None = NewLot(category, amount, expires_at)
+    else:
+        taken, shortfall = consume(lots, -amount, now)
+        if shortfall:
+            available = -amount - shortfall
+            raise Refused(
+                outcomes.INSUFFICIENT_CREDITS,
+                f"The account has {format_money(available)} USD of live credits; cannot remove "
+                f"{format_money(-amount)} USD.",
+                available=format_money(available),
+            )
+        postings = [Posting(customer, -part, lot_id) for lot_id, part in taken]
+        postings.append(Posting(Platform.MANUAL_ADJUSTMENTS, -amount))
+        new_lot = None
+    return Entry(
+        kind=EntryKind.ADJUSTMENT,
+        customer=customer,
+        postings=tuple(postings),
+        credits_delta=amount,
+        new_lot=new_lot,
+        description=f"adjustment of {format_money(amount)} USD",
+        reason=reason,
+        actor=actor,
+    )

@@ -1,0 +1,24 @@
+"""Named ways an operation can be refused by the ledger rules (TigerBeetle-style results).
+
+The core raises `Refused(code)`; the HTTP layer maps each code to exactly one status (billing/errors.py),
+and an idempotent retry replays the stored outcome, so a retry never ends differently from the first try.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+# Codes, in the order of precedence in which the builders check them.
+AMOUNT_MUST_BE_POSITIVE = "amount_must_be_positive"
+AMOUNT_MUST_NOT_BE_ZERO = "amount_must_not_be_zero"
+EXPIRY_IN_PAST = "expiry_in_past"
+INSUFFICIENT_CREDITS = "insufficient_credits"

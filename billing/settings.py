@@ -1,0 +1,81 @@
+"""Configuration, from environment variables only.
+
+With nothing set, the service runs on embedded defaults (SPEC §8): `billing.embedded` starts an
+embedded PostgreSQL and Redis inside `BILLING_DATA_DIR` and exports their URLs, so every process
+started afterwards (API workers, Dramatiq workers) sees ordinary `DATABASE_URL` / `REDIS_URL`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _int(name: str, default: int) -> int:
+    raw = _env(name)
+    return int(raw) if raw is not None else default
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Any PostgreSQL URL, as the SQLAlchemy async psycopg 3 driver wants it."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    raise ValueError(f"DATABASE_URL must be a PostgreSQL URL, got {url.split(':', 1)[0]}://...")
+
+
+def libpq_url(url: str) -> str:
+    """The same URL as libpq / psycopg / pgbench understand it."""
+    return "postgresql://" + sqlalchemy_url(url).removeprefix("postgresql+psycopg://")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = Path(".data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    server_workers: int = 1
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
+    admin_token: str | None = None
+    stripe_api_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_base: str | None = None
+    default_lot_expiry_days: int = 365
+    # An account-scoped or staff token is looked up in the database at most this often per process.
+    token_cache_seconds: int = 5
+    log_level: str = "INFO"
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            database_url=_env("DATABASE_URL"),
+            redis_url=_env("REDIS_URL"),
+            data_dir=Path(_env("BILLING_DATA_DIR", ".data") or ".data"),
+            host=_env("BILLING_HOST", "127.0.0.1") or "127.0.0.1",
+            port=_int("BILLING_PORT", 8000),
+            server_workers=_int("BILLING_SERVER_WORKERS", 1),
+            db_pool_size=_int("BILLING_DB_POOL_SIZE", 10),
+            db_max_overflow=_int("BILLING_DB_MAX_OVERFLOW", 10),
+            admin_token=_env("BILLING_ADMIN_TOKEN"),
+            stripe_api_key=_env("STRIPE_API_KEY"),
+            stripe_webhook_secret=_env("STRIPE_WEBHOOK_SECRET"),
+            stripe_api_base=_env("STRIPE_API_BASE"),
+            default_lot_expiry_days=_int("BILLING_DEFAULT_LOT_EXPIRY_DAYS", 365),
+            token_cache_seconds=_int("BILLING_TOKEN_CACHE_SECONDS", 5),
+            log_level=_env("BILLING_LOG_LEVEL", "INFO") or "INFO",
+        )
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError("DATABASE_URL is not set. Run `billing dev` (embedded PostgreSQL) or set DATABASE_URL.")
+        return self.database_url

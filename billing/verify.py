@@ -1,0 +1,51 @@
+"""Ledger verification (SPEC §4, §9): the invariants, checked in SQL over everything. Reports, never edits.
+
+- every journal entry has ≥ 2 postings summing to zero, and all postings together sum to zero;
+- every cached balance equals the sum of its account's postings, and its last running balance;
+- every lot's `remaining` equals the sum of the postings naming it;
+- lots plus debt make the balance: no lot-less credit, only debt.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+CHECKS: dict[str, str] = {
+    "unbalanced_entries": """
+        SELECT e.id FROM journal_entries e LEFT JOIN postings p ON p.entry_id = e.id
+        GROUP BY e.id HAVING count(p.id) < 2 OR coalesce(sum(p.amount), 0) <> 0 LIMIT 20""",
+    "ledger_not_zero_sum": "SELECT sum(amount) FROM postings HAVING sum(amount) <> 0",
+    "cached_balance_mismatch": """
+        SELECT b.account_id FROM balances b
+        LEFT JOIN (SELECT account_id, sum(amount) AS total FROM postings GROUP BY account_id) p
+               ON p.account_id = b.account_id
+        WHERE b.balance <> coalesce(p.total, 0) LIMIT 20""",
+    "running_balance_mismatch": """
+        SELECT b.account_id FROM balances b
+        JOIN LATERAL (SELECT balance_after FROM postings WHERE account_id = b.account_id
+                      ORDER BY id DESC LIMIT 1) last ON true
+        WHERE last.balance_after <> b.balance LIMIT 20""",
+    "lot_remaining_mismatch": """
+        SELECT l.id FROM lots l
+        LEFT JOIN (SELECT lot_id, sum(amount) AS total FROM postings WHERE lot_id IS NOT NULL GROUP BY lot_id) p
+               ON p.lot_id = l.id
+        WHERE l.remaining <> coalesce(p.total, 0) LIMIT 20""",
+    "positive_lotless_credit": """
+        SELECT account_id FROM postings WHERE lot_id IS NULL AND balance_after IS NOT NULL
+        GROUP BY account_id HAVING sum(amount) > 0 LIMIT 20""",
+    "postings_without_balance_row": """
+        SELECT DISTINCT p.account_id FROM postings p JOIN accounts a ON a.id = p.account_id
+        WHERE a.kind <> 'platform' AND NOT EXISTS (SELECT 1 FROM balances b WHERE b.account_id = p.account_id)
+        LIMIT 20""",
+}
+
+
+async def verify_ledger(conn: AsyncConnection) -> dict[str, list[object]]:
+    """Each violated invariant, with up to 20 offending ids. Empty means the ledger is consistent."""
+    problems: dict[str, list[object]] = {}
+    for name, sql in CHECKS.items():
+        rows = (await conn.execute(text(sql))).scalars().all()
+        if rows:
+            problems[name] = list(rows)
+    return problems

@@ -1,0 +1,169 @@
+"""Test fixtures: a real PostgreSQL database per test session, the app in-process, and the ledger's
+invariants checked once every test has run.
+
+`DATABASE_URL` names the server (CI: the machine's PostgreSQL); with none set, the tests start the
+embedded one, like `billing dev` does. Each session gets a fresh database, migrated through Alembic,
+and drops it at the end. Tests never clean up between themselves: the ledger is append-only, so each
+test makes its own accounts.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from billing.settings import Settings, libpq_url, sqlalchemy_url
+
+ADMIN_TOKEN = "test-admin-" + secrets.token_hex(8)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def server_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return libpq_url(url)
+    from billing.embedded import start_postgres
+
+    return start_postgres(ROOT / ".data" / "test")
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at another database (works for host and unix-socket URLs)."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    info["dbname"] = name
+    return "postgresql://?" + urlencode({k: v for k, v in info.items() if v is not None})
+
+
+def create_database(prefix: str = "billing_test") -> str:
+    base = server_url()
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return with_database(base, name)
+
+
+def drop_database(url: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    from billing.db.migrate import upgrade
+
+    url = create_database()
+    upgrade(url)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return Settings(database_url=database_url, admin_token=ADMIN_TOKEN, token_cache_seconds=0)
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(sqlalchemy_url(database_url), pool_size=5, connect_args={"options": "-c timezone=UTC"})
+    yield eng
+    async with eng.connect() as conn:
+        from billing.verify import verify_ledger
+
+        problems = await verify_ledger(conn)
+    await eng.dispose()
+    assert problems == {}, f"ledger invariants broken after the test run: {problems}"
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings, engine: AsyncEngine) -> AsyncIterator[AsyncTestClient]:
+    from billing.app import create_app
+
+    async with AsyncTestClient(app=create_app(settings)) as c:
+        yield c
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def key() -> dict[str, str]:
+    return {"Idempotency-Key": uuid.uuid4().hex}
+
+
+@dataclass
+class Api:
+    """Small helpers so tests read like the calls a gateway or support agent makes."""
+
+    client: AsyncTestClient
+
+    async def account(self, kind: str = "user", headers: dict[str, str] = ADMIN) -> dict[str, Any]:
+        r = await self.client.post(
+            "/v1/accounts", json={"external_id": f"user_{uuid.uuid4().hex}", "kind": kind}, headers=headers
+        )
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    async def grant(self, account: str, amount: str, **extra: Any) -> dict[str, Any]:
+        r = await self.client.post(
+            f"/v1/accounts/{account}/grants",
+            json={"amount": amount, "reason": "test", **extra},
+            headers={**ADMIN, **key()},
+        )
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    async def balance(self, account: str) -> dict[str, Any]:
+        r = await self.client.get(f"/v1/accounts/{account}/balance", headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def token(self, scopes: list[str], account: str | None = None) -> dict[str, str]:
+        body: dict[str, Any] = {"name": "t", "scopes": scopes}
+        if account:
+            body["account"] = account
+        r = await self.client.post("/v1/tokens", json=body, headers=ADMIN)
+        assert r.status_code == 201, r.text
+        return {"Authorization": f"Bearer {r.json()['secret']}"}
+
+
+@pytest.fixture
+def api(client: AsyncTestClient) -> Api:
+    return Api(client)
+
+
+TABLES = (
+    "accounts",
+    "balances",
+    "journal_entries",
+    "postings",
+    "lots",
+    "idempotency_keys",
+    "audit_log",
+    "api_tokens",
+)
+
+
+async def snapshot(engine: AsyncEngine) -> dict[str, Any]:
+    """Everything a request could have changed: row counts, and every money column's total."""
+    async with engine.connect() as conn:
+        counts = {t: await conn.scalar(text(f"SELECT count(*) FROM {t}")) for t in TABLES}
+        money = (
+            await conn.execute(
+                text("SELECT sum(balance), sum(total_credits), sum(total_usage), max(updated_at) FROM balances")
+            )
+        ).one()
+        lots = await conn.scalar(text("SELECT sum(remaining) FROM lots"))
+    return {"counts": counts, "money": tuple(money), "lots": lots}
