@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -78,8 +79,11 @@ async def run_once(
         async with conn.begin_nested():
             status, body = await work(conn)
     except Refused as refused:
-        # A refusal is an outcome too: stored, so the retry is refused the same way.
         error = from_refusal(refused)
+        if error.status == 400:
+            # The request itself was invalid: nothing started, so nothing is remembered (as Stripe does).
+            raise error from refused
+        # A refusal by the ledger is an outcome too: stored, so the retry is refused the same way.
         status, body = error.status, error.body()
     await conn.execute(
         text(
@@ -91,6 +95,4 @@ async def run_once(
 
 
 def _json(body: dict[str, Any]) -> str:
-    import msgspec
-
     return msgspec.json.encode(body).decode()

@@ -1,0 +1,77 @@
+"""Scopes: an account-scoped token never sees or moves another account's money."""
+
+import uuid
+
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import ADMIN, Api, key, snapshot
+
+
+async def test_account_token_sees_only_its_own_account(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
+    mine = (await api.account())["id"]
+    theirs = (await api.account())["id"]
+    await api.grant(mine, "1.00")
+    await api.grant(theirs, "9.00")
+    token = await api.token(["account"], account=mine)
+    for path in ["", "/balance", "/ledger", "/lots"]:
+        assert (await client.get(f"/v1/accounts/{mine}{path}", headers=token)).status_code == 200
+        r = await client.get(f"/v1/accounts/{theirs}{path}", headers=token)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "account_not_found"
+    assert (await client.get(f"/v1/accounts/{mine}/balance", headers=token)).json()["balance"] == "1.00"
+    before = await snapshot(engine)
+    for target in (mine, theirs):
+        r = await client.post(
+            f"/v1/accounts/{target}/grants", json={"amount": "5.00", "reason": "x"}, headers={**token, **key()}
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+        r = await client.post(
+            f"/v1/accounts/{target}/adjustments", json={"amount": "-1.00", "reason": "x"}, headers={**token, **key()}
+        )
+        assert r.status_code == 403
+    assert (await client.get("/v1/tokens", headers=token)).status_code == 403
+    assert (await client.post("/v1/accounts", json={"external_id": "x"}, headers=token)).status_code == 403
+    assert await snapshot(engine) == before
+
+
+async def test_gateway_reads_but_cannot_grant(api: Api, client: AsyncTestClient) -> None:
+    acct = (await api.account())["id"]
+    gateway = await api.token(["gateway"])
+    assert (await client.get(f"/v1/accounts/{acct}/balance", headers=gateway)).status_code == 200
+    r = await client.post(
+        f"/v1/accounts/{acct}/grants", json={"amount": "1.00", "reason": "x"}, headers={**gateway, **key()}
+    )
+    assert r.status_code == 403
+
+
+async def test_support_grants_and_is_the_audited_actor(api: Api, client: AsyncTestClient) -> None:
+    acct = (await api.account())["id"]
+    support = await api.token(["support"])
+    r = await client.post(
+        f"/v1/accounts/{acct}/grants", json={"amount": "1.00", "reason": "ticket"}, headers={**support, **key()}
+    )
+    assert r.status_code == 201 and r.json()["entry"]["actor"].startswith("t (tok_")
+    assert (
+        await client.post("/v1/tokens", json={"name": "x", "scopes": ["admin"]}, headers=support)
+    ).status_code == 403
+
+
+async def test_tokens_are_stored_hashed_and_revocable(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
+    r = await client.post("/v1/tokens", json={"name": f"gw-{uuid.uuid4().hex}", "scopes": ["gateway"]}, headers=ADMIN)
+    minted = r.json()
+    secret = minted["secret"]
+    from sqlalchemy import text
+
+    async with engine.connect() as conn:
+        stored = (
+            await conn.execute(text("SELECT token_hash FROM api_tokens WHERE public_id = :p"), {"p": minted["id"]})
+        ).scalar_one()
+    assert secret not in stored and len(stored) == 64
+    listed = (await client.get("/v1/tokens", headers=ADMIN)).json()["data"]
+    assert all("secret" not in t for t in listed) and minted["id"] in {t["id"] for t in listed}
+    acct = (await api.account())["id"]
+    bearer = {"Authorization": f"Bearer {secret}"}
+    assert (await client.get(f"/v1/accounts/{acct}", headers=bearer)).status_code == 200
+    assert (await client.delete(f"/v1/tokens/{minted['id']}", headers=ADMIN)).json()["revoked_at"] is not None
+    r = await client.get(f"/v1/accounts/{acct}", headers=bearer)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
