@@ -1,0 +1,274 @@
+"""The `billing` command line (SPEC §8).
+
+    billing migrate [--revision REV]         upgrade the schema (Alembic)
+    billing serve [--host H] [--port P] [--workers N]
+    billing dev [--host H] [--port P]        everything at once, on embedded defaults
+
+A subcommand is a function `cmd_<name>(args) -> int` plus a few lines in `build_parser()`.
+`billing dev` starts its processes from `dev_children()`: add a `Child` there for a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from billing.settings import Settings
+
+APP_FACTORY = "billing.app:create_app"
+
+
+def log(message: str) -> None:
+    print(f"billing: {message}", file=sys.stderr, flush=True)
+
+
+def database_url(settings: Settings) -> str:
+    try:
+        return settings.require_database_url()
+    except RuntimeError as exc:
+        sys.exit(f"billing: {exc}")
+
+
+# --- migrate ---------------------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from billing.db.migrate import upgrade
+
+    upgrade(database_url(Settings.from_env()), args.revision)
+    log(f"database migrated to {args.revision}")
+    return 0
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+    from granian.log import LogLevels
+
+    settings = Settings.from_env()
+    database_url(settings)
+    level = settings.log_level.lower()
+    Granian(
+        APP_FACTORY,
+        factory=True,
+        interface=Interfaces.ASGI,
+        address=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers or settings.server_workers,
+        loop=Loops.auto,  # uvloop when installed, else asyncio
+        log_level=LogLevels(level) if level in LogLevels.__members__ else LogLevels.info,
+        respawn_failed_workers=True,
+    ).serve()
+    return 0
+
+
+# --- dev -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Child:
+    """A process `billing dev` runs: started in order, each awaited on `ready_url` (when given)
+    before the next starts, and stopped in reverse order."""
+
+    name: str
+    argv: list[str]
+    ready_url: str | None = None
+
+
+def billing_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "billing.cli", *args]
+
+
+def dev_children(settings: Settings, base_url: str) -> list[Child]:
+    # Later: Child("worker", billing_command("worker")), Child("scheduler", ...), localstripe, ...
+    return [Child("api", billing_command("serve"), ready_url=f"{base_url}/readyz")]
+
+
+class DevError(Exception):
+    """An expected failure of `billing dev`, reported without a traceback."""
+
+
+class Stop(Exception):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise Stop
+
+
+def _local_base_url(settings: Settings) -> str:
+    host = settings.host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host if host not in ("0.0.0.0", "", "::") else "127.0.0.1", port), 0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_ready(child: Child, process: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    assert child.ready_url is not None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise DevError(f"{child.name} exited with code {process.returncode} before it was ready")
+        try:
+            with opener.open(child.ready_url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise DevError(f"{child.name} not ready after {timeout:.0f}s: {child.ready_url}")
+        time.sleep(0.2)
+
+
+def stop_children(running: list[tuple[Child, subprocess.Popen[bytes]]], timeout: float = 10.0) -> None:
+    for child, process in reversed(running):
+        if process.poll() is None:
+            log(f"stopping {child.name}")
+            process.terminate()
+    for child, process in reversed(running):
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"{child.name} did not stop within {timeout:.0f}s, killing it")
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _without_password(url: str | None) -> str | None:
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def print_banner(settings: Settings, base_url: str) -> None:
+    token = settings.admin_token
+    print(
+        f"""
+  billing is running
+    API       {base_url}/v1
+    OpenAPI   {base_url}/schema
+    Database  {_without_password(settings.database_url)}
+    Redis     {_without_password(settings.redis_url)}
+    Admin token (scope admin): {token}
+
+  Try it:
+    export TOKEN={token}
+    curl -H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json" \\
+      {base_url}/v1/accounts -d '{{"external_id":"user_1","kind":"user"}}'
+
+  Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from billing.db.migrate import upgrade
+    from billing.embedded import ensure_env
+
+    if args.host:
+        os.environ["BILLING_HOST"] = args.host
+    if args.port:
+        os.environ["BILLING_PORT"] = str(args.port)
+    if not os.environ.get("BILLING_ADMIN_TOKEN"):
+        os.environ["BILLING_ADMIN_TOKEN"] = secrets.token_urlsafe(32)
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    running: list[tuple[Child, subprocess.Popen[bytes]]] = []
+    try:
+        settings = Settings.from_env()
+        if not (settings.database_url and settings.redis_url):
+            log(f"starting embedded PostgreSQL/Redis in {settings.data_dir.resolve()}")
+        settings = ensure_env(settings)
+        log("migrating the database")
+        upgrade(database_url(settings))
+        base_url = _local_base_url(settings)
+        if _listening(settings.host, settings.port):
+            raise DevError(f"port {settings.port} is already in use (another `billing dev`?); try --port")
+        for child in dev_children(settings, base_url):
+            log(f"starting {child.name}")
+            # Own process group: Ctrl-C reaches only us, and we stop the children in order.
+            process = subprocess.Popen(child.argv, env=os.environ.copy(), start_new_session=True)
+            running.append((child, process))
+            if child.ready_url:
+                wait_ready(child, process)
+        print_banner(settings, base_url)
+        while True:
+            for child, process in running:
+                if process.poll() is not None:
+                    log(f"{child.name} exited with code {process.returncode}; stopping")
+                    return process.returncode or 1
+            time.sleep(0.5)
+    except (KeyboardInterrupt, Stop):
+        log("shutting down")
+        return 0
+    except DevError as exc:
+        log(str(exc))
+        return 1
+    finally:
+        # A second Ctrl-C / SIGTERM must not cut the cleanup short (it is bounded: terminate, then kill).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_children(running)
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="billing", description="Credits ledger of an LLM API gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("migrate", help="upgrade the database schema (Alembic)")
+    p.add_argument("--revision", default="head", help="target revision (default: head)")
+    p.set_defaults(func=cmd_migrate)
+
+    p = commands.add_parser("serve", help="run the HTTP API (granian, ASGI)")
+    p.add_argument("--host", help="bind address (default: BILLING_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: BILLING_PORT or 8000)")
+    p.add_argument("--workers", type=int, help="processes (default: BILLING_SERVER_WORKERS or 1)")
+    p.set_defaults(func=cmd_serve)
+
+    p = commands.add_parser("dev", help="everything at once, on embedded PostgreSQL/Redis when unset")
+    p.add_argument("--host", help="API bind address (default: BILLING_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="API port (default: BILLING_PORT or 8000)")
+    p.set_defaults(func=cmd_dev)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
