@@ -35,7 +35,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", tags=["health"], summary="The database answers", responses=error_responses(503))
-async def readyz(ctx: NamedDependency[Context]) -> Response[dict[str, str]]:
+async def readyz(ctx: NamedDependency[Context]) -> Response[dict[str, Any]]:
     try:
         async with ctx.db.connect() as conn:
             await conn.execute(text("SELECT 1 FROM accounts LIMIT 1"))

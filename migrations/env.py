@@ -11,7 +11,7 @@ from billing.db.models import Base
 from billing.settings import sqlalchemy_url
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL")
+url: str = config.get_main_option("sqlalchemy.url") or os.environ.get("DATABASE_URL") or ""
 if not url:
     raise RuntimeError("DATABASE_URL is not set")
 

@@ -41,11 +41,15 @@ async def test_cached_balance_equals_postings(client: AsyncTestClient, engine: A
     assert balance["balance"] == format_money(expected)
     async with engine.connect() as conn:
         summed = await conn.scalar(
-            text("SELECT coalesce(sum(p.amount), 0) FROM postings p JOIN accounts a ON a.id = p.account_id WHERE a.public_id = :a"),
+            text(
+                "SELECT coalesce(sum(p.amount), 0) FROM postings p JOIN accounts a ON a.id = p.account_id WHERE a.public_id = :a"
+            ),
             {"a": acct},
         )
         lots = await conn.scalar(
-            text("SELECT coalesce(sum(l.remaining), 0) FROM lots l JOIN accounts a ON a.id = l.account_id WHERE a.public_id = :a"),
+            text(
+                "SELECT coalesce(sum(l.remaining), 0) FROM lots l JOIN accounts a ON a.id = l.account_id WHERE a.public_id = :a"
+            ),
             {"a": acct},
         )
         assert summed == expected and lots == expected
