@@ -313,7 +313,7 @@ async def move_money(
                 reason=data.reason,
                 actor=principal.actor,
             )
-        posted = await ctx.journal.post(conn, entry)
+        posted = await ctx.journal.post(conn, entry, balance_before=state.balance)
         await conn.execute(
             text(
                 "INSERT INTO audit_log (actor, action, account_id, entry_id, reason, details)"

@@ -6,14 +6,15 @@ concurrent money moves on one account serialize on one row they own, and never d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import insert, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from billing.db.models import LotRow, PostingRow
 from billing.ledger.model import NEW_LOT, Customer, Entry, LotBalance, Platform
 from billing.ledger.money import ZERO
 
@@ -68,83 +69,113 @@ class Journal:
         )
         return CustomerState(balance, tuple(LotBalance(*row) for row in rows))
 
-    async def post(self, conn: AsyncConnection, entry: Entry) -> Posted:
-        new_balance: Decimal | None = None
-        if entry.customer is not None:
-            new_balance = await conn.scalar(
-                text(
-                    "UPDATE balances SET balance = balance + :delta, total_credits = total_credits + :credits,"
-                    " total_usage = total_usage + :usage, updated_at = now()"
-                    " WHERE account_id = :id RETURNING balance"
-                ),
-                {
-                    "id": entry.customer.id,
-                    "delta": entry.balance_delta,
-                    "credits": entry.credits_delta,
-                    "usage": entry.usage_delta,
-                },
-            )
-            if new_balance is None:
-                raise AccountMissing(entry.customer.id)
-        entry_id, posted_at = (
-            await conn.execute(
-                text(
-                    "INSERT INTO journal_entries (kind, account_id, description, actor, reason, reverses_entry_id)"
-                    " VALUES (:kind, :account_id, :description, :actor, :reason, :reverses)"
-                    " RETURNING id, posted_at"
-                ),
-                {
-                    "kind": entry.kind.value,
-                    "account_id": entry.customer.id if entry.customer else None,
-                    "description": entry.description,
-                    "actor": entry.actor,
-                    "reason": entry.reason,
-                    "reverses": entry.reverses,
-                },
-            )
-        ).one()
-        lot_id: int | None = None
-        if entry.new_lot is not None and entry.customer is not None:
-            remaining = sum((p.amount for p in entry.postings if p.lot is NEW_LOT), ZERO)
-            lot_id = await conn.scalar(
-                insert(LotRow).returning(LotRow.id),
-                {
-                    "account_id": entry.customer.id,
-                    "category": entry.new_lot.category.value,
-                    "amount": entry.new_lot.amount,
-                    "remaining": remaining,
-                    "expires_at": entry.new_lot.expires_at,
-                    "entry_id": entry_id,
-                },
-            )
-        running = None if new_balance is None else new_balance - entry.balance_delta
-        rows = []
+    async def post(
+        self,
+        conn: AsyncConnection,
+        entry: Entry,
+        *,
+        balance_before: Decimal | None,
+        riders: Sequence[Rider] = (),
+    ) -> Posted:
+        """Write the entry — journal row, postings with running balances, its new lot, consumed lots and
+        the cached totals — plus any `riders` (CTEs that may use the entry's id as `(SELECT id FROM e)`),
+        in ONE statement: one round trip, under the balance lock the caller already holds.
+        """
+        customer = entry.customer
+        if customer is not None and balance_before is None:
+            raise ValueError("a customer entry is posted under its balance lock: pass balance_before")
+        accounts: list[int] = []
+        lots: list[int | None] = []
+        new_lot: list[bool] = []
+        amounts: list[Decimal] = []
+        after: list[Decimal | None] = []
         consumed: dict[int, Decimal] = {}
+        running = balance_before
         for p in entry.postings:
             if isinstance(p.account, Customer):
-                account_id = p.account.id
-                running = (running or ZERO) + p.amount
-                balance_after: Decimal | None = running
+                assert running is not None
+                running += p.amount
+                accounts.append(p.account.id)
+                after.append(running)
             else:
-                account_id = await self.platform_id(conn, p.account)
-                balance_after = None
-            lot = lot_id if p.lot is NEW_LOT else p.lot
+                accounts.append(await self.platform_id(conn, p.account))
+                after.append(None)
+            lots.append(p.lot if isinstance(p.lot, int) else None)
+            new_lot.append(p.lot is NEW_LOT)
+            amounts.append(p.amount)
             if isinstance(p.lot, int):
                 consumed[p.lot] = consumed.get(p.lot, ZERO) + p.amount
-            rows.append(
-                {
-                    "entry_id": entry_id,
-                    "account_id": account_id,
-                    "lot_id": lot,
-                    "amount": p.amount,
-                    "balance_after": balance_after,
-                    "posted_at": posted_at,
-                }
-            )
-        await conn.execute(insert(PostingRow), rows)
-        if consumed:
-            await conn.execute(
-                text("UPDATE lots SET remaining = remaining + :delta WHERE id = :id"),
-                [{"id": k, "delta": v} for k, v in consumed.items()],
-            )
-        return Posted(entry_id, posted_at, lot_id, new_balance)
+        lot = entry.new_lot
+        params: dict[str, Any] = {
+            "e_kind": entry.kind.value,
+            "e_account": customer.id if customer else None,
+            "e_description": entry.description,
+            "e_actor": entry.actor,
+            "e_reason": entry.reason,
+            "e_reverses": entry.reverses,
+            "p_accounts": accounts,
+            "p_lots": lots,
+            "p_new": new_lot,
+            "p_amounts": amounts,
+            "p_after": after,
+            "has_lot": lot is not None,
+            "l_category": lot.category.value if lot else None,
+            "l_amount": lot.amount if lot else None,
+            "l_remaining": sum((p.amount for p in entry.postings if p.lot is NEW_LOT), ZERO) if lot else None,
+            "l_expires": lot.expires_at if lot else None,
+            "b_delta": entry.balance_delta,
+            "b_credits": entry.credits_delta,
+            "b_usage": entry.usage_delta,
+            "u_ids": list(consumed),
+            "u_deltas": list(consumed.values()),
+        }
+        ctes = [_ENTRY_CTES]
+        for rider in riders:
+            ctes.append(f"{rider.name} AS ({rider.sql})")
+            params.update(rider.params)
+        sql = "WITH " + ",\n".join(ctes) + "\nSELECT e.id, e.posted_at, (SELECT id FROM nl) FROM e"
+        entry_id, posted_at, lot_id = (await conn.execute(text(sql), params)).one()
+        return Posted(entry_id, posted_at, lot_id, running)
+
+    async def write(self, conn: AsyncConnection, riders: Sequence[Rider]) -> None:
+        """Riders with no journal entry (a hold, a zero-cost generation), in one statement."""
+        params: dict[str, Any] = {}
+        for rider in riders:
+            params.update(rider.params)
+        sql = "WITH " + ",\n".join(f"{r.name} AS ({r.sql})" for r in riders) + "\nSELECT 1"
+        await conn.execute(text(sql), params)
+
+
+@dataclass(frozen=True, slots=True)
+class Rider:
+    """A data-modifying CTE written in the same statement as an entry (its params prefixed to stay apart)."""
+
+    name: str
+    sql: str
+    params: dict[str, Any]
+
+
+_ENTRY_CTES = """e AS (
+    INSERT INTO journal_entries (kind, account_id, description, actor, reason, reverses_entry_id)
+    VALUES (:e_kind, :e_account, :e_description, :e_actor, :e_reason, :e_reverses)
+    RETURNING id, posted_at),
+nl AS (
+    INSERT INTO lots (account_id, category, amount, remaining, expires_at, entry_id)
+    SELECT :e_account, :l_category, :l_amount, :l_remaining, :l_expires, e.id FROM e WHERE :has_lot
+    RETURNING id),
+p AS (
+    INSERT INTO postings (entry_id, account_id, lot_id, amount, balance_after, posted_at)
+    SELECT e.id, x.account_id, CASE WHEN x.new_lot THEN (SELECT id FROM nl) ELSE x.lot_id END,
+           x.amount, x.balance_after, e.posted_at
+    FROM e, unnest(CAST(:p_accounts AS bigint[]), CAST(:p_lots AS bigint[]), CAST(:p_new AS boolean[]),
+                   CAST(:p_amounts AS numeric[]), CAST(:p_after AS numeric[]))
+            WITH ORDINALITY AS x(account_id, lot_id, new_lot, amount, balance_after, n)
+    ORDER BY x.n),
+b AS (
+    UPDATE balances SET balance = balance + :b_delta, total_credits = total_credits + :b_credits,
+           total_usage = total_usage + :b_usage, updated_at = now()
+    WHERE account_id = :e_account),
+u AS (
+    UPDATE lots SET remaining = remaining + x.delta
+    FROM unnest(CAST(:u_ids AS bigint[]), CAST(:u_deltas AS numeric[])) AS x(id, delta)
+    WHERE lots.id = x.id)"""

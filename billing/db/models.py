@@ -5,13 +5,15 @@ Money columns are NUMERIC(38,12): exact, 1e-12 USD resolution, and sums of them 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
+    Date,
     ForeignKey,
     Identity,
     Index,
@@ -20,6 +22,7 @@ from sqlalchemy import (
     Numeric,
     PrimaryKeyConstraint,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP
@@ -59,6 +62,8 @@ class AccountRow(Base):
     name: Mapped[str | None] = mapped_column(Text)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+    # Enterprise accounts get the larger monthly BYOK allowance.
+    enterprise: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class BalanceRow(Base):
@@ -200,3 +205,135 @@ __all__ = [
     "LotRow",
     "PostingRow",
 ]
+
+
+def _money_counter() -> Mapped[Decimal]:
+    return mapped_column(MONEY, server_default=text("0"))
+
+
+class ApiKeyRow(Base):
+    """A customer's API key at the gateway: optional credit limit with a reset period, and usage counters
+    per period (each counter belongs to the period that starts on its `*_start` date, UTC).
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint("limit_reset IN ('daily', 'weekly', 'monthly')", name="limit_reset"),
+        CheckConstraint('"limit" IS NULL OR "limit" >= 0', name="limit_nonnegative"),
+        Index("ix_api_keys_account_id", "account_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    public_id: Mapped[str] = mapped_column(Text, unique=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    member_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    name: Mapped[str] = mapped_column(Text)
+    limit: Mapped[Decimal | None] = mapped_column(MONEY)
+    limit_reset: Mapped[str | None] = mapped_column(Text)
+    include_byok_in_limit: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    disabled: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    expires_at: Mapped[datetime | None] = mapped_column(TS)
+    deleted_at: Mapped[datetime | None] = mapped_column(TS)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+    usage_total: Mapped[Decimal] = _money_counter()
+    byok_total: Mapped[Decimal] = _money_counter()
+    day_start: Mapped[date | None] = mapped_column(Date)
+    usage_day: Mapped[Decimal] = _money_counter()
+    byok_day: Mapped[Decimal] = _money_counter()
+    week_start: Mapped[date | None] = mapped_column(Date)
+    usage_week: Mapped[Decimal] = _money_counter()
+    byok_week: Mapped[Decimal] = _money_counter()
+    month_start: Mapped[date | None] = mapped_column(Date)
+    usage_month: Mapped[Decimal] = _money_counter()
+    byok_month: Mapped[Decimal] = _money_counter()
+
+
+class HoldRow(Base):
+    """A reservation of up to `amount` for one gateway request (two-phase: open → captured | released |
+    expired). `refused` rows remember a 402 so a retry of the same request id is refused the same way.
+    """
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        CheckConstraint("status IN ('open', 'captured', 'released', 'expired', 'refused')", name="status"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        UniqueConstraint("account_id", "request_id", name="uq_holds_account_id"),
+        Index("ix_holds_open_account", "account_id", postgresql_where=text("status = 'open'")),
+        Index("ix_holds_open_key", "key_id", postgresql_where=text("status = 'open'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    request_id: Mapped[str] = mapped_column(Text)
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    status: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+    expires_at: Mapped[datetime] = mapped_column(TS)
+    resolved_at: Mapped[datetime | None] = mapped_column(TS)
+    resolution: Mapped[Any | None] = mapped_column(JSONB)
+
+
+class ByokFeePolicyRow(Base):
+    """Versioned BYOK fee rules: the policy in force is the newest with `effective_from` <= the request."""
+
+    __tablename__ = "byok_fee_policies"
+    __table_args__ = (CheckConstraint("kind IN ('allowance_usd', 'free_requests')", name="kind"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    allowance_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    enterprise_allowance_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    free_requests: Mapped[int | None] = mapped_column(BigInteger)
+    rate: Mapped[Decimal] = mapped_column(Numeric(10, 6))
+    effective_from: Mapped[datetime] = mapped_column(TS)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class ByokMonthRow(Base):
+    """An account's BYOK usage in one UTC calendar month: list-price usage, requests, fees charged."""
+
+    __tablename__ = "byok_months"
+    __table_args__ = (PrimaryKeyConstraint("account_id", "month"),)
+
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    month: Mapped[date] = mapped_column(Date)
+    list_usage: Mapped[Decimal] = _money_counter()
+    requests: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    fees: Mapped[Decimal] = _money_counter()
+
+
+class GenerationRow(Base):
+    """What one model request cost and why: the record the gateway reads back by `generation_id`."""
+
+    __tablename__ = "generations"
+    __table_args__ = (
+        CheckConstraint("status IN ('charged', 'refused')", name="status"),
+        Index("ix_generations_account_id_id", "account_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    generation_id: Mapped[str] = mapped_column(Text, unique=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    key_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("api_keys.id"))
+    member_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    hold_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("holds.id"))
+    entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+    status: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(Text)
+    provider: Mapped[str | None] = mapped_column(Text)
+    total_cost: Mapped[Decimal] = mapped_column(MONEY)
+    upstream_inference_cost: Mapped[Decimal | None] = mapped_column(MONEY)
+    cache_discount: Mapped[Decimal | None] = mapped_column(MONEY)
+    is_byok: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    byok_list_cost: Mapped[Decimal | None] = mapped_column(MONEY)
+    byok_fee: Mapped[Decimal | None] = mapped_column(MONEY)
+    byok_policy_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("byok_fee_policies.id"))
+    usage: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    finish_reason: Mapped[str | None] = mapped_column(Text)
+    cancelled: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    streamed: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    refusal: Mapped[Any | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
