@@ -23,7 +23,9 @@ from billing.context import Context
 from billing.db.engine import make_engine
 from billing.db.journal import Journal
 from billing.errors import API, INVALID_REQUEST, ApiError
+from billing.gateway.routes import ChargesController, GenerationsController, HoldsController
 from billing.http import error_responses
+from billing.keys.routes import AccountKeysController, KeysController
 from billing.settings import Settings
 
 log = logging.getLogger("billing")
@@ -114,7 +116,18 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await engine.dispose()
 
     app = Litestar(
-        route_handlers=[healthz, readyz, AccountsController, JournalController, TokensController],
+        route_handlers=[
+            healthz,
+            readyz,
+            AccountsController,
+            JournalController,
+            TokensController,
+            AccountKeysController,
+            KeysController,
+            ChargesController,
+            HoldsController,
+            GenerationsController,
+        ],
         dependencies={"ctx": Provide(lambda: context, use_cache=True, sync_to_thread=False)},
         middleware=[DefineMiddleware(BearerAuth, exclude=PUBLIC_PATHS)],
         exception_handlers={

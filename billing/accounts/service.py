@@ -26,9 +26,12 @@ from billing.ledger.model import Customer, LotCategory
 from billing.ledger.money import MoneyError, format_money, parse_money
 from billing.schemas import ListOf, internal_id, public_id
 
+# `held` counts open holds not yet expired: an expired hold stops counting at its expiry, job or not.
 ACCOUNT_COLUMNS = (
     "a.id, a.public_id, a.external_id, a.kind, a.name, a.metadata, a.created_at,"
-    " b.balance, b.total_credits, b.total_usage"
+    " b.balance, b.total_credits, b.total_usage,"
+    " (SELECT coalesce(sum(h.amount), 0) FROM holds h"
+    "   WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held"
 )
 MAX_PAGE = 100
 
@@ -38,12 +41,11 @@ def new_account_id() -> str:
 
 
 def _balance(row: Row[Any]) -> s.Balance:
-    # No holds exist yet, so everything posted is available.
     return s.Balance(
         account=row.public_id,
         balance=format_money(row.balance),
-        held=format_money(Decimal(0)),
-        available=format_money(row.balance),
+        held=format_money(row.held),
+        available=format_money(row.balance - row.held),
         total_credits=format_money(row.total_credits),
         total_usage=format_money(row.total_usage),
     )
@@ -61,7 +63,7 @@ def _account(row: Row[Any]) -> s.Account:
     )
 
 
-async def _find(conn: AsyncConnection, principal: Principal, account: str) -> Row[Any]:
+async def find_account(conn: AsyncConnection, principal: Principal, account: str) -> Row[Any]:
     """The account, if it exists and the caller may see it; otherwise 404 (foreign accounts included)."""
     row = (
         await conn.execute(
@@ -69,7 +71,7 @@ async def _find(conn: AsyncConnection, principal: Principal, account: str) -> Ro
                 f"SELECT {ACCOUNT_COLUMNS} FROM accounts a JOIN balances b ON b.account_id = a.id"
                 " WHERE a.public_id = :p AND a.kind <> 'platform'"
             ),
-            {"p": account},
+            {"p": account, "now": clock.now()},
         )
     ).first()
     if row is None or not principal.may_see(row.id):
@@ -101,7 +103,7 @@ async def create_account(ctx: Context, data: s.CreateAccount) -> tuple[s.Account
                     f"SELECT {ACCOUNT_COLUMNS} FROM accounts a JOIN balances b ON b.account_id = a.id"
                     " WHERE a.external_id = :e"
                 ),
-                {"e": data.external_id},
+                {"e": data.external_id, "now": clock.now()},
             )
         ).one()
     if row.kind != data.kind:
@@ -117,7 +119,7 @@ async def create_account(ctx: Context, data: s.CreateAccount) -> tuple[s.Account
 
 async def get_account(ctx: Context, principal: Principal, account: str) -> s.Account:
     async with ctx.db.connect() as conn:
-        return _account(await _find(conn, principal, account))
+        return _account(await find_account(conn, principal, account))
 
 
 async def find_by_external_id(ctx: Context, principal: Principal, external_id: str) -> s.Account:
@@ -125,18 +127,18 @@ async def find_by_external_id(ctx: Context, principal: Principal, external_id: s
         public = await conn.scalar(text("SELECT public_id FROM accounts WHERE external_id = :e"), {"e": external_id})
         if public is None:
             raise not_found("account", external_id)
-        return _account(await _find(conn, principal, public))
+        return _account(await find_account(conn, principal, public))
 
 
 async def get_balance(ctx: Context, principal: Principal, account: str) -> s.Balance:
     async with ctx.db.connect() as conn:
-        return _balance(await _find(conn, principal, account))
+        return _balance(await find_account(conn, principal, account))
 
 
 async def balance_as_of(ctx: Context, principal: Principal, account: str, as_of: datetime) -> s.BalanceAsOf:
     """The balance right after the last posting at or before `as_of` (0 before the first)."""
     async with ctx.db.connect() as conn:
-        row = await _find(conn, principal, account)
+        row = await find_account(conn, principal, account)
         balance = await conn.scalar(
             text(
                 "SELECT balance_after FROM postings WHERE account_id = :id AND posted_at <= :t ORDER BY id DESC LIMIT 1"
@@ -152,7 +154,7 @@ async def ledger(
     """The account's journal entries, newest first, each with the running balance after it."""
     cursor = internal_id("je", starting_after, "ledger_entry") if starting_after else None
     async with ctx.db.connect() as conn:
-        row = await _find(conn, principal, account)
+        row = await find_account(conn, principal, account)
         rows = (
             await conn.execute(
                 text(
@@ -200,7 +202,7 @@ async def lots(ctx: Context, principal: Principal, account: str) -> ListOf[s.Lot
     """Every lot of the account, in the order usage consumes them (soonest expiry first)."""
     now = clock.now()
     async with ctx.db.connect() as conn:
-        row = await _find(conn, principal, account)
+        row = await find_account(conn, principal, account)
         rows = await conn.execute(
             text(
                 "SELECT id, category, amount, remaining, expires_at, created_at, entry_id FROM lots"
@@ -342,12 +344,12 @@ async def move_money(
                 )
             ).one()
             lot = _lot(lot_row, account, now)
-        fresh = await _find(conn, principal, account)
+        fresh = await find_account(conn, principal, account)
         move = s.MoneyMove(entry=journal, lot=lot, balance=_balance(fresh))
         return 201, msgspec.to_builtins(move)
 
     async with ctx.db.begin() as conn:
-        row = await _find(conn, principal, account)
+        row = await find_account(conn, principal, account)
         return await run_once(
             conn,
             scope=principal.idempotency_scope,

@@ -1,0 +1,642 @@
+"""The hot path. Each call is one transaction with two statements: lock the account's balance row and read
+everything the rules need (balance, open holds, live lots, the key, the idempotency record), then write
+everything the outcome needs (entry, postings, lots, totals, key counters, generation, hold) at once.
+Rules are decided in Python by the pure functions of billing/ledger/usage.py between the two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import clock
+from billing.auth.principal import Principal
+from billing.context import Context
+from billing.db.journal import Rider
+from billing.errors import (
+    IDEMPOTENCY,
+    INVALID_REQUEST,
+    PERMISSION,
+    ApiError,
+    from_money,
+    from_refusal,
+    invalid,
+    not_found,
+)
+from billing.gateway import schemas as s
+from billing.keys.service import key_limit, key_usage
+from billing.ledger.model import Customer, EntryKind, LotBalance, Platform
+from billing.ledger.money import ZERO, MoneyError, format_money, parse_money
+from billing.ledger.outcomes import Refused
+from billing.ledger.usage import (
+    MAX_REQUEST_COST,
+    ByokPolicy,
+    KeyLimit,
+    Prices,
+    TokenUsage,
+    admit,
+    byok_fee,
+    cost_of,
+    usage_entry,
+)
+from billing.schemas import internal_id, public_id
+
+_KEY_COLUMNS = """k.id AS key_id, k.public_id AS key, k.member_id, m.public_id AS member, k."limit",
+    k.limit_reset, k.include_byok_in_limit, k.disabled, k.expires_at AS key_expires_at,
+    k.deleted_at AS key_deleted_at, k.usage_total, k.byok_total, k.day_start, k.usage_day, k.byok_day,
+    k.week_start, k.usage_week, k.byok_week, k.month_start, k.usage_month, k.byok_month,
+    (SELECT coalesce(sum(h.amount), 0) FROM holds h
+      WHERE h.key_id = k.id AND h.status = 'open' AND h.expires_at > :now) AS key_held"""
+
+
+def _state_sql(who: str, key: str, extra_columns: str = "", extra_joins: str = "") -> str:
+    """Lock the paying account's balance row and read what the rules need, in one statement."""
+    return f"""
+SELECT a.id AS account_id, a.public_id AS account, a.enterprise, b.balance,
+    (SELECT coalesce(sum(h.amount), 0) FROM holds h
+      WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held,
+    lt.ids AS lot_ids, lt.remaining AS lot_remaining, lt.expires AS lot_expires,
+    {_KEY_COLUMNS} {extra_columns}
+FROM accounts a
+JOIN balances b ON b.account_id = a.id
+LEFT JOIN api_keys k ON k.account_id = a.id AND {key}
+LEFT JOIN accounts m ON m.id = k.member_id
+LEFT JOIN LATERAL (
+    SELECT array_agg(l.id ORDER BY l.expires_at, l.id) AS ids,
+           array_agg(l.remaining ORDER BY l.expires_at, l.id) AS remaining,
+           array_agg(l.expires_at ORDER BY l.expires_at, l.id) AS expires
+    FROM lots l WHERE l.account_id = a.id AND l.remaining > 0) lt ON true
+{extra_joins}
+WHERE a.id = {who}
+FOR UPDATE OF b"""
+
+
+_PAYER = (
+    "coalesce((SELECT account_id FROM api_keys WHERE public_id = :key),"
+    " (SELECT id FROM accounts WHERE public_id = :account AND kind <> 'platform'))"
+)
+_BYOK_COLUMNS = """, pol.id AS policy_id, pol.kind AS policy_kind, pol.rate AS policy_rate,
+    pol.allowance_usd, pol.enterprise_allowance_usd, pol.free_requests,
+    coalesce(bm.list_usage, 0) AS month_list_usage, coalesce(bm.requests, 0) AS month_requests"""
+_BYOK_JOINS = """LEFT JOIN LATERAL (SELECT * FROM byok_fee_policies WHERE effective_from <= :now
+    ORDER BY effective_from DESC, id DESC LIMIT 1) pol ON true
+LEFT JOIN byok_months bm ON bm.account_id = a.id AND bm.month = :month"""
+_GEN_COLUMNS = ", g.id AS g_id, g.fingerprint AS g_fingerprint"
+_GEN_JOINS = "LEFT JOIN generations g ON g.generation_id = :generation"
+
+CHARGE_SQL = text(_state_sql(_PAYER, "k.public_id = :key", _GEN_COLUMNS, _GEN_JOINS))
+CHARGE_BYOK_SQL = text(
+    _state_sql(_PAYER, "k.public_id = :key", _GEN_COLUMNS + _BYOK_COLUMNS, _GEN_JOINS + "\n" + _BYOK_JOINS)
+)
+HOLD_SQL = text(
+    _state_sql(
+        _PAYER,
+        "k.public_id = :key",
+        ", hx.id AS hx_id, hx.fingerprint AS hx_fingerprint",
+        "LEFT JOIN holds hx ON hx.account_id = a.id AND hx.request_id = :request_id",
+    )
+)
+_RESOLVE = "(SELECT account_id FROM holds WHERE id = :hold)"
+RESOLVE_SQL = text(
+    _state_sql(
+        _RESOLVE,
+        "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
+        ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
+        " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution",
+        "JOIN holds hx ON hx.id = :hold",
+    )
+)
+RESOLVE_BYOK_SQL = text(
+    _state_sql(
+        _RESOLVE,
+        "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
+        ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
+        " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution"
+        + _BYOK_COLUMNS,
+        "JOIN holds hx ON hx.id = :hold\n" + _BYOK_JOINS,
+    )
+)
+
+GENERATION_VIEW = text("""
+SELECT g.*, a.public_id AS account, k.public_id AS key, m.public_id AS member, e.id AS entry
+FROM generations g JOIN accounts a ON a.id = g.account_id
+LEFT JOIN api_keys k ON k.id = g.key_id LEFT JOIN accounts m ON m.id = g.member_id
+LEFT JOIN journal_entries e ON e.id = g.entry_id
+WHERE g.generation_id = :generation""")
+
+INSERT_GENERATION = """INSERT INTO generations (generation_id, account_id, key_id, member_id, hold_id, entry_id,
+    status, fingerprint, model, provider, total_cost, upstream_inference_cost, cache_discount, is_byok,
+    byok_list_cost, byok_fee, byok_policy_id, usage, finish_reason, cancelled, streamed, refusal)
+VALUES (:g_generation, :g_account, :g_key, :g_member, :g_hold, {entry}, :g_status, :g_fingerprint, :g_model,
+    :g_provider, :g_total_cost, :g_upstream, :g_cache_discount, :g_is_byok, :g_byok_list_cost, :g_byok_fee,
+    :g_policy, CAST(:g_usage AS jsonb), :g_finish_reason, :g_cancelled, :g_streamed, CAST(:g_refusal AS jsonb))"""
+UPDATE_KEY = """UPDATE api_keys SET usage_total = :k_usage_total, byok_total = :k_byok_total,
+    day_start = :k_day_start, usage_day = :k_usage_day, byok_day = :k_byok_day,
+    week_start = :k_week_start, usage_week = :k_usage_week, byok_week = :k_byok_week,
+    month_start = :k_month_start, usage_month = :k_usage_month, byok_month = :k_byok_month
+WHERE id = :k_id"""
+UPSERT_BYOK_MONTH = """INSERT INTO byok_months (account_id, month, list_usage, requests, fees)
+VALUES (:m_account, :m_month, :m_list, 1, :m_fee)
+ON CONFLICT (account_id, month) DO UPDATE SET list_usage = byok_months.list_usage + EXCLUDED.list_usage,
+    requests = byok_months.requests + 1, fees = byok_months.fees + EXCLUDED.fees"""
+
+
+def fingerprint(data: msgspec.Struct) -> str:
+    return hashlib.sha256(msgspec.json.encode(data)).hexdigest()
+
+
+def _money(raw: str | None, field: str) -> Decimal | None:
+    if raw is None:
+        return None
+    try:
+        value = parse_money(raw, field=field)
+    except MoneyError as e:
+        raise from_money(e, field) from e
+    if value < 0:
+        raise invalid("amount_must_not_be_negative", f"`{field}` must not be negative.", field)
+    if value > MAX_REQUEST_COST:
+        raise invalid("amount_too_large", f"`{field}` exceeds {MAX_REQUEST_COST} USD for one request.", field)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Priced:
+    """A generation's money, validated: what credits pay, and what is recorded beside it."""
+
+    cost: Decimal
+    cache_discount: Decimal | None
+    insured: bool
+    byok_list_cost: Decimal | None
+    upstream: Decimal | None
+    usage: TokenUsage
+
+
+def price(g: s.Generation) -> Priced:
+    """Validate a generation's money fields (400 on anything wrong, before any lock is taken)."""
+    tokens = TokenUsage(**msgspec.structs.asdict(g.usage)) if g.usage else TokenUsage()
+    upstream = _money(g.upstream_inference_cost, "upstream_inference_cost")
+    if g.is_byok:
+        list_cost = _money(g.byok_list_cost, "byok_list_cost")
+        if list_cost is None:
+            raise invalid("byok_list_cost_required", "A BYOK generation gives `byok_list_cost`.", "byok_list_cost")
+        if g.cost is not None and _money(g.cost, "cost") != 0:
+            raise invalid("byok_cost_not_allowed", "A BYOK generation is paid upstream: send `byok_list_cost`.", "cost")
+        return Priced(ZERO, None, False, list_cost, upstream, tokens)
+    if g.byok_list_cost is not None:
+        raise invalid(
+            "byok_list_cost_without_byok", "`byok_list_cost` is only for `is_byok` generations.", "byok_list_cost"
+        )
+    if g.cost is not None:
+        if g.prices is not None:
+            raise invalid("cost_or_prices", "Send `cost`, or `usage` with `prices`, not both.", "cost")
+        # A given cost is taken as final: zero completion insurance needs the split between token cost and
+        # extra services, which only `usage` + `prices` give.
+        cost = _money(g.cost, "cost")
+        assert cost is not None
+        return Priced(cost, None, False, None, upstream, tokens)
+    if g.prices is None or g.usage is None:
+        raise invalid("cost_required", "Send `cost`, or `usage` with `prices`.", "cost")
+    prices = Prices(
+        **{name: _money(value, f"prices.{name}") for name, value in msgspec.structs.asdict(g.prices).items()}
+    )
+    computed = cost_of(tokens, prices, g.finish_reason)
+    if computed.total > MAX_REQUEST_COST:
+        raise invalid("amount_too_large", f"The computed cost exceeds {MAX_REQUEST_COST} USD for one request.", "usage")
+    return Priced(computed.total, computed.cache_discount, computed.insured, None, upstream, tokens)
+
+
+def _lots(row: Any) -> tuple[LotBalance, ...]:
+    if not row.lot_ids:
+        return ()
+    return tuple(LotBalance(*t) for t in zip(row.lot_ids, row.lot_remaining, row.lot_expires, strict=True))
+
+
+def _key(row: Any, requested: str | None, now: datetime) -> KeyLimit | None:
+    """The paying key, checked: disabled, expired or deleted keys may not spend."""
+    if requested is None and row.key_id is None:
+        return None
+    if row.key_id is None or row.key_deleted_at is not None:
+        raise not_found("key", requested or "")
+    if row.disabled:
+        raise ApiError(403, PERMISSION, "key_disabled", f"Key {row.key!r} is disabled.")
+    if row.key_expires_at is not None and row.key_expires_at <= now:
+        raise ApiError(403, PERMISSION, "key_expired", f"Key {row.key!r} expired at {row.key_expires_at.isoformat()}.")
+    return key_limit(row)
+
+
+def _policy(row: Any) -> ByokPolicy:
+    return ByokPolicy(
+        id=row.policy_id, kind=row.policy_kind, rate=row.policy_rate, allowance_usd=row.allowance_usd,
+        enterprise_allowance_usd=row.enterprise_allowance_usd, free_requests=row.free_requests,
+    )  # fmt: skip
+
+
+async def _locked(
+    conn: AsyncConnection, principal: Principal, sql: Any, params: dict[str, Any], what: str, ident: str
+) -> Row[Any]:
+    row = (await conn.execute(sql, params)).first()
+    if row is None or not principal.may_see(row.account_id):
+        raise not_found(what, ident)
+    return row
+
+
+def _tokens(t: TokenUsage) -> dict[str, int]:
+    return {name: getattr(t, name) for name in TokenUsage.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What one generation spends, decided under the lock."""
+
+    amount: Decimal  # credits taken: the cost, or the BYOK fee
+    byok_fee: Decimal | None
+    policy_id: int | None
+    kind: EntryKind
+    revenue: Platform
+
+
+def _spend(row: Any, priced: Priced) -> Spend:
+    if priced.byok_list_cost is None:
+        return Spend(priced.cost, None, None, EntryKind.USAGE, Platform.USAGE_REVENUE)
+    policy = _policy(row)
+    fee = byok_fee(
+        policy,
+        list_cost=priced.byok_list_cost,
+        month_list_usage=row.month_list_usage,
+        month_requests=row.month_requests,
+        enterprise=row.enterprise,
+    )
+    return Spend(fee, fee, policy.id, EntryKind.BYOK_FEE, Platform.BYOK_FEE_REVENUE)
+
+
+def _riders(
+    row: Any,
+    g: s.Generation,
+    priced: Priced,
+    spend: Spend,
+    now: datetime,
+    *,
+    has_entry: bool,
+    hold_id: int | None,
+    status: str = "charged",
+    refusal: dict[str, Any] | None = None,
+) -> list[Rider]:
+    riders = [
+        Rider(
+            "g",
+            INSERT_GENERATION.format(entry="(SELECT id FROM e)" if has_entry else "NULL"),
+            {
+                "g_generation": g.generation_id,
+                "g_account": row.account_id,
+                "g_key": row.key_id,
+                "g_member": row.member_id,
+                "g_hold": hold_id,
+                "g_status": status,
+                "g_fingerprint": fingerprint(g),
+                "g_model": g.model,
+                "g_provider": g.provider,
+                "g_total_cost": spend.amount if status == "charged" else ZERO,
+                "g_upstream": priced.upstream,
+                "g_cache_discount": priced.cache_discount,
+                "g_is_byok": g.is_byok,
+                "g_byok_list_cost": priced.byok_list_cost,
+                "g_byok_fee": spend.byok_fee,
+                "g_policy": spend.policy_id,
+                "g_usage": msgspec.json.encode({**_tokens(priced.usage), "insured": priced.insured}).decode(),
+                "g_finish_reason": g.finish_reason,
+                "g_cancelled": g.cancelled,
+                "g_streamed": g.streamed,
+                "g_refusal": msgspec.json.encode(refusal).decode() if refusal else None,
+            },
+        )
+    ]
+    if status != "charged":
+        return riders
+    byok_usage = priced.byok_list_cost or ZERO
+    if row.key_id is not None:
+        counters = key_usage(row).plus(now, spend.amount if not g.is_byok else ZERO, byok_usage)
+        riders.append(
+            Rider("k", UPDATE_KEY, {"k_id": row.key_id, **{f"k_{n}": getattr(counters, n) for n in counters.__slots__}})
+        )  # type: ignore[attr-defined]
+    if g.is_byok:
+        riders.append(
+            Rider(
+                "bm",
+                UPSERT_BYOK_MONTH,
+                {
+                    "m_account": row.account_id,
+                    "m_month": now.date().replace(day=1),
+                    "m_list": byok_usage,
+                    "m_fee": spend.amount,
+                },
+            )
+        )
+    return riders
+
+
+async def generation_view(conn: AsyncConnection, generation_id: str) -> s.GenerationOut | None:
+    r = (await conn.execute(GENERATION_VIEW, {"generation": generation_id})).first()
+    if r is None:
+        return None
+    usage = r.usage or {}
+    return s.GenerationOut(
+        id=r.generation_id, account=r.account, key=r.key, member=r.member,
+        hold=public_id("hold", r.hold_id) if r.hold_id else None,
+        total_cost=format_money(r.total_cost), usage=format_money(r.total_cost),
+        upstream_inference_cost=format_money(r.upstream_inference_cost) if r.upstream_inference_cost is not None else None,
+        cache_discount=format_money(r.cache_discount) if r.cache_discount is not None else None,
+        is_byok=r.is_byok,
+        byok_list_cost=format_money(r.byok_list_cost) if r.byok_list_cost is not None else None,
+        byok_fee=format_money(r.byok_fee) if r.byok_fee is not None else None,
+        tokens_prompt=usage.get("prompt_tokens", 0), tokens_completion=usage.get("completion_tokens", 0),
+        native_tokens_reasoning=usage.get("reasoning_tokens", 0), native_tokens_cached=usage.get("cache_read_tokens", 0),
+        model=r.model, provider=r.provider, finish_reason=r.finish_reason, cancelled=r.cancelled, streamed=r.streamed,
+        zero_completion_insured=bool(usage.get("insured", False)), created_at=r.created_at,
+        entry=public_id("je", r.entry) if r.entry else None,
+    )  # fmt: skip
+
+
+def _conflict(what: str, ident: str) -> ApiError:
+    return ApiError(
+        409, IDEMPOTENCY, "idempotency_key_reused", f"{what} {ident!r} was already used with a different request."
+    )
+
+
+async def _replay_generation(ctx: Context, g: s.Generation) -> tuple[int, Any]:
+    async with ctx.db.connect() as conn:
+        r = (
+            await conn.execute(
+                text("SELECT fingerprint, status, refusal FROM generations WHERE generation_id = :g"),
+                {"g": g.generation_id},
+            )
+        ).one()
+        if r.fingerprint != fingerprint(g):
+            raise _conflict("generation_id", g.generation_id)
+        if r.status == "refused":
+            return 402, r.refusal
+        return 201, await generation_view(conn, g.generation_id)
+
+
+async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tuple[int, Any, bool]:
+    """A one-shot charge, idempotent on `generation_id`. Returns (status, body, replayed)."""
+    if data.account is None and data.key is None:
+        raise invalid("payer_required", "Send `account` or `key`.", "account")
+    priced = price(data)
+    now = clock.now()
+    sql = CHARGE_BYOK_SQL if data.is_byok else CHARGE_SQL
+    params = {
+        "account": data.account,
+        "key": data.key,
+        "now": now,
+        "generation": data.generation_id,
+        "month": now.date().replace(day=1),
+    }
+    try:
+        async with ctx.db.begin() as conn:
+            row = await _locked(conn, principal, sql, params, "account", data.account or data.key or "")
+            if data.account is not None and row.account != data.account:
+                raise not_found("key", data.key or "")
+            if row.g_id is not None:
+                raise _Replay
+            key = _key(row, data.key, now)
+            spend = _spend(row, priced)
+            try:
+                if spend.amount > 0:
+                    admit(
+                        spend.amount,
+                        balance=row.balance,
+                        held=row.held,
+                        key=key,
+                        key_held=row.key_held or ZERO,
+                        now=now,
+                    )
+            except Refused as refused:
+                error = from_refusal(refused)
+                await ctx.journal.write(
+                    conn,
+                    _riders(
+                        row,
+                        data,
+                        priced,
+                        spend,
+                        now,
+                        has_entry=False,
+                        hold_id=None,
+                        status="refused",
+                        refusal=error.body(),
+                    ),
+                )
+                return error.status, error.body(), False
+            await _post_spend(ctx, conn, row, data, priced, spend, now, hold_id=None)
+            out = await generation_view(conn, data.generation_id)
+        return 201, out, False
+    except _Replay:
+        status, body = await _replay_generation(ctx, data)
+        return status, body, True
+    except IntegrityError as exc:
+        if "uq_generations_generation_id" not in str(exc.orig):
+            raise
+        status, body = await _replay_generation(ctx, data)
+        return status, body, True
+
+
+class _Replay(Exception):
+    """The generation is already recorded: answer from the record, outside the failed transaction."""
+
+
+async def _post_spend(
+    ctx: Context,
+    conn: AsyncConnection,
+    row: Any,
+    g: s.Generation,
+    priced: Priced,
+    spend: Spend,
+    now: datetime,
+    *,
+    hold_id: int | None,
+    extra: list[Rider] | None = None,
+) -> None:
+    if spend.amount > 0:
+        entry = usage_entry(
+            Customer(row.account_id),
+            spend.amount,
+            lots=_lots(row),
+            now=now,
+            kind=spend.kind,
+            revenue=spend.revenue,
+            description=f"{spend.kind.value} for generation {g.generation_id}",
+        )
+        await ctx.journal.post(
+            conn,
+            entry,
+            balance_before=row.balance,
+            riders=[*_riders(row, g, priced, spend, now, has_entry=True, hold_id=hold_id), *(extra or [])],
+        )
+    else:
+        await ctx.journal.write(
+            conn, [*_riders(row, g, priced, spend, now, has_entry=False, hold_id=hold_id), *(extra or [])]
+        )
+
+
+# --- holds ---------------------------------------------------------------------------------------
+
+
+def _hold_view(row: Any, account: str, key: str | None) -> s.HoldOut:
+    return s.HoldOut(
+        id=public_id("hold", row.id), account=account, key=key, request_id=row.request_id,
+        amount=format_money(row.amount), status=row.status, expires_at=row.expires_at, created_at=row.created_at,
+    )  # fmt: skip
+
+
+HOLD_VIEW = text(
+    "SELECT h.*, a.public_id AS account, k.public_id AS key FROM holds h JOIN accounts a ON a.id = h.account_id"
+    " LEFT JOIN api_keys k ON k.id = h.key_id WHERE h.account_id = :account_id AND h.request_id = :request_id"
+)
+
+
+async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) -> tuple[int, Any, bool]:
+    """Reserve up to `amount` for one request, idempotent on (account, `request_id`)."""
+    if data.account is None and data.key is None:
+        raise invalid("payer_required", "Send `account` or `key`.", "account")
+    amount = _money(data.amount, "amount")
+    assert amount is not None
+    if amount == 0:
+        raise invalid("amount_must_be_positive", "A hold must be a positive amount.", "amount")
+    now = clock.now()
+    fp = fingerprint(data)
+    params = {"account": data.account, "key": data.key, "now": now, "request_id": data.request_id}
+    async with ctx.db.begin() as conn:
+        row = await _locked(conn, principal, HOLD_SQL, params, "account", data.account or data.key or "")
+        if data.account is not None and row.account != data.account:
+            raise not_found("key", data.key or "")
+        if row.hx_id is None:
+            key = _key(row, data.key, now)
+            status, refusal = "open", None
+            try:
+                admit(amount, balance=row.balance, held=row.held, key=key, key_held=row.key_held or ZERO, now=now)
+            except Refused as refused:
+                status, refusal = "refused", from_refusal(refused)
+            await ctx.journal.write(
+                conn,
+                [
+                    Rider(
+                        "h",
+                        "INSERT INTO holds (account_id, key_id, request_id, amount, status, fingerprint, expires_at,"
+                        " resolution) VALUES (:h_account, :h_key, :h_request, :h_amount, :h_status, :h_fp, :h_expires,"
+                        " CAST(:h_resolution AS jsonb))",
+                        {
+                            "h_account": row.account_id,
+                            "h_key": row.key_id,
+                            "h_request": data.request_id,
+                            "h_amount": amount,
+                            "h_status": status,
+                            "h_fp": fp,
+                            "h_expires": now + timedelta(seconds=data.timeout_seconds),
+                            "h_resolution": msgspec.json.encode(refusal.body()).decode() if refusal else None,
+                        },
+                    )
+                ],
+            )
+            replayed = False
+        else:
+            replayed = True
+        hold = (await conn.execute(HOLD_VIEW, {"account_id": row.account_id, "request_id": data.request_id})).one()
+    if hold.fingerprint != fp:
+        raise _conflict("request_id", data.request_id)
+    if hold.status == "refused":
+        return 402, hold.resolution, replayed
+    return 201, _hold_view(hold, hold.account, hold.key), replayed
+
+
+async def resolve_hold(
+    ctx: Context, principal: Principal, hold: str, data: s.Capture | s.Release
+) -> tuple[int, Any, bool]:
+    """Capture (post the actual cost; less releases the rest, more is still charged) or release a hold.
+    A hold resolves at most once; the same resolution again is replayed; an expired hold cannot resolve.
+    """
+    hold_id = internal_id("hold", hold, "hold")
+    capture = isinstance(data, s.Capture)
+    priced = price(data) if isinstance(data, s.Capture) else None
+    now = clock.now()
+    fp = fingerprint(data)
+    sql = RESOLVE_BYOK_SQL if capture and data.is_byok else RESOLVE_SQL  # type: ignore[union-attr]
+    params = {"hold": hold_id, "now": now, "month": now.date().replace(day=1)}
+    async with ctx.db.begin() as conn:
+        row = await _locked(conn, principal, sql, params, "hold", hold)
+        if data.account is not None and data.account != row.account:
+            raise not_found("hold", hold)
+        if row.hx_status == "refused":
+            raise not_found("hold", hold)
+        if row.hx_status != "open":
+            previous = row.hx_resolution or {}
+            if previous.get("fingerprint") == fp:
+                return previous["status"], previous["body"], True
+            raise ApiError(409, INVALID_REQUEST, "hold_already_resolved", f"Hold {hold!r} is already {row.hx_status}.")
+        if row.hx_expires_at <= now:
+            raise ApiError(
+                409, INVALID_REQUEST, "hold_expired", f"Hold {hold!r} expired at {row.hx_expires_at.isoformat()}."
+            )
+        hold_row = _HoldRow(
+            row.hx_id,
+            row.hx_request_id,
+            row.hx_amount,
+            "captured" if capture else "released",
+            row.hx_expires_at,
+            row.hx_created_at,
+        )
+        hold_out = _hold_view(hold_row, row.account, row.key)
+        if isinstance(data, s.Capture):
+            assert priced is not None
+            spend = _spend(row, priced)
+            status = 200
+            resolution_rider = _resolution_rider(hold_id, "captured")
+            await _post_spend(ctx, conn, row, data, priced, spend, now, hold_id=hold_id, extra=[resolution_rider])
+            generation = await generation_view(conn, data.generation_id)
+            body: Any = s.CaptureOut(hold=hold_out, generation=generation)  # type: ignore[arg-type]
+        else:
+            status, body = 200, hold_out
+            await ctx.journal.write(conn, [_resolution_rider(hold_id, "released")])
+        await conn.execute(
+            text("UPDATE holds SET resolution = CAST(:r AS jsonb) WHERE id = :id"),
+            {"id": hold_id, "r": msgspec.json.encode({"fingerprint": fp, "status": status, "body": body}).decode()},
+        )
+    return status, body, False
+
+
+@dataclass(frozen=True, slots=True)
+class _HoldRow:
+    id: int
+    request_id: str
+    amount: Decimal
+    status: str
+    expires_at: datetime
+    created_at: datetime
+
+
+def _resolution_rider(hold_id: int, status: str) -> Rider:
+    return Rider(
+        "hr",
+        "UPDATE holds SET status = :hr_status, resolved_at = now() WHERE id = :hr_id AND status = 'open'",
+        {"hr_status": status, "hr_id": hold_id},
+    )
+
+
+async def get_generation(ctx: Context, principal: Principal, generation_id: str) -> s.GenerationOut:
+    async with ctx.db.connect() as conn:
+        out = await generation_view(conn, generation_id)
+        owner = await conn.scalar(
+            text("SELECT account_id FROM generations WHERE generation_id = :g AND status = 'charged'"),
+            {"g": generation_id},
+        )
+    if out is None or owner is None or not principal.may_see(owner):
+        raise not_found("generation", generation_id)
+    return out

@@ -1,0 +1,169 @@
+"""Key management. Usage counters are written only by the spending path, under the account's lock."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import clock
+from billing.accounts.service import find_account
+from billing.auth.principal import Principal
+from billing.context import Context
+from billing.errors import from_money, invalid, not_found
+from billing.keys import schemas as s
+from billing.ledger.money import MoneyError, format_money, parse_money
+from billing.ledger.usage import KeyLimit, KeyUsage
+
+KEY_COLUMNS = """k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
+    k.include_byok_in_limit, k.disabled, k.expires_at, k.created_at, k.usage_total, k.byok_total, k.day_start,
+    k.usage_day, k.byok_day, k.week_start, k.usage_week, k.byok_week, k.month_start, k.usage_month,
+    k.byok_month, k.account_id,
+    (SELECT coalesce(sum(h.amount), 0) FROM holds h
+      WHERE h.key_id = k.id AND h.status = 'open' AND h.expires_at > :now) AS key_held,
+    (SELECT coalesce(sum(l.amount), 0) FROM lots l WHERE l.account_id = k.account_id AND l.category = 'paid')
+      AS purchased"""
+KEY_FROM = "api_keys k JOIN accounts a ON a.id = k.account_id LEFT JOIN accounts m ON m.id = k.member_id"
+# An account that has bought at least this much leaves the free tier (SPEC §5, free models).
+FREE_TIER_BELOW = Decimal("10")
+
+
+def new_key_id() -> str:
+    return "key_" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
+
+
+def key_usage(row: Any) -> KeyUsage:
+    return KeyUsage(
+        row.usage_total, row.byok_total, row.day_start, row.usage_day, row.byok_day, row.week_start,
+        row.usage_week, row.byok_week, row.month_start, row.usage_month, row.byok_month,
+    )  # fmt: skip
+
+
+def key_limit(row: Any) -> KeyLimit:
+    return KeyLimit(row.limit, row.limit_reset, row.include_byok_in_limit, key_usage(row))
+
+
+def view(row: Row[Any]) -> s.Key:
+    now = clock.now()
+    current = key_usage(row).current(now)
+    remaining = key_limit(row).remaining(now, row.key_held)
+    return s.Key(
+        id=row.public_id,
+        account=row.account,
+        member=row.member,
+        name=row.name,
+        limit=format_money(row.limit) if row.limit is not None else None,
+        limit_remaining=format_money(remaining) if remaining is not None else None,
+        limit_reset=row.limit_reset,
+        include_byok_in_limit=row.include_byok_in_limit,
+        usage=format_money(current.usage_total),
+        usage_daily=format_money(current.usage_day),
+        usage_weekly=format_money(current.usage_week),
+        usage_monthly=format_money(current.usage_month),
+        byok_usage=format_money(current.byok_total),
+        byok_usage_daily=format_money(current.byok_day),
+        byok_usage_weekly=format_money(current.byok_week),
+        byok_usage_monthly=format_money(current.byok_month),
+        is_free_tier=row.purchased < FREE_TIER_BELOW,
+        disabled=row.disabled,
+        expires_at=row.expires_at,
+        created_at=row.created_at,
+    )
+
+
+def _limit(raw: str | None) -> Decimal | None:
+    if raw is None:
+        return None
+    try:
+        limit = parse_money(raw, field="limit")
+    except MoneyError as e:
+        raise from_money(e, "limit") from e
+    if limit < 0:
+        raise invalid("limit_must_not_be_negative", "`limit` must be zero or more.", "limit")
+    return limit
+
+
+async def _row(conn: AsyncConnection, principal: Principal, key: str) -> Row[Any]:
+    row = (
+        await conn.execute(
+            text(f"SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE k.public_id = :p AND k.deleted_at IS NULL"),
+            {"p": key, "now": clock.now()},
+        )
+    ).first()
+    if row is None or not principal.may_see(row.account_id):
+        raise not_found("key", key)
+    return row
+
+
+async def create_key(ctx: Context, principal: Principal, account: str, data: s.CreateKey) -> s.Key:
+    limit = _limit(data.limit)
+    if data.expires_at is not None and data.expires_at.tzinfo is None:
+        raise invalid("timezone_required", "`expires_at` must carry a UTC offset.", "expires_at")
+    async with ctx.db.begin() as conn:
+        owner = await find_account(conn, principal, account)
+        member_id = None
+        if data.member is not None:
+            if owner.kind != "organization":
+                raise invalid("member_needs_organization", "Only an organization's keys name a member.", "member")
+            member = await find_account(conn, principal, data.member)
+            member_id = member.id
+        public = new_key_id()
+        await conn.execute(
+            text(
+                'INSERT INTO api_keys (public_id, account_id, member_id, name, "limit", limit_reset,'
+                " include_byok_in_limit, expires_at) VALUES (:p, :a, :m, :n, :l, :r, :b, :x)"
+            ),
+            {
+                "p": public, "a": owner.id, "m": member_id, "n": data.name, "l": limit, "r": data.limit_reset,
+                "b": data.include_byok_in_limit, "x": data.expires_at,
+            },
+        )  # fmt: skip
+        return view(await _row(conn, principal, public))
+
+
+async def list_keys(ctx: Context, principal: Principal, account: str) -> list[s.Key]:
+    async with ctx.db.connect() as conn:
+        owner = await find_account(conn, principal, account)
+        rows = await conn.execute(
+            text(
+                f"SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE k.account_id = :a AND k.deleted_at IS NULL ORDER BY k.id"
+            ),
+            {"a": owner.id, "now": clock.now()},
+        )
+        return [view(r) for r in rows]
+
+
+async def get_key(ctx: Context, principal: Principal, key: str) -> s.Key:
+    async with ctx.db.connect() as conn:
+        return view(await _row(conn, principal, key))
+
+
+async def update_key(ctx: Context, principal: Principal, key: str, data: s.UpdateKey) -> s.Key:
+    changes: dict[str, Any] = {}
+    for field in msgspec.structs.fields(data):
+        value = getattr(data, field.name)
+        if value is not msgspec.UNSET:
+            changes[field.name] = _limit(value) if field.name == "limit" else value
+    if "expires_at" in changes and changes["expires_at"] is not None and changes["expires_at"].tzinfo is None:
+        raise invalid("timezone_required", "`expires_at` must carry a UTC offset.", "expires_at")
+    async with ctx.db.begin() as conn:
+        row = await _row(conn, principal, key)
+        if changes:
+            assignments = ", ".join(f'"{name}" = :{name}' for name in changes)
+            await conn.execute(text(f"UPDATE api_keys SET {assignments} WHERE id = :id"), {**changes, "id": row.id})
+        return view(await _row(conn, principal, key))
+
+
+async def delete_key(ctx: Context, principal: Principal, key: str) -> s.Key:
+    async with ctx.db.begin() as conn:
+        row = await _row(conn, principal, key)
+        await conn.execute(
+            text("UPDATE api_keys SET deleted_at = now(), disabled = true WHERE id = :id"), {"id": row.id}
+        )
+    return view(row)
