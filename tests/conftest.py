@@ -167,3 +167,19 @@ async def snapshot(engine: AsyncEngine) -> dict[str, Any]:
         ).one()
         lots = await conn.scalar(text("SELECT sum(remaining) FROM lots"))
     return {"counts": counts, "money": tuple(money), "lots": lots}
+
+
+@pytest.fixture
+def clock_at() -> Iterator[Any]:
+    """Move the service's clock to a given UTC instant (in-process app only); restored afterwards."""
+    from datetime import UTC, datetime
+
+    from billing import clock
+
+    def move(when: datetime) -> None:
+        clock.set_offset(when - datetime.now(UTC))
+
+    yield move
+    from datetime import timedelta
+
+    clock.set_offset(timedelta(0))

@@ -1,0 +1,109 @@
+"""Holds: reserve, capture (less, more), release, at most once, expiry, 402 refusals."""
+
+from datetime import UTC, datetime, timedelta
+
+from tests.conftest import ADMIN, Api
+from tests.gateway.conftest import Gateway, funded
+
+
+async def test_capture_less_releases_the_rest(api: Api, gw: Gateway) -> None:
+    acct = await funded(api, "1.00")
+    hold = (await gw.hold(account=acct, amount="0.40")).json()
+    assert (await api.balance(acct))["held"] == "0.40" and (await api.balance(acct))["available"] == "0.60"
+    out = (await gw.capture(hold["id"], cost="0.15", model="m")).json()
+    assert out["hold"]["status"] == "captured" and out["generation"]["total_cost"] == "0.15"
+    assert out["generation"]["hold"] == hold["id"]
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["held"], balance["available"], balance["total_usage"]) == (
+        "0.85", "0.00", "0.85", "0.15",
+    )  # fmt: skip
+
+
+async def test_capture_more_than_held_is_charged_and_may_go_negative(api: Api, gw: Gateway) -> None:
+    acct = await funded(api, "1.00")
+    hold = (await gw.hold(account=acct, amount="0.50")).json()
+    await gw.capture(hold["id"], cost="1.30")
+    balance = await api.balance(acct)
+    assert balance["balance"] == "-0.30" and balance["total_usage"] == "1.30"
+    # Debt is lot-less: the lot is empty, and the next credit pays the debt first.
+    await api.grant(acct, "1.00")
+    lots = (await api.client.get(f"/v1/accounts/{acct}/lots", headers=ADMIN)).json()["data"]
+    assert [lot["remaining"] for lot in lots] == ["0.00", "0.70"]
+    assert (await api.balance(acct))["balance"] == "0.70"
+
+
+async def test_release_returns_everything_and_resolves_once(api: Api, gw: Gateway) -> None:
+    acct = await funded(api, "1.00")
+    hold = (await gw.hold(account=acct, amount="0.70")).json()
+    assert (await gw.release(hold["id"])).json()["status"] == "released"
+    again = await gw.release(hold["id"])
+    assert again.headers.get("idempotent-replayed") == "true" and again.json()["status"] == "released"
+    r = await gw.capture(hold["id"], expect=409, cost="0.10")
+    assert r.json()["error"]["code"] == "hold_already_resolved"
+    assert (await api.balance(acct))["available"] == "1.00"
+
+
+async def test_capture_retry_replays_and_never_double_charges(api: Api, gw: Gateway) -> None:
+    acct = await funded(api, "1.00")
+    hold = (await gw.hold(account=acct, amount="0.50")).json()
+    body = {"generation_id": "gen-replay-" + hold["id"] + acct, "cost": "0.20"}
+    first = await gw.capture(hold["id"], **body)
+    second = await gw.capture(hold["id"], **body)
+    assert second.json() == first.json() and second.headers.get("idempotent-replayed") == "true"
+    other = await gw.capture(hold["id"], expect=409, generation_id=body["generation_id"], cost="0.30")
+    assert other.json()["error"]["code"] == "hold_already_resolved"
+    assert (await api.balance(acct))["balance"] == "0.80"
+
+
+async def test_hold_refused_when_available_cannot_cover(api: Api, gw: Gateway) -> None:
+    acct = await funded(api, "1.00")
+    await gw.hold(account=acct, amount="0.80")
+    request_id = f"req-refused-{acct}"
+    r = await gw.hold(expect=402, account=acct, amount="0.30", request_id=request_id)
+    error = r.json()["error"]
+    assert error["code"] == "insufficient_credits" and error["limit_source"] == "credits"
+    assert error["available"] == "0.20" and error["type"] == "ledger_error"
+    # The same request id again is refused the same way, even though credits arrived meanwhile.
+    await api.grant(acct, "5.00")
+    again = await gw.hold(expect=402, account=acct, amount="0.30", request_id=request_id)
+    assert again.json() == r.json() and again.headers.get("idempotent-replayed") == "true"
+
+
+async def test_hold_refused_when_balance_not_positive(api: Api, gw: Gateway) -> None:
+    acct = (await api.account())["id"]
+    r = await gw.hold(expect=402, account=acct, amount="0.000000000001")
+    assert r.json()["error"]["limit_source"] == "credits" and r.json()["error"]["available"] == "0.00"
+
+
+async def test_expired_hold_stops_counting_at_expiry_and_cannot_resolve(api: Api, gw: Gateway, clock_at) -> None:  # type: ignore[no-untyped-def]
+    acct = await funded(api, "1.00")
+    start = datetime.now(UTC)
+    clock_at(start)
+    hold = (await gw.hold(account=acct, amount="0.90", timeout_seconds=60)).json()
+    assert (await gw.hold(expect=402, account=acct, amount="0.50")).json()["error"]["available"] == "0.10"
+    clock_at(start + timedelta(seconds=61))  # no job has run: the hold stops counting by itself
+    await gw.hold(account=acct, amount="0.50")
+    r = await gw.capture(hold["id"], expect=409, cost="0.10")
+    assert r.json()["error"]["code"] == "hold_expired"
+    r = await gw.release(hold["id"], expect=409)
+    assert r.json()["error"]["code"] == "hold_expired"
+    assert (await api.balance(acct))["balance"] == "1.00"
+
+
+async def test_foreign_or_unknown_hold_is_404_and_changes_nothing(api: Api, gw: Gateway) -> None:
+    mine = await funded(api, "1.00")
+    theirs = await funded(api, "1.00")
+    hold = (await gw.hold(account=theirs, amount="0.50")).json()
+    r = await gw.capture(hold["id"], expect=404, account=mine, cost="0.10")
+    assert r.json()["error"]["code"] == "hold_not_found"
+    await gw.capture("hold_999999999", expect=404, cost="0.10")
+    await gw.capture("nonsense", expect=404, cost="0.10")
+    assert (await api.balance(theirs))["held"] == "0.50"
+
+
+async def test_same_request_id_other_body_is_409(api: Api, gw: Gateway) -> None:
+    acct = await funded(api, "1.00")
+    await gw.hold(account=acct, amount="0.10", request_id="req-same-" + acct)
+    r = await gw.hold(expect=409, account=acct, amount="0.20", request_id="req-same-" + acct)
+    assert r.json()["error"]["code"] == "idempotency_key_reused"
+    assert (await api.balance(acct))["held"] == "0.10"
