@@ -23,9 +23,13 @@ from billing.context import Context
 from billing.db.engine import make_engine
 from billing.db.journal import Journal
 from billing.errors import API, INVALID_REQUEST, ApiError
+from billing.free.quota import FreeLimiter
+from billing.free.routes import FreeRequestsController
+from billing.gateway.policies import ByokPoliciesController
 from billing.gateway.routes import ChargesController, GenerationsController, HoldsController
 from billing.http import error_responses
 from billing.keys.routes import AccountKeysController, KeysController
+from billing.redis import make_redis
 from billing.settings import Settings
 
 log = logging.getLogger("billing")
@@ -107,6 +111,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = make_engine(settings)
     context = Context(db=engine, journal=Journal(), settings=settings)
+    redis = make_redis(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -114,6 +119,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await engine.dispose()
+            if redis is not None:
+                await redis.aclose()
 
     app = Litestar(
         route_handlers=[
@@ -127,6 +134,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ChargesController,
             HoldsController,
             GenerationsController,
+            FreeRequestsController,
+            ByokPoliciesController,
         ],
         dependencies={"ctx": Provide(lambda: context, use_cache=True, sync_to_thread=False)},
         middleware=[DefineMiddleware(BearerAuth, exclude=PUBLIC_PATHS)],
@@ -152,4 +161,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.context = context
     app.state.tokens = TokenResolver(engine, settings.admin_token, settings.token_cache_seconds)
+    app.state.redis = redis
+    app.state.free_limiter = FreeLimiter(redis)
     return app

@@ -18,6 +18,7 @@ class CreateAccount(msgspec.Struct, forbid_unknown_fields=True):
     external_id: ExternalId
     kind: Literal["user", "organization"] = "user"
     name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+    enterprise: bool = False
     metadata: dict[Annotated[str, msgspec.Meta(max_length=40)], Annotated[str, msgspec.Meta(max_length=500)]] = {}
 
 
@@ -58,6 +59,7 @@ class Account(msgspec.Struct):
     kind: str
     name: str | None
     metadata: dict[str, str]
+    enterprise: bool
     created_at: datetime
     balance: Balance
     object: str = "account"

@@ -28,7 +28,7 @@ from billing.schemas import ListOf, internal_id, public_id
 
 # `held` counts open holds not yet expired: an expired hold stops counting at its expiry, job or not.
 ACCOUNT_COLUMNS = (
-    "a.id, a.public_id, a.external_id, a.kind, a.name, a.metadata, a.created_at,"
+    "a.id, a.public_id, a.external_id, a.kind, a.name, a.metadata, a.enterprise, a.created_at,"
     " b.balance, b.total_credits, b.total_usage,"
     " (SELECT coalesce(sum(h.amount), 0) FROM holds h"
     "   WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held"
@@ -58,6 +58,7 @@ def _account(row: Row[Any]) -> s.Account:
         kind=row.kind,
         name=row.name,
         metadata=row.metadata,
+        enterprise=row.enterprise,
         created_at=row.created_at,
         balance=_balance(row),
     )
@@ -84,8 +85,8 @@ async def create_account(ctx: Context, data: s.CreateAccount) -> tuple[s.Account
     async with ctx.db.begin() as conn:
         created = await conn.scalar(
             text(
-                "WITH a AS (INSERT INTO accounts (public_id, kind, type, external_id, name, metadata)"
-                " VALUES (:public_id, :kind, 'liability', :external_id, :name, CAST(:metadata AS jsonb))"
+                "WITH a AS (INSERT INTO accounts (public_id, kind, type, external_id, name, metadata, enterprise)"
+                " VALUES (:public_id, :kind, 'liability', :external_id, :name, CAST(:metadata AS jsonb), :enterprise)"
                 " ON CONFLICT (external_id) DO NOTHING RETURNING id)"
                 " INSERT INTO balances (account_id) SELECT id FROM a RETURNING account_id"
             ),
@@ -94,6 +95,7 @@ async def create_account(ctx: Context, data: s.CreateAccount) -> tuple[s.Account
                 "kind": data.kind,
                 "external_id": data.external_id,
                 "name": data.name,
+                "enterprise": data.enterprise,
                 "metadata": msgspec.json.encode(data.metadata).decode(),
             },
         )

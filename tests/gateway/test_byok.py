@@ -1,0 +1,81 @@
+"""BYOK fees: a monthly allowance of list-price usage ($25,000; $200,000 enterprise), then 5% of the
+list-price cost from credits, only on the part above the allowance; the older per-request policy too."""
+
+import uuid
+from datetime import UTC, datetime
+
+from litestar.testing import AsyncTestClient
+
+from tests.conftest import ADMIN, Api
+from tests.gateway.conftest import Gateway
+
+
+async def _account(api: Api, client: AsyncTestClient, enterprise: bool = False) -> str:
+    r = await client.post(
+        "/v1/accounts", json={"external_id": f"byok_{uuid.uuid4().hex}", "enterprise": enterprise}, headers=ADMIN
+    )
+    account = r.json()["id"]
+    await api.grant(account, "100.00")
+    return account
+
+
+async def _byok(gw: Gateway, account: str, list_cost: str) -> dict:  # type: ignore[type-arg]
+    r = await gw.charge(account=account, is_byok=True, byok_list_cost=list_cost, upstream_inference_cost=list_cost)
+    return r.json()
+
+
+async def test_request_straddling_the_allowance_pays_only_on_the_excess(
+    api: Api, gw: Gateway, client: AsyncTestClient, clock_at
+) -> None:  # type: ignore[no-untyped-def]
+    clock_at(datetime(2026, 11, 15, tzinfo=UTC))
+    acct = await _account(api, client)
+    for cost in ["9000.00", "9000.00", "6990.00"]:  # 24,990 of the 25,000 allowance used
+        assert (await _byok(gw, acct, cost))["byok_fee"] == "0.00"
+    straddling = await _byok(gw, acct, "20.00")  # 10 inside the allowance, 10 above it
+    assert straddling["byok_fee"] == "0.50" and straddling["total_cost"] == "0.50"
+    assert straddling["is_byok"] is True and straddling["upstream_inference_cost"] == "20.00"
+    above = await _byok(gw, acct, "0.000000000001")
+    assert above["byok_fee"] == "0.00"  # 5% of 1e-12 rounds half-up to 0 at 1e-12 resolution
+    assert (await _byok(gw, acct, "1.00"))["byok_fee"] == "0.05"
+    balance = await api.balance(acct)
+    assert balance["balance"] == "99.45" and balance["total_usage"] == "0.55"
+    entry = (await client.get(f"/v1/journal_entries/{straddling['entry']}", headers=ADMIN)).json()
+    assert entry["kind"] == "byok_fee" and {p["account"]: p["amount"] for p in entry["postings"]} == {
+        acct: "-0.50",
+        "byok_fee_revenue": "0.50",
+    }
+
+
+async def test_allowance_resets_with_the_utc_month(api: Api, gw: Gateway, client: AsyncTestClient, clock_at) -> None:  # type: ignore[no-untyped-def]
+    clock_at(datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
+    acct = await _account(api, client)
+    for cost in ["9000.00", "9000.00", "7000.00"]:
+        await _byok(gw, acct, cost)
+    assert (await _byok(gw, acct, "10.00"))["byok_fee"] == "0.50"
+    clock_at(datetime(2026, 11, 1, 0, 0, tzinfo=UTC))
+    assert (await _byok(gw, acct, "10.00"))["byok_fee"] == "0.00"
+
+
+async def test_enterprise_allowance_is_200k(api: Api, gw: Gateway, client: AsyncTestClient, clock_at) -> None:  # type: ignore[no-untyped-def]
+    clock_at(datetime(2026, 9, 10, tzinfo=UTC))
+    acct = await _account(api, client, enterprise=True)
+    for _ in range(3):
+        assert (await _byok(gw, acct, "9000.00"))["byok_fee"] == "0.00"  # 27,000 > 25,000: still free
+
+
+async def test_older_free_requests_policy_is_expressible(
+    api: Api, gw: Gateway, client: AsyncTestClient, clock_at
+) -> None:  # type: ignore[no-untyped-def]
+    r = await client.post(
+        "/v1/byok_fee_policies",
+        json={"kind": "free_requests", "free_requests": 2, "rate": "0.05", "effective_from": "2031-01-01T00:00:00Z"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 201, r.text
+    policy = r.json()["id"]
+    clock_at(datetime(2031, 2, 1, tzinfo=UTC))
+    acct = await _account(api, client)
+    fees = [(await _byok(gw, acct, "2.00"))["byok_fee"] for _ in range(3)]
+    assert fees == ["0.00", "0.00", "0.10"]
+    listed = (await client.get("/v1/byok_fee_policies", headers=ADMIN)).json()["data"]
+    assert listed[0]["id"] == policy and listed[0]["free_requests"] == 2
