@@ -58,8 +58,12 @@ _KEY_COLUMNS = """k.id AS key_id, k.public_id AS key, k.member_id, m.public_id A
       WHERE h.key_id = k.id AND h.status = 'open' AND h.expires_at > :now) AS key_held"""
 
 
-def _state_sql(who: str, key: str, extra_columns: str = "", extra_joins: str = "") -> str:
-    """Lock the paying account's balance row and read what the rules need, in one statement."""
+def _state_sql(key: str, extra_columns: str = "", extra_joins: str = "") -> str:
+    """Everything the rules need about the account `:aid`, read right after its balance row is locked.
+
+    (Not in the locking statement itself: under READ COMMITTED a statement that waited for a row lock
+    still reads everything but that row from the snapshot taken before the wait.)
+    """
     return f"""
 SELECT a.id AS account_id, a.public_id AS account, a.enterprise, b.balance,
     (SELECT coalesce(sum(h.amount), 0) FROM holds h
@@ -76,8 +80,12 @@ LEFT JOIN LATERAL (
            array_agg(l.expires_at ORDER BY l.expires_at, l.id) AS expires
     FROM lots l WHERE l.account_id = a.id AND l.remaining > 0) lt ON true
 {extra_joins}
-WHERE a.id = {who}
-FOR UPDATE OF b"""
+WHERE a.id = :aid"""
+
+
+def _lock_sql(who: str) -> Any:
+    """Lock the paying account's balance row: every money move on an account serializes here."""
+    return text(f"SELECT account_id FROM balances WHERE account_id = {who} FOR UPDATE")
 
 
 _PAYER = (
@@ -93,22 +101,19 @@ LEFT JOIN byok_months bm ON bm.account_id = a.id AND bm.month = :month"""
 _GEN_COLUMNS = ", g.id AS g_id, g.fingerprint AS g_fingerprint"
 _GEN_JOINS = "LEFT JOIN generations g ON g.generation_id = :generation"
 
-CHARGE_SQL = text(_state_sql(_PAYER, "k.public_id = :key", _GEN_COLUMNS, _GEN_JOINS))
-CHARGE_BYOK_SQL = text(
-    _state_sql(_PAYER, "k.public_id = :key", _GEN_COLUMNS + _BYOK_COLUMNS, _GEN_JOINS + "\n" + _BYOK_JOINS)
-)
+LOCK_PAYER = _lock_sql(_PAYER)
+CHARGE_SQL = text(_state_sql("k.public_id = :key", _GEN_COLUMNS, _GEN_JOINS))
+CHARGE_BYOK_SQL = text(_state_sql("k.public_id = :key", _GEN_COLUMNS + _BYOK_COLUMNS, _GEN_JOINS + "\n" + _BYOK_JOINS))
 HOLD_SQL = text(
     _state_sql(
-        _PAYER,
         "k.public_id = :key",
         ", hx.id AS hx_id, hx.fingerprint AS hx_fingerprint",
         "LEFT JOIN holds hx ON hx.account_id = a.id AND hx.request_id = :request_id",
     )
 )
-_RESOLVE = "(SELECT account_id FROM holds WHERE id = :hold)"
+LOCK_HOLDER = _lock_sql("(SELECT account_id FROM holds WHERE id = :hold)")
 RESOLVE_SQL = text(
     _state_sql(
-        _RESOLVE,
         "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
         ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
         " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution",
@@ -117,7 +122,6 @@ RESOLVE_SQL = text(
 )
 RESOLVE_BYOK_SQL = text(
     _state_sql(
-        _RESOLVE,
         "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
         ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
         " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution"
@@ -241,12 +245,13 @@ def _policy(row: Any) -> ByokPolicy:
 
 
 async def _locked(
-    conn: AsyncConnection, principal: Principal, sql: Any, params: dict[str, Any], what: str, ident: str
+    conn: AsyncConnection, principal: Principal, lock: Any, sql: Any, params: dict[str, Any], what: str, ident: str
 ) -> Row[Any]:
-    row = (await conn.execute(sql, params)).first()
-    if row is None or not principal.may_see(row.account_id):
+    """Lock the account's balance row, then read its state with a snapshot taken after the lock."""
+    account_id = await conn.scalar(lock, params)
+    if account_id is None or not principal.may_see(account_id):
         raise not_found(what, ident)
-    return row
+    return (await conn.execute(sql, {**params, "aid": account_id})).one()
 
 
 def _tokens(t: TokenUsage) -> dict[str, int]:
@@ -402,7 +407,7 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
     }
     try:
         async with ctx.db.begin() as conn:
-            row = await _locked(conn, principal, sql, params, "account", data.account or data.key or "")
+            row = await _locked(conn, principal, LOCK_PAYER, sql, params, "account", data.account or data.key or "")
             if data.account is not None and row.account != data.account:
                 raise not_found("key", data.key or "")
             if row.g_id is not None:
@@ -515,7 +520,7 @@ async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) ->
     fp = fingerprint(data)
     params = {"account": data.account, "key": data.key, "now": now, "request_id": data.request_id}
     async with ctx.db.begin() as conn:
-        row = await _locked(conn, principal, HOLD_SQL, params, "account", data.account or data.key or "")
+        row = await _locked(conn, principal, LOCK_PAYER, HOLD_SQL, params, "account", data.account or data.key or "")
         if data.account is not None and row.account != data.account:
             raise not_found("key", data.key or "")
         if row.hx_id is None:
@@ -571,7 +576,7 @@ async def resolve_hold(
     sql = RESOLVE_BYOK_SQL if capture and data.is_byok else RESOLVE_SQL  # type: ignore[union-attr]
     params = {"hold": hold_id, "now": now, "month": now.date().replace(day=1)}
     async with ctx.db.begin() as conn:
-        row = await _locked(conn, principal, sql, params, "hold", hold)
+        row = await _locked(conn, principal, LOCK_HOLDER, sql, params, "hold", hold)
         if data.account is not None and data.account != row.account:
             raise not_found("hold", hold)
         if row.hx_status == "refused":

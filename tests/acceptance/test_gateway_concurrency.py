@@ -1,0 +1,100 @@
+"""The hot path under real concurrent HTTP requests against the production server."""
+
+import asyncio
+import json
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import ADMIN
+
+
+async def _setup(http: httpx.AsyncClient, amount: str) -> tuple[str, dict[str, str]]:
+    account = (await http.post("/v1/accounts", json={"external_id": f"c_{uuid.uuid4().hex}"})).json()["id"]
+    r = await http.post(
+        f"/v1/accounts/{account}/grants",
+        json={"amount": amount, "reason": "load"},
+        headers={"Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert r.status_code == 201
+    token = (await http.post("/v1/tokens", json={"name": "gw", "scopes": ["gateway"]})).json()["secret"]
+    return account, {"Authorization": f"Bearer {token}"}
+
+
+async def test_200_concurrent_holds_of_a_cent_against_a_dollar_admit_exactly_100(live_url: str) -> None:
+    async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
+        account, gw = await _setup(http, "1.00")
+        responses = await asyncio.gather(
+            *[
+                http.post("/v1/holds", json={"account": account, "request_id": f"r{i}", "amount": "0.01"}, headers=gw)
+                for i in range(200)
+            ]
+        )
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(201) == 100 and statuses.count(402) == 100
+        balance = (await http.get(f"/v1/accounts/{account}/balance")).json()
+        assert (balance["held"], balance["available"]) == ("1.00", "0.00")
+
+
+async def test_concurrent_charges_and_holds_never_overspend_or_deadlock(live_url: str, engine: AsyncEngine) -> None:
+    async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
+        account, gw = await _setup(http, "5.00")
+
+        async def charge(i: int) -> httpx.Response:
+            body = {"account": account, "generation_id": f"g-{account}-{i}", "cost": "0.07"}
+            return await http.post("/v1/charges", json=body, headers=gw)
+
+        async def hold_capture(i: int) -> httpx.Response:
+            r = await http.post(
+                "/v1/holds", json={"account": account, "request_id": f"h{i}", "amount": "0.10"}, headers=gw
+            )
+            if r.status_code != 201:
+                return r
+            body = {"generation_id": f"hg-{account}-{i}", "cost": "0.05"}
+            return await http.post(f"/v1/holds/{r.json()['id']}/capture", json=body, headers=gw)
+
+        results = await asyncio.gather(*[charge(i) if i % 2 else hold_capture(i) for i in range(150)])
+        assert {r.status_code for r in results} <= {200, 201, 402}
+        balance = (await http.get(f"/v1/accounts/{account}/balance")).json()
+    charged = sum(1 for i, r in enumerate(results) if r.status_code == 201 and i % 2)
+    captured = sum(1 for i, r in enumerate(results) if r.status_code == 200 and not i % 2)
+    spent_cents = charged * 7 + captured * 5
+    assert spent_cents <= 500  # never more than the credits; every admitted spend was fully covered
+    assert balance["balance"] == f"{(500 - spent_cents) // 100}.{(500 - spent_cents) % 100:02d}"
+    assert balance["held"] == "0.00"
+    async with engine.connect() as conn:
+        rows = await conn.scalar(
+            text(
+                "SELECT count(*) FROM generations g JOIN accounts a ON a.id = g.account_id"
+                " WHERE a.public_id = :a AND g.status = 'charged'"
+            ),
+            {"a": account},
+        )
+    assert rows == charged + captured
+
+
+def test_client_disconnect_leaves_all_or_nothing_and_a_retry_finds_it(live_url: str) -> None:
+    with httpx.Client(base_url=live_url, headers=ADMIN, timeout=30) as http:
+        account = http.post("/v1/accounts", json={"external_id": f"d_{uuid.uuid4().hex}"}).json()["id"]
+        http.post(
+            f"/v1/accounts/{account}/grants",
+            json={"amount": "1.00", "reason": "x"},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        )
+        token = http.post("/v1/tokens", json={"name": "gw", "scopes": ["gateway"]}).json()["secret"]
+        body = json.dumps({"account": account, "generation_id": f"gd-{account}", "cost": "0.25"}).encode()
+        url = urlsplit(live_url)
+        for _ in range(5):  # send and hang up without reading the answer, several times
+            with socket.create_connection((url.hostname, url.port)) as s:
+                s.sendall(
+                    b"POST /v1/charges HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+        retry = http.post("/v1/charges", content=body, headers={"Authorization": f"Bearer {token}"})
+        assert retry.status_code == 201 and retry.json()["total_cost"] == "0.25"
+        assert http.get(f"/v1/accounts/{account}/balance").json()["balance"] == "0.75"
