@@ -73,7 +73,18 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, admin_token=ADMIN_TOKEN, token_cache_seconds=0)
+    return Settings(
+        database_url=database_url,
+        redis_url=os.environ.get("REDIS_URL") or _embedded_redis(),
+        admin_token=ADMIN_TOKEN,
+        token_cache_seconds=0,
+    )
+
+
+def _embedded_redis() -> str:
+    from billing.embedded import start_redis
+
+    return start_redis(ROOT / ".data" / "test")
 
 
 @pytest.fixture(scope="session")
