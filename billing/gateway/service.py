@@ -139,10 +139,10 @@ WHERE g.generation_id = :generation""")
 
 INSERT_GENERATION = """INSERT INTO generations (generation_id, account_id, key_id, member_id, hold_id, entry_id,
     status, fingerprint, model, provider, total_cost, upstream_inference_cost, cache_discount, is_byok,
-    byok_list_cost, byok_fee, byok_policy_id, usage, finish_reason, cancelled, streamed, refusal)
+    byok_list_cost, byok_fee, byok_policy_id, usage, finish_reason, cancelled, streamed, refusal, created_at)
 VALUES (:g_generation, :g_account, :g_key, :g_member, :g_hold, {entry}, :g_status, :g_fingerprint, :g_model,
     :g_provider, :g_total_cost, :g_upstream, :g_cache_discount, :g_is_byok, :g_byok_list_cost, :g_byok_fee,
-    :g_policy, CAST(:g_usage AS jsonb), :g_finish_reason, :g_cancelled, :g_streamed, CAST(:g_refusal AS jsonb))"""
+    :g_policy, CAST(:g_usage AS jsonb), :g_finish_reason, :g_cancelled, :g_streamed, CAST(:g_refusal AS jsonb), :g_created)"""
 UPDATE_KEY = """UPDATE api_keys SET usage_total = :k_usage_total, byok_total = :k_byok_total,
     day_start = :k_day_start, usage_day = :k_usage_day, byok_day = :k_byok_day,
     week_start = :k_week_start, usage_week = :k_usage_week, byok_week = :k_byok_week,
@@ -321,6 +321,7 @@ def _riders(
                 "g_cancelled": g.cancelled,
                 "g_streamed": g.streamed,
                 "g_refusal": msgspec.json.encode(refusal).decode() if refusal else None,
+                "g_created": now,
             },
         )
     ]
@@ -441,8 +442,8 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
                     ),
                 )
                 return error.status, error.body(), False
-            await _post_spend(ctx, conn, row, data, priced, spend, now, hold_id=None)
-            out = await generation_view(conn, data.generation_id)
+            entry_id = await _post_spend(ctx, conn, row, data, priced, spend, now, hold_id=None)
+            out = _generation_out(row, data, priced, spend, now, entry_id, None)
         return 201, out, False
     except _Replay:
         status, body = await _replay_generation(ctx, data)
@@ -469,7 +470,8 @@ async def _post_spend(
     *,
     hold_id: int | None,
     extra: list[Rider] | None = None,
-) -> None:
+) -> int | None:
+    """Write the generation and what it spends; returns the journal entry id (None when nothing was spent)."""
     if spend.amount > 0:
         entry = usage_entry(
             Customer(row.account_id),
@@ -480,16 +482,39 @@ async def _post_spend(
             revenue=spend.revenue,
             description=f"{spend.kind.value} for generation {g.generation_id}",
         )
-        await ctx.journal.post(
+        posted = await ctx.journal.post(
             conn,
             entry,
             balance_before=row.balance,
             riders=[*_riders(row, g, priced, spend, now, has_entry=True, hold_id=hold_id), *(extra or [])],
         )
-    else:
-        await ctx.journal.write(
-            conn, [*_riders(row, g, priced, spend, now, has_entry=False, hold_id=hold_id), *(extra or [])]
-        )
+        return posted.entry_id
+    await ctx.journal.write(
+        conn, [*_riders(row, g, priced, spend, now, has_entry=False, hold_id=hold_id), *(extra or [])]
+    )
+    return None
+
+
+def _generation_out(
+    row: Any, g: s.Generation, priced: Priced, spend: Spend, now: datetime, entry_id: int | None, hold_id: int | None
+) -> s.GenerationOut:
+    """The record as just written (the same fields `generation_view` reads back for a replay)."""
+
+    def money(value: Decimal | None) -> str | None:
+        return format_money(value) if value is not None else None
+
+    return s.GenerationOut(
+        id=g.generation_id, account=row.account, key=row.key, member=row.member,
+        hold=public_id("hold", hold_id) if hold_id else None,
+        total_cost=format_money(spend.amount), usage=format_money(spend.amount),
+        upstream_inference_cost=money(priced.upstream), cache_discount=money(priced.cache_discount),
+        is_byok=g.is_byok, byok_list_cost=money(priced.byok_list_cost), byok_fee=money(spend.byok_fee),
+        tokens_prompt=priced.usage.prompt_tokens, tokens_completion=priced.usage.completion_tokens,
+        native_tokens_reasoning=priced.usage.reasoning_tokens, native_tokens_cached=priced.usage.cache_read_tokens,
+        model=g.model, provider=g.provider, finish_reason=g.finish_reason, cancelled=g.cancelled, streamed=g.streamed,
+        zero_completion_insured=priced.insured, created_at=now,
+        entry=public_id("je", entry_id) if entry_id else None,
+    )  # fmt: skip
 
 
 # --- holds ---------------------------------------------------------------------------------------
@@ -604,8 +629,10 @@ async def resolve_hold(
             spend = _spend(row, priced)
             status = 200
             resolution_rider = _resolution_rider(hold_id, "captured")
-            await _post_spend(ctx, conn, row, data, priced, spend, now, hold_id=hold_id, extra=[resolution_rider])
-            generation = await generation_view(conn, data.generation_id)
+            entry_id = await _post_spend(
+                ctx, conn, row, data, priced, spend, now, hold_id=hold_id, extra=[resolution_rider]
+            )
+            generation = _generation_out(row, data, priced, spend, now, entry_id, hold_id)
             body: Any = s.CaptureOut(hold=hold_out, generation=generation)  # type: ignore[arg-type]
         else:
             status, body = 200, hold_out
