@@ -14,6 +14,14 @@ def make_engine(settings: Settings) -> AsyncEngine:
         sqlalchemy_url(settings.require_database_url()),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
-        pool_pre_ping=True,
-        connect_args={"application_name": "billing", "options": "-c timezone=UTC"},
+        # No pre-ping: it costs a round trip on every checkout (over 1 ms measured here). A connection
+        # that died is discarded by SQLAlchemy on the error, and the request fails before anything commits.
+        pool_pre_ping=False,
+        pool_recycle=1800,
+        # Every statement here looks rows up by key, so one generic plan per prepared statement is right,
+        # and re-planning on each execution was a measurable share of the hot path's database time.
+        connect_args={
+            "application_name": "billing",
+            "options": "-c timezone=UTC -c plan_cache_mode=force_generic_plan",
+        },
     )

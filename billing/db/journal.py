@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing.ledger.model import NEW_LOT, Customer, Entry, LotBalance, Platform
 from billing.ledger.money import ZERO
@@ -48,11 +48,16 @@ class Journal:
     def __init__(self) -> None:
         self._platform: dict[Platform, int] = {}
 
-    async def platform_id(self, conn: AsyncConnection, account: Platform) -> int:
+    async def load_platform(self, conn: AsyncConnection) -> None:
+        """Platform account ids never change once migrated: read them once per process."""
         if not self._platform:
             rows = await conn.execute(text("SELECT public_id, id FROM accounts WHERE kind = 'platform'"))
             self._platform = {Platform(code): id_ for code, id_ in rows if code in Platform._value2member_map_}
-        return self._platform[account]
+
+    async def ensure_loaded(self, engine: AsyncEngine) -> None:
+        if not self._platform:
+            async with engine.connect() as conn:
+                await self.load_platform(conn)
 
     async def lock_customer(self, conn: AsyncConnection, customer: Customer) -> CustomerState:
         balance = await conn.scalar(
@@ -77,10 +82,26 @@ class Journal:
         balance_before: Decimal | None,
         riders: Sequence[Rider] = (),
     ) -> Posted:
-        """Write the entry — journal row, postings with running balances, its new lot, consumed lots and
-        the cached totals — plus any `riders` (CTEs that may use the entry's id as `(SELECT id FROM e)`),
-        in ONE statement: one round trip, under the balance lock the caller already holds.
+        """Write the entry and its riders in one statement, under the balance lock the caller holds."""
+        await self.load_platform(conn)
+        statement = self.entry_statement(entry, balance_before=balance_before, riders=riders)
+        entry_id, posted_at, lot_id = (await conn.execute(text(statement.sql), statement.params)).one()
+        return Posted(entry_id, posted_at, lot_id, statement.balance_after)
+
+    async def write(self, conn: AsyncConnection, riders: Sequence[Rider]) -> None:
+        """Riders with no journal entry (a hold, a zero-cost generation), in one statement."""
+        statement = self.riders_statement(riders)
+        await conn.execute(text(statement.sql), statement.params)
+
+    def entry_statement(
+        self, entry: Entry, *, balance_before: Decimal | None, riders: Sequence[Rider] = ()
+    ) -> Statement:
+        """The one statement that writes an entry — journal row, postings with running balances, its new
+        lot, consumed lots, cached totals — plus `riders` (CTEs that may use the entry's id as
+        `(SELECT id FROM e)`). It returns (entry id, posted_at, new lot id).
         """
+        if not self._platform:
+            raise RuntimeError("load_platform() first")
         customer = entry.customer
         if customer is not None and balance_before is None:
             raise ValueError("a customer entry is posted under its balance lock: pass balance_before")
@@ -98,7 +119,7 @@ class Journal:
                 accounts.append(p.account.id)
                 after.append(running)
             else:
-                accounts.append(await self.platform_id(conn, p.account))
+                accounts.append(self._platform[p.account])
                 after.append(None)
             lots.append(p.lot if isinstance(p.lot, int) else None)
             new_lot.append(p.lot is NEW_LOT)
@@ -133,17 +154,25 @@ class Journal:
         for rider in riders:
             ctes.append(f"{rider.name} AS ({rider.sql})")
             params.update(rider.params)
-        sql = "WITH " + ",\n".join(ctes) + "\nSELECT e.id, e.posted_at, (SELECT id FROM nl) FROM e"
-        entry_id, posted_at, lot_id = (await conn.execute(text(sql), params)).one()
-        return Posted(entry_id, posted_at, lot_id, running)
+        sql = "WITH " + ",\n".join(ctes) + "\nSELECT e.id AS entry_id, e.posted_at, (SELECT id FROM nl) AS lot_id FROM e"
+        return Statement(sql, params, running)
 
-    async def write(self, conn: AsyncConnection, riders: Sequence[Rider]) -> None:
-        """Riders with no journal entry (a hold, a zero-cost generation), in one statement."""
+    @staticmethod
+    def riders_statement(riders: Sequence[Rider]) -> Statement:
         params: dict[str, Any] = {}
         for rider in riders:
             params.update(rider.params)
         sql = "WITH " + ",\n".join(f"{r.name} AS ({r.sql})" for r in riders) + "\nSELECT 1"
-        await conn.execute(text(sql), params)
+        return Statement(sql, params, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """SQL with `:name` parameters, and the balance after it (for entries on a customer)."""
+
+    sql: str
+    params: dict[str, Any]
+    balance_after: Decimal | None
 
 
 @dataclass(frozen=True, slots=True)

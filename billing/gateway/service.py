@@ -7,21 +7,22 @@ Rules are decided in Python by the pure functions of billing/ledger/usage.py bet
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import msgspec
+from psycopg.errors import UniqueViolation
 from sqlalchemy import text
-from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
 from billing.auth.principal import Principal
 from billing.context import Context
+from billing.db import pipeline
 from billing.db.journal import Rider
+from billing.db.pipeline import Pipe
 from billing.errors import (
     IDEMPOTENCY,
     INVALID_REQUEST,
@@ -58,8 +59,9 @@ _KEY_COLUMNS = """k.id AS key_id, k.public_id AS key, k.member_id, m.public_id A
       WHERE h.key_id = k.id AND h.status = 'open' AND h.expires_at > :now) AS key_held"""
 
 
-def _state_sql(key: str, extra_columns: str = "", extra_joins: str = "") -> str:
-    """Everything the rules need about the account `:aid`, read right after its balance row is locked.
+def _state_sql(who: str, key: str, extra_columns: str = "", extra_joins: str = "") -> str:
+    """Everything the rules need about the account `who`, read by the statement right after the one that
+    locks its balance row (pipelined: same round trip).
 
     (Not in the locking statement itself: under READ COMMITTED a statement that waited for a row lock
     still reads everything but that row from the snapshot taken before the wait.)
@@ -80,12 +82,12 @@ LEFT JOIN LATERAL (
            array_agg(l.expires_at ORDER BY l.expires_at, l.id) AS expires
     FROM lots l WHERE l.account_id = a.id AND l.remaining > 0) lt ON true
 {extra_joins}
-WHERE a.id = :aid"""
+WHERE a.id = {who}"""
 
 
-def _lock_sql(who: str) -> Any:
+def _lock_sql(who: str) -> str:
     """Lock the paying account's balance row: every money move on an account serializes here."""
-    return text(f"SELECT account_id FROM balances WHERE account_id = {who} FOR UPDATE")
+    return f"SELECT account_id FROM balances WHERE account_id = {who} FOR UPDATE"
 
 
 _PAYER = (
@@ -102,32 +104,31 @@ _GEN_COLUMNS = ", g.id AS g_id, g.fingerprint AS g_fingerprint"
 _GEN_JOINS = "LEFT JOIN generations g ON g.generation_id = :generation"
 
 LOCK_PAYER = _lock_sql(_PAYER)
-CHARGE_SQL = text(_state_sql("k.public_id = :key", _GEN_COLUMNS, _GEN_JOINS))
-CHARGE_BYOK_SQL = text(_state_sql("k.public_id = :key", _GEN_COLUMNS + _BYOK_COLUMNS, _GEN_JOINS + "\n" + _BYOK_JOINS))
-HOLD_SQL = text(
-    _state_sql(
-        "k.public_id = :key",
-        ", hx.id AS hx_id, hx.fingerprint AS hx_fingerprint",
-        "LEFT JOIN holds hx ON hx.account_id = a.id AND hx.request_id = :request_id",
-    )
+CHARGE_SQL = _state_sql(_PAYER, "k.public_id = :key", _GEN_COLUMNS, _GEN_JOINS)
+CHARGE_BYOK_SQL = _state_sql(
+    _PAYER, "k.public_id = :key", _GEN_COLUMNS + _BYOK_COLUMNS, _GEN_JOINS + "\n" + _BYOK_JOINS
 )
-LOCK_HOLDER = _lock_sql("(SELECT account_id FROM holds WHERE id = :hold)")
-RESOLVE_SQL = text(
-    _state_sql(
-        "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
-        ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
-        " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution",
-        "JOIN holds hx ON hx.id = :hold",
-    )
+HOLD_SQL = _state_sql(
+    _PAYER,
+    "k.public_id = :key",
+    ", hx.id AS hx_id, hx.fingerprint AS hx_fingerprint",
+    "LEFT JOIN holds hx ON hx.account_id = a.id AND hx.request_id = :request_id",
 )
-RESOLVE_BYOK_SQL = text(
-    _state_sql(
-        "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
-        ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
-        " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution"
-        + _BYOK_COLUMNS,
-        "JOIN holds hx ON hx.id = :hold\n" + _BYOK_JOINS,
-    )
+_HOLDER = "(SELECT account_id FROM holds WHERE id = :hold)"
+LOCK_HOLDER = _lock_sql(_HOLDER)
+RESOLVE_SQL = _state_sql(
+    _HOLDER,
+    "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
+    ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
+    " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution",
+    "JOIN holds hx ON hx.id = :hold",
+)
+RESOLVE_BYOK_SQL = _state_sql(
+    _HOLDER,
+    "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
+    ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
+    " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution" + _BYOK_COLUMNS,
+    "JOIN holds hx ON hx.id = :hold\n" + _BYOK_JOINS,
 )
 
 GENERATION_VIEW = text("""
@@ -245,13 +246,13 @@ def _policy(row: Any) -> ByokPolicy:
 
 
 async def _locked(
-    conn: AsyncConnection, principal: Principal, lock: Any, sql: Any, params: dict[str, Any], what: str, ident: str
-) -> Row[Any]:
-    """Lock the account's balance row, then read its state with a snapshot taken after the lock."""
-    account_id = await conn.scalar(lock, params)
-    if account_id is None or not principal.may_see(account_id):
+    tx: Pipe, principal: Principal, lock: str, sql: str, params: dict[str, Any], what: str, ident: str
+) -> Any:
+    """BEGIN, lock the account's balance row, read its state: one round trip."""
+    locked, state = await tx.run((lock, params), (sql, params))
+    if not locked or not state or not principal.may_see(state[0].account_id):
         raise not_found(what, ident)
-    return (await conn.execute(sql, {**params, "aid": account_id})).one()
+    return state[0]
 
 
 def _tokens(t: TokenUsage) -> dict[str, int]:
@@ -397,6 +398,7 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
     if data.account is None and data.key is None:
         raise invalid("payer_required", "Send `account` or `key`.", "account")
     priced = price(data)
+    await ctx.journal.ensure_loaded(ctx.db)
     now = clock.now()
     sql = CHARGE_BYOK_SQL if data.is_byok else CHARGE_SQL
     params = {
@@ -407,8 +409,8 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
         "month": now.date().replace(day=1),
     }
     try:
-        async with ctx.db.begin() as conn:
-            row = await _locked(conn, principal, LOCK_PAYER, sql, params, "account", data.account or data.key or "")
+        async with pipeline.transaction(ctx.db) as tx:
+            row = await _locked(tx, principal, LOCK_PAYER, sql, params, "account", data.account or data.key or "")
             if data.account is not None and row.account != data.account:
                 raise not_found("key", data.key or "")
             if row.g_id is not None:
@@ -427,41 +429,31 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
                     )
             except Refused as refused:
                 error = from_refusal(refused)
-                await ctx.journal.write(
-                    conn,
-                    _riders(
-                        row,
-                        data,
-                        priced,
-                        spend,
-                        now,
-                        has_entry=False,
-                        hold_id=None,
-                        status="refused",
-                        refusal=error.body(),
-                    ),
+                riders = _riders(
+                    row, data, priced, spend, now, has_entry=False, hold_id=None, status="refused", refusal=error.body()
                 )
+                statement = ctx.journal.riders_statement(riders)
+                await tx.run((statement.sql, statement.params), commit=True)
                 return error.status, error.body(), False
-            entry_id = await _post_spend(ctx, conn, row, data, priced, spend, now, hold_id=None)
-            out = _generation_out(row, data, priced, spend, now, entry_id, None)
-        return 201, out, False
+            entry_id = await _write_spend(ctx, tx, row, data, priced, spend, now, hold_id=None)
+        return 201, _generation_out(row, data, priced, spend, now, entry_id, None), False
     except _Replay:
         status, body = await _replay_generation(ctx, data)
         return status, body, True
-    except IntegrityError as exc:
-        if "uq_generations_generation_id" not in str(exc.orig):
+    except UniqueViolation as exc:
+        if "uq_generations_generation_id" not in str(exc):
             raise
         status, body = await _replay_generation(ctx, data)
         return status, body, True
 
 
 class _Replay(Exception):
-    """The generation is already recorded: answer from the record, outside the failed transaction."""
+    """The generation is already recorded: answer from the record, outside the transaction."""
 
 
-async def _post_spend(
+async def _write_spend(
     ctx: Context,
-    conn: AsyncConnection,
+    tx: Pipe,
     row: Any,
     g: s.Generation,
     priced: Priced,
@@ -471,7 +463,8 @@ async def _post_spend(
     hold_id: int | None,
     extra: list[Rider] | None = None,
 ) -> int | None:
-    """Write the generation and what it spends; returns the journal entry id (None when nothing was spent)."""
+    """Write the generation and what it spends, and COMMIT, in one round trip. Returns the journal entry id
+    (None when nothing was spent)."""
     if spend.amount > 0:
         entry = usage_entry(
             Customer(row.account_id),
@@ -482,16 +475,13 @@ async def _post_spend(
             revenue=spend.revenue,
             description=f"{spend.kind.value} for generation {g.generation_id}",
         )
-        posted = await ctx.journal.post(
-            conn,
-            entry,
-            balance_before=row.balance,
-            riders=[*_riders(row, g, priced, spend, now, has_entry=True, hold_id=hold_id), *(extra or [])],
-        )
-        return posted.entry_id
-    await ctx.journal.write(
-        conn, [*_riders(row, g, priced, spend, now, has_entry=False, hold_id=hold_id), *(extra or [])]
-    )
+        riders = [*_riders(row, g, priced, spend, now, has_entry=True, hold_id=hold_id), *(extra or [])]
+        statement = ctx.journal.entry_statement(entry, balance_before=row.balance, riders=riders)
+        (written,) = await tx.run((statement.sql, statement.params), commit=True)
+        return int(written[0][0])
+    riders = [*_riders(row, g, priced, spend, now, has_entry=False, hold_id=hold_id), *(extra or [])]
+    statement = ctx.journal.riders_statement(riders)
+    await tx.run((statement.sql, statement.params), commit=True)
     return None
 
 
@@ -527,10 +517,13 @@ def _hold_view(row: Any, account: str, key: str | None) -> s.HoldOut:
     )  # fmt: skip
 
 
-HOLD_VIEW = text(
-    "SELECT h.*, a.public_id AS account, k.public_id AS key FROM holds h JOIN accounts a ON a.id = h.account_id"
-    " LEFT JOIN api_keys k ON k.id = h.key_id WHERE h.account_id = :account_id AND h.request_id = :request_id"
-)
+HOLD_VIEW = """SELECT h.*, a.public_id AS account, k.public_id AS key FROM holds h
+JOIN accounts a ON a.id = h.account_id LEFT JOIN api_keys k ON k.id = h.key_id"""
+INSERT_HOLD = """INSERT INTO holds (account_id, key_id, request_id, amount, status, fingerprint, created_at,
+    expires_at, resolution)
+VALUES (:h_account, :h_key, :h_request, :h_amount, :h_status, :h_fp, :h_created, :h_expires,
+    CAST(:h_resolution AS jsonb))
+RETURNING id"""
 
 
 async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) -> tuple[int, Any, bool]:
@@ -544,44 +537,47 @@ async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) ->
     now = clock.now()
     fp = fingerprint(data)
     params = {"account": data.account, "key": data.key, "now": now, "request_id": data.request_id}
-    async with ctx.db.begin() as conn:
-        row = await _locked(conn, principal, LOCK_PAYER, HOLD_SQL, params, "account", data.account or data.key or "")
+    async with pipeline.transaction(ctx.db) as tx:
+        row = await _locked(tx, principal, LOCK_PAYER, HOLD_SQL, params, "account", data.account or data.key or "")
         if data.account is not None and row.account != data.account:
             raise not_found("key", data.key or "")
-        if row.hx_id is None:
-            key = _key(row, data.key, now)
-            status, refusal = "open", None
-            try:
-                admit(amount, balance=row.balance, held=row.held, key=key, key_held=row.key_held or ZERO, now=now)
-            except Refused as refused:
-                status, refusal = "refused", from_refusal(refused)
-            await ctx.journal.write(
-                conn,
-                [
-                    Rider(
-                        "h",
-                        "INSERT INTO holds (account_id, key_id, request_id, amount, status, fingerprint, expires_at,"
-                        " resolution) VALUES (:h_account, :h_key, :h_request, :h_amount, :h_status, :h_fp, :h_expires,"
-                        " CAST(:h_resolution AS jsonb))",
-                        {
-                            "h_account": row.account_id,
-                            "h_key": row.key_id,
-                            "h_request": data.request_id,
-                            "h_amount": amount,
-                            "h_status": status,
-                            "h_fp": fp,
-                            "h_expires": now + timedelta(seconds=data.timeout_seconds),
-                            "h_resolution": msgspec.json.encode(refusal.body()).decode() if refusal else None,
-                        },
-                    )
-                ],
-            )
-            replayed = False
-        else:
-            replayed = True
-        hold = (await conn.execute(HOLD_VIEW, {"account_id": row.account_id, "request_id": data.request_id})).one()
+        if row.hx_id is not None:
+            (held,) = await tx.run((HOLD_VIEW + " WHERE h.id = :id", {"id": row.hx_id}))
+            return _hold_outcome(held[0], fp, data.request_id, replayed=True)
+        key = _key(row, data.key, now)
+        refusal: ApiError | None = None
+        try:
+            admit(amount, balance=row.balance, held=row.held, key=key, key_held=row.key_held or ZERO, now=now)
+        except Refused as refused:
+            refusal = from_refusal(refused)
+        hold = _HoldRow(
+            0,
+            data.request_id,
+            amount,
+            "refused" if refusal else "open",
+            now + timedelta(seconds=data.timeout_seconds),
+            now,
+        )
+        (inserted,) = await tx.run(
+            (
+                INSERT_HOLD,
+                {
+                    "h_account": row.account_id, "h_key": row.key_id, "h_request": data.request_id,
+                    "h_amount": amount, "h_status": hold.status, "h_fp": fp, "h_created": now,
+                    "h_expires": hold.expires_at,
+                    "h_resolution": msgspec.json.encode(refusal.body()).decode() if refusal else None,
+                },
+            ),
+            commit=True,
+        )  # fmt: skip
+    if refusal is not None:
+        return refusal.status, refusal.body(), False
+    return 201, _hold_view(_HoldRow(inserted[0][0], *astuple(hold)[1:]), row.account, row.key), False
+
+
+def _hold_outcome(hold: Any, fp: str, request_id: str, *, replayed: bool) -> tuple[int, Any, bool]:
     if hold.fingerprint != fp:
-        raise _conflict("request_id", data.request_id)
+        raise _conflict("request_id", request_id)
     if hold.status == "refused":
         return 402, hold.resolution, replayed
     return 201, _hold_view(hold, hold.account, hold.key), replayed
@@ -596,52 +592,48 @@ async def resolve_hold(
     hold_id = internal_id("hold", hold, "hold")
     capture = isinstance(data, s.Capture)
     priced = price(data) if isinstance(data, s.Capture) else None
+    await ctx.journal.ensure_loaded(ctx.db)
     now = clock.now()
     fp = fingerprint(data)
-    sql = RESOLVE_BYOK_SQL if capture and data.is_byok else RESOLVE_SQL  # type: ignore[union-attr]
+    sql = RESOLVE_BYOK_SQL if isinstance(data, s.Capture) and data.is_byok else RESOLVE_SQL
     params = {"hold": hold_id, "now": now, "month": now.date().replace(day=1)}
-    async with ctx.db.begin() as conn:
-        row = await _locked(conn, principal, LOCK_HOLDER, sql, params, "hold", hold)
+    async with pipeline.transaction(ctx.db) as tx:
+        row = await _locked(tx, principal, LOCK_HOLDER, sql, params, "hold", hold)
         if data.account is not None and data.account != row.account:
             raise not_found("hold", hold)
         if row.hx_status == "refused":
             raise not_found("hold", hold)
+        resolved = _HoldRow(
+            row.hx_id, row.hx_request_id, row.hx_amount, "captured" if capture else "released",
+            row.hx_expires_at, row.hx_created_at,
+        )  # fmt: skip
+        hold_out = _hold_view(resolved, row.account, row.key)
         if row.hx_status != "open":
             previous = row.hx_resolution or {}
-            if previous.get("fingerprint") == fp:
-                return previous["status"], previous["body"], True
-            raise ApiError(409, INVALID_REQUEST, "hold_already_resolved", f"Hold {hold!r} is already {row.hx_status}.")
+            if previous.get("fingerprint") != fp:
+                raise ApiError(
+                    409, INVALID_REQUEST, "hold_already_resolved", f"Hold {hold!r} is already {row.hx_status}."
+                )
+            replay: Any = hold_out
+            if previous.get("generation_id"):
+                async with ctx.db.connect() as conn:
+                    generation = await generation_view(conn, previous["generation_id"])
+                replay = s.CaptureOut(hold=hold_out, generation=generation)  # type: ignore[arg-type]
+            return 200, replay, True
         if row.hx_expires_at <= now:
             raise ApiError(
                 409, INVALID_REQUEST, "hold_expired", f"Hold {hold!r} expired at {row.hx_expires_at.isoformat()}."
             )
-        hold_row = _HoldRow(
-            row.hx_id,
-            row.hx_request_id,
-            row.hx_amount,
-            "captured" if capture else "released",
-            row.hx_expires_at,
-            row.hx_created_at,
-        )
-        hold_out = _hold_view(hold_row, row.account, row.key)
         if isinstance(data, s.Capture):
             assert priced is not None
             spend = _spend(row, priced)
-            status = 200
-            resolution_rider = _resolution_rider(hold_id, "captured")
-            entry_id = await _post_spend(
-                ctx, conn, row, data, priced, spend, now, hold_id=hold_id, extra=[resolution_rider]
-            )
+            rider = _resolution_rider(hold_id, "captured", fp, data.generation_id)
+            entry_id = await _write_spend(ctx, tx, row, data, priced, spend, now, hold_id=hold_id, extra=[rider])
             generation = _generation_out(row, data, priced, spend, now, entry_id, hold_id)
-            body: Any = s.CaptureOut(hold=hold_out, generation=generation)  # type: ignore[arg-type]
-        else:
-            status, body = 200, hold_out
-            await ctx.journal.write(conn, [_resolution_rider(hold_id, "released")])
-        await conn.execute(
-            text("UPDATE holds SET resolution = CAST(:r AS jsonb) WHERE id = :id"),
-            {"id": hold_id, "r": msgspec.json.encode({"fingerprint": fp, "status": status, "body": body}).decode()},
-        )
-    return status, body, False
+            return 200, s.CaptureOut(hold=hold_out, generation=generation), False
+        statement = ctx.journal.riders_statement([_resolution_rider(hold_id, "released", fp, None)])
+        await tx.run((statement.sql, statement.params), commit=True)
+        return 200, hold_out, False
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,11 +646,14 @@ class _HoldRow:
     created_at: datetime
 
 
-def _resolution_rider(hold_id: int, status: str) -> Rider:
+def _resolution_rider(hold_id: int, status: str, fp: str, generation_id: str | None) -> Rider:
+    """Resolve the hold; what is kept lets the same request replay (the generation holds the rest)."""
+    resolution = {"fingerprint": fp, "generation_id": generation_id}
     return Rider(
         "hr",
-        "UPDATE holds SET status = :hr_status, resolved_at = now() WHERE id = :hr_id AND status = 'open'",
-        {"hr_status": status, "hr_id": hold_id},
+        "UPDATE holds SET status = :hr_status, resolved_at = now(), resolution = CAST(:hr_resolution AS jsonb)"
+        " WHERE id = :hr_id AND status = 'open'",
+        {"hr_status": status, "hr_id": hold_id, "hr_resolution": msgspec.json.encode(resolution).decode()},
     )
 
 
