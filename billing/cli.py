@@ -3,6 +3,7 @@
     billing migrate [--revision REV]         upgrade the schema (Alembic)
     billing serve [--host H] [--port P] [--workers N]
     billing dev [--host H] [--port P]        everything at once, on embedded defaults
+    billing bench [--quick] [--workers N] [--duration S]   the benchmark (README, "Benchmark")
 
 A subcommand is a function `cmd_<name>(args) -> int` plus a few lines in `build_parser()`.
 `billing dev` starts its processes from `dev_children()`: add a `Child` there for a new one.
@@ -240,6 +241,15 @@ def cmd_dev(args: argparse.Namespace) -> int:
         stop_children(running)
 
 
+# --- bench -----------------------------------------------------------------------------------------
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from billing.bench.run import main as bench
+
+    return bench(args)
+
+
 # --- the command line ------------------------------------------------------------------------------
 
 
@@ -261,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="API bind address (default: BILLING_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="API port (default: BILLING_PORT or 8000)")
     p.set_defaults(func=cmd_dev)
+
+    p = commands.add_parser("bench", help="the benchmark: the service under load next to pgbench (README)")
+    p.add_argument("--quick", action="store_true", help="short runs: the whole benchmark in under 90 s")
+    p.add_argument("--workers", type=int, help="API processes (default: BILLING_SERVER_WORKERS or 2)")
+    p.add_argument("--duration", type=float, help="measured seconds per run (default: 20; --quick: 3)")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

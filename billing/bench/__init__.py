@@ -1,0 +1,1 @@
+"""The benchmark `billing bench` runs (see README, "Benchmark"): `run` orchestrates, `loadgen` drives HTTP."""
