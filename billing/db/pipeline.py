@@ -27,19 +27,28 @@ def psycopg_sql(sql: str) -> str:
 
 
 class Pipe:
+    """One transaction, driven by explicit BEGIN / COMMIT statements in autocommit mode: psycopg's implicit
+    BEGIN would cost a round trip of its own inside a pipeline."""
+
     def __init__(self, pg: AsyncConnection[Any]) -> None:
         self.pg = pg
+        self.begun = False
 
     async def run(self, *statements: tuple[str, dict[str, Any]], commit: bool = False) -> list[list[Any]]:
         """Send all statements (and COMMIT) in one go; rows of each, as named tuples."""
         cursors = []
         async with self.pg.pipeline():
+            if not self.begun:
+                await self.pg.execute(b"BEGIN")
+                self.begun = True
             for sql, params in statements:
                 cursor = self.pg.cursor(row_factory=namedtuple_row)
                 await cursor.execute(psycopg_sql(sql), params)
                 cursors.append(cursor)
             if commit:
-                await self.pg.commit()
+                await self.pg.execute(b"COMMIT")
+        if commit:
+            self.begun = False
         return [await c.fetchall() if c.description else [] for c in cursors]
 
 
@@ -49,8 +58,15 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[Pipe]:
     async with engine.connect() as conn:
         fairy = await conn.get_raw_connection()
         pg: AsyncConnection[Any] = fairy.driver_connection  # type: ignore[assignment]
+        await pg.set_autocommit(True)
         try:
             yield Pipe(pg)
         finally:
-            if pg.info.transaction_status != TransactionStatus.IDLE:
-                await pg.rollback()
+            try:
+                if pg.info.transaction_status != TransactionStatus.IDLE:
+                    await pg.execute(b"ROLLBACK")
+                await pg.set_autocommit(False)
+            except Exception:
+                # A connection we cannot bring back to a clean state never returns to the pool.
+                await conn.invalidate()
+                raise
