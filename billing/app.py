@@ -25,6 +25,7 @@ from billing.db.journal import Journal
 from billing.errors import API, INVALID_REQUEST, ApiError
 from billing.free.quota import FreeLimiter
 from billing.free.routes import FreeRequestsController
+from billing.gateway.batch import ChargeBatcher
 from billing.gateway.policies import ByokPoliciesController
 from billing.gateway.routes import ChargesController, GenerationsController, HoldsController
 from billing.http import error_responses
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     app.state.context = context
+    app.state.charge_batcher = ChargeBatcher(context) if settings.charge_batching else None
     app.state.tokens = TokenResolver(engine, settings.admin_token, settings.token_cache_seconds)
     app.state.redis = redis
     app.state.free_limiter = FreeLimiter(redis)

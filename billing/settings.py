@@ -51,6 +51,8 @@ class Settings:
     stripe_webhook_secret: str | None = None
     stripe_api_base: str | None = None
     default_lot_expiry_days: int = 365
+    # Concurrent one-shot charges in a process share one transaction (billing/gateway/batch.py).
+    charge_batching: bool = True
     # An account-scoped or staff token is looked up in the database at most this often per process.
     token_cache_seconds: int = 5
     log_level: str = "INFO"
@@ -72,6 +74,7 @@ class Settings:
             stripe_webhook_secret=_env("STRIPE_WEBHOOK_SECRET"),
             stripe_api_base=_env("STRIPE_API_BASE"),
             default_lot_expiry_days=_int("BILLING_DEFAULT_LOT_EXPIRY_DAYS", 365),
+            charge_batching=_env("BILLING_CHARGE_BATCHING", "1") not in ("0", "false", "no"),
             token_cache_seconds=_int("BILLING_TOKEN_CACHE_SECONDS", 5),
             log_level=_env("BILLING_LOG_LEVEL", "INFO") or "INFO",
         )

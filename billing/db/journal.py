@@ -154,7 +154,9 @@ class Journal:
         for rider in riders:
             ctes.append(f"{rider.name} AS ({rider.sql})")
             params.update(rider.params)
-        sql = "WITH " + ",\n".join(ctes) + "\nSELECT e.id AS entry_id, e.posted_at, (SELECT id FROM nl) AS lot_id FROM e"
+        sql = (
+            "WITH " + ",\n".join(ctes) + "\nSELECT e.id AS entry_id, e.posted_at, (SELECT id FROM nl) AS lot_id FROM e"
+        )
         return Statement(sql, params, running)
 
     @staticmethod

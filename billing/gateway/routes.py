@@ -16,6 +16,7 @@ from billing.auth.principal import GATEWAY
 from billing.context import Context
 from billing.gateway import schemas as s
 from billing.gateway import service
+from billing.gateway.batch import ChargeBatcher
 from billing.http import error_responses
 
 Ctx = NamedDependency[Context]
@@ -42,7 +43,10 @@ class ChargesController(Controller):
     async def create_charge(
         self, data: JSONBody[s.CreateCharge], ctx: Ctx, request: Request
     ) -> Response[s.GenerationOut]:
-        return _answer(*await service.charge(ctx, request.user, data))
+        batcher: ChargeBatcher | None = request.app.state.charge_batcher
+        if batcher is None:
+            return _answer(*await service.charge(ctx, request.user, data))
+        return _answer(*await batcher.charge(request.user, data))
 
 
 class HoldsController(Controller):

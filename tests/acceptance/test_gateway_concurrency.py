@@ -98,3 +98,68 @@ def test_client_disconnect_leaves_all_or_nothing_and_a_retry_finds_it(live_url: 
         retry = http.post("/v1/charges", content=body, headers={"Authorization": f"Bearer {token}"})
         assert retry.status_code == 201 and retry.json()["total_cost"] == "0.25"
         assert http.get(f"/v1/accounts/{account}/balance").json()["balance"] == "0.75"
+
+
+async def test_concurrent_charges_on_one_account_admit_exactly_what_fits(live_url: str, engine: AsyncEngine) -> None:
+    """Charges arriving together share a transaction (group commit); the rules still hold one by one."""
+    async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
+        account, gw = await _setup(http, "1.00")
+        soon = "2027-01-01T00:00:00Z"
+        r = await http.post(
+            f"/v1/accounts/{account}/grants",
+            json={"amount": "0.50", "reason": "early lot", "expires_at": soon},
+            headers={"Idempotency-Key": uuid.uuid4().hex},
+        )
+        assert r.status_code == 201
+        responses = await asyncio.gather(
+            *[
+                http.post(
+                    "/v1/charges",
+                    json={"account": account, "generation_id": f"hot-{account}-{i}", "cost": "0.03"},
+                    headers=gw,
+                )
+                for i in range(100)
+            ]
+        )
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(201) == 50 and statuses.count(402) == 50  # 50 × 0.03 = 1.50 of 1.50
+        lots = (await http.get(f"/v1/accounts/{account}/lots")).json()["data"]
+        assert [(lot["expires_at"][:10], lot["remaining"]) for lot in lots] == [
+            ("2027-01-01", "0.00"),
+            (lots[1]["expires_at"][:10], "0.00"),
+        ]
+        balance = (await http.get(f"/v1/accounts/{account}/balance")).json()
+        assert balance["balance"] == "0.00" and balance["total_usage"] == "1.50"
+        ledger = (await http.get(f"/v1/accounts/{account}/ledger", params={"limit": 100})).json()["data"]
+    usage = [line for line in ledger if line["kind"] == "usage"]
+    assert len(usage) == 50 and usage[0]["balance_after"] == "0.00"
+    # Running balances step down by exactly 0.03 from entry to entry: nothing lost or doubled in a batch.
+    afters = [line["balance_after"] for line in usage]
+    assert afters == [f"{(n * 3) // 100}.{(n * 3) % 100:02d}" for n in range(50)]
+
+
+async def test_concurrent_charges_respect_a_key_limit(live_url: str) -> None:
+    async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
+        account, gw = await _setup(http, "100.00")
+        key = (await http.post(f"/v1/accounts/{account}/keys", json={"name": "k", "limit": "0.50"})).json()["id"]
+        responses = await asyncio.gather(
+            *[
+                http.post("/v1/charges", json={"key": key, "generation_id": f"k-{key}-{i}", "cost": "0.02"}, headers=gw)
+                for i in range(40)
+            ]
+        )
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(201) == 25 and statuses.count(402) == 15
+        assert {r.json()["error"]["limit_source"] for r in responses if r.status_code == 402} == {"key_limit"}
+        view = (await http.get(f"/v1/keys/{key}")).json()
+        assert (view["usage"], view["limit_remaining"]) == ("0.50", "0.00")
+
+
+async def test_concurrent_retries_of_one_generation_charge_once(live_url: str, engine: AsyncEngine) -> None:
+    async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
+        account, gw = await _setup(http, "1.00")
+        body = {"account": account, "generation_id": f"dup-{account}", "cost": "0.10"}
+        responses = await asyncio.gather(*[http.post("/v1/charges", json=body, headers=gw) for _ in range(30)])
+        assert {r.status_code for r in responses} == {201}
+        assert len({r.text for r in responses}) == 1
+        assert (await http.get(f"/v1/accounts/{account}/balance")).json()["balance"] == "0.90"
