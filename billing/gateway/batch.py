@@ -38,9 +38,9 @@ CONCURRENT_BATCHES = 2
 
 _ITEMS = """unnest(CAST(:accounts AS text[]), CAST(:keys AS text[]), CAST(:generations AS text[]))
     WITH ORDINALITY AS x(account, key, generation, n)"""
-_PAYER = service._PAYER.replace(":key", "x.key").replace(":account", "x.account")
+PAYER = service.PAYER.replace(":key", "x.key").replace(":account", "x.account")
 LOCK_BATCH = f"""SELECT account_id FROM balances
-WHERE account_id IN (SELECT {_PAYER} FROM {_ITEMS})
+WHERE account_id IN (SELECT {PAYER} FROM {_ITEMS})
 ORDER BY account_id FOR UPDATE"""
 STATE_BATCH = f"""SELECT x.n, st.* FROM {_ITEMS}
 JOIN LATERAL ({service.CHARGE_BYOK_SQL.replace(":key", "x.key").replace(":account", "x.account").replace(":generation", "x.generation")}) st
@@ -53,6 +53,12 @@ class _Item:
     data: s.CreateCharge
     priced: service.Priced
     future: asyncio.Future[tuple[int, Any, bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    row: Any
+    spend: service.Spend
 
 
 @dataclass
@@ -115,7 +121,8 @@ class ChargeBatcher:
             "now": now,
             "month": now.date().replace(day=1),
         }
-        answers: dict[int, tuple[int, Any, bool] | BaseException] = {}
+        # Per item (1-based): an error, a refusal written as a record, or a charge written.
+        answers: dict[int, tuple[int, Any, bool] | BaseException | _Written] = {}
         later: list[_Item] = []  # replays: answered from the record once this batch has committed
         async with pipeline.transaction(ctx.db) as tx:
             _, rows = await tx.run((LOCK_BATCH, params), (STATE_BATCH, params))
@@ -138,14 +145,14 @@ class ChargeBatcher:
                 seen.add(data.generation_id)
                 state = live.setdefault(
                     row.account_id,
-                    _Live(row.balance, list(service._lots(row)), row.month_list_usage, row.month_requests),
+                    _Live(row.balance, list(service.lots_of(row)), row.month_list_usage, row.month_requests),
                 )
                 if row.key_id is not None:
                     state.keys.setdefault(row.key_id, key_usage(row))
                 row = _moved(row, state)
                 try:
-                    key = service._key(row, data.key, now)
-                    spend = service._spend(row, item.priced)
+                    key = service.check_key(row, data.key, now)
+                    spend = service.spend_for(row, item.priced)
                     if spend.amount > 0:
                         admit(spend.amount, balance=row.balance, held=row.held, key=key,
                               key_held=row.key_held or ZERO, now=now)  # fmt: skip
@@ -153,14 +160,16 @@ class ChargeBatcher:
                     answers[n] = error
                     continue
                 except Refused as refused:
-                    error = from_refusal(refused)
-                    riders = service._riders(row, data, item.priced, spend, now, has_entry=False, hold_id=None,
-                                             status="refused", refusal=error.body())  # fmt: skip
+                    refusal = from_refusal(refused)
+                    riders = service.riders_for(row, data, item.priced, spend, now, has_entry=False, hold_id=None,
+                                                status="refused", refusal=refusal.body())  # fmt: skip
                     statement = ctx.journal.riders_statement(riders)
                     writes.append((statement.sql, statement.params))
-                    answers[n] = (error.status, error.body(), False)
+                    answers[n] = (refusal.status, refusal.body(), False)
                     continue
-                riders = service._riders(row, data, item.priced, spend, now, has_entry=spend.amount > 0, hold_id=None)
+                riders = service.riders_for(
+                    row, data, item.priced, spend, now, has_entry=spend.amount > 0, hold_id=None
+                )
                 if spend.amount > 0:
                     entry = usage_entry(
                         Customer(row.account_id), spend.amount, lots=tuple(state.lots), now=now, kind=spend.kind,
@@ -183,7 +192,7 @@ class ChargeBatcher:
                     state.month_list_usage += item.priced.byok_list_cost or ZERO
                     state.month_requests += 1
                 writes.append((statement.sql, statement.params))
-                answers[n] = ("pending", row, spend)  # type: ignore[assignment]
+                answers[n] = _Written(row, spend)
             results = await tx.run(*writes, commit=True)
         entry_ids = iter(results)
         for n, item in enumerate(batch, start=1):
@@ -192,11 +201,10 @@ class ChargeBatcher:
                 continue
             if isinstance(answer, BaseException):
                 item.future.set_exception(answer)
-            elif answer[0] == "pending":
-                _, row, spend = answer
+            elif isinstance(answer, _Written):
                 written = next(entry_ids)
-                entry_id = int(written[0][0]) if spend.amount > 0 else None
-                out = service._generation_out(row, item.data, item.priced, spend, now, entry_id, None)
+                entry_id = int(written[0][0]) if answer.spend.amount > 0 else None
+                out = service.generation_out(answer.row, item.data, item.priced, answer.spend, now, entry_id, None)
                 item.future.set_result((201, out, False))
             else:
                 next(entry_ids)

@@ -1,7 +1,9 @@
-"""The hot path. Each call is one transaction with two statements: lock the account's balance row and read
-everything the rules need (balance, open holds, live lots, the key, the idempotency record), then write
-everything the outcome needs (entry, postings, lots, totals, key counters, generation, hold) at once.
-Rules are decided in Python by the pure functions of billing/ledger/usage.py between the two.
+"""The hot path. Each call is one transaction and two network round trips on a pipelined connection:
+(1) BEGIN, lock the account's balance row, read everything the rules need (balance, open holds, live lots,
+the key, the idempotency record); (2) write everything the outcome needs (entry, postings, lots, totals,
+key counters, generation, hold) in one statement, and COMMIT. Rules are decided in Python, between the
+two, by the pure functions of billing/ledger/usage.py. Concurrent one-shot charges are grouped into one
+transaction by billing/gateway/batch.py, which reuses these same pieces.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def _lock_sql(who: str) -> str:
     return f"SELECT account_id FROM balances WHERE account_id = {who} FOR UPDATE"
 
 
-_PAYER = (
+PAYER = (
     "coalesce((SELECT account_id FROM api_keys WHERE public_id = :key),"
     " (SELECT id FROM accounts WHERE public_id = :account AND kind <> 'platform'))"
 )
@@ -103,13 +105,11 @@ LEFT JOIN byok_months bm ON bm.account_id = a.id AND bm.month = :month"""
 _GEN_COLUMNS = ", g.id AS g_id, g.fingerprint AS g_fingerprint"
 _GEN_JOINS = "LEFT JOIN generations g ON g.generation_id = :generation"
 
-LOCK_PAYER = _lock_sql(_PAYER)
-CHARGE_SQL = _state_sql(_PAYER, "k.public_id = :key", _GEN_COLUMNS, _GEN_JOINS)
-CHARGE_BYOK_SQL = _state_sql(
-    _PAYER, "k.public_id = :key", _GEN_COLUMNS + _BYOK_COLUMNS, _GEN_JOINS + "\n" + _BYOK_JOINS
-)
+LOCK_PAYER = _lock_sql(PAYER)
+CHARGE_SQL = _state_sql(PAYER, "k.public_id = :key", _GEN_COLUMNS, _GEN_JOINS)
+CHARGE_BYOK_SQL = _state_sql(PAYER, "k.public_id = :key", _GEN_COLUMNS + _BYOK_COLUMNS, _GEN_JOINS + "\n" + _BYOK_JOINS)
 HOLD_SQL = _state_sql(
-    _PAYER,
+    PAYER,
     "k.public_id = :key",
     ", hx.id AS hx_id, hx.fingerprint AS hx_fingerprint",
     "LEFT JOIN holds hx ON hx.account_id = a.id AND hx.request_id = :request_id",
@@ -211,7 +211,7 @@ def price(g: s.Generation) -> Priced:
     if g.prices is None or g.usage is None:
         raise invalid("cost_required", "Send `cost`, or `usage` with `prices`.", "cost")
     prices = Prices(
-        **{name: _money(value, f"prices.{name}") for name, value in msgspec.structs.asdict(g.prices).items()}
+        **{name: _money(value, f"prices.{name}") or ZERO for name, value in msgspec.structs.asdict(g.prices).items()}
     )
     computed = cost_of(tokens, prices, g.finish_reason)
     if computed.total > MAX_REQUEST_COST:
@@ -219,13 +219,13 @@ def price(g: s.Generation) -> Priced:
     return Priced(computed.total, computed.cache_discount, computed.insured, None, upstream, tokens)
 
 
-def _lots(row: Any) -> tuple[LotBalance, ...]:
+def lots_of(row: Any) -> tuple[LotBalance, ...]:
     if not row.lot_ids:
         return ()
     return tuple(LotBalance(*t) for t in zip(row.lot_ids, row.lot_remaining, row.lot_expires, strict=True))
 
 
-def _key(row: Any, requested: str | None, now: datetime) -> KeyLimit | None:
+def check_key(row: Any, requested: str | None, now: datetime) -> KeyLimit | None:
     """The paying key, checked: disabled, expired or deleted keys may not spend."""
     if requested is None and row.key_id is None:
         return None
@@ -270,7 +270,7 @@ class Spend:
     revenue: Platform
 
 
-def _spend(row: Any, priced: Priced) -> Spend:
+def spend_for(row: Any, priced: Priced) -> Spend:
     if priced.byok_list_cost is None:
         return Spend(priced.cost, None, None, EntryKind.USAGE, Platform.USAGE_REVENUE)
     policy = _policy(row)
@@ -284,7 +284,7 @@ def _spend(row: Any, priced: Priced) -> Spend:
     return Spend(fee, fee, policy.id, EntryKind.BYOK_FEE, Platform.BYOK_FEE_REVENUE)
 
 
-def _riders(
+def riders_for(
     row: Any,
     g: s.Generation,
     priced: Priced,
@@ -415,8 +415,8 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
                 raise not_found("key", data.key or "")
             if row.g_id is not None:
                 raise _Replay
-            key = _key(row, data.key, now)
-            spend = _spend(row, priced)
+            key = check_key(row, data.key, now)
+            spend = spend_for(row, priced)
             try:
                 if spend.amount > 0:
                     admit(
@@ -429,14 +429,14 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
                     )
             except Refused as refused:
                 error = from_refusal(refused)
-                riders = _riders(
+                riders = riders_for(
                     row, data, priced, spend, now, has_entry=False, hold_id=None, status="refused", refusal=error.body()
                 )
                 statement = ctx.journal.riders_statement(riders)
                 await tx.run((statement.sql, statement.params), commit=True)
                 return error.status, error.body(), False
             entry_id = await _write_spend(ctx, tx, row, data, priced, spend, now, hold_id=None)
-        return 201, _generation_out(row, data, priced, spend, now, entry_id, None), False
+        return 201, generation_out(row, data, priced, spend, now, entry_id, None), False
     except _Replay:
         status, body = await _replay_generation(ctx, data)
         return status, body, True
@@ -469,23 +469,23 @@ async def _write_spend(
         entry = usage_entry(
             Customer(row.account_id),
             spend.amount,
-            lots=_lots(row),
+            lots=lots_of(row),
             now=now,
             kind=spend.kind,
             revenue=spend.revenue,
             description=f"{spend.kind.value} for generation {g.generation_id}",
         )
-        riders = [*_riders(row, g, priced, spend, now, has_entry=True, hold_id=hold_id), *(extra or [])]
+        riders = [*riders_for(row, g, priced, spend, now, has_entry=True, hold_id=hold_id), *(extra or [])]
         statement = ctx.journal.entry_statement(entry, balance_before=row.balance, riders=riders)
         (written,) = await tx.run((statement.sql, statement.params), commit=True)
         return int(written[0][0])
-    riders = [*_riders(row, g, priced, spend, now, has_entry=False, hold_id=hold_id), *(extra or [])]
+    riders = [*riders_for(row, g, priced, spend, now, has_entry=False, hold_id=hold_id), *(extra or [])]
     statement = ctx.journal.riders_statement(riders)
     await tx.run((statement.sql, statement.params), commit=True)
     return None
 
 
-def _generation_out(
+def generation_out(
     row: Any, g: s.Generation, priced: Priced, spend: Spend, now: datetime, entry_id: int | None, hold_id: int | None
 ) -> s.GenerationOut:
     """The record as just written (the same fields `generation_view` reads back for a replay)."""
@@ -544,7 +544,7 @@ async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) ->
         if row.hx_id is not None:
             (held,) = await tx.run((HOLD_VIEW + " WHERE h.id = :id", {"id": row.hx_id}))
             return _hold_outcome(held[0], fp, data.request_id, replayed=True)
-        key = _key(row, data.key, now)
+        key = check_key(row, data.key, now)
         refusal: ApiError | None = None
         try:
             admit(amount, balance=row.balance, held=row.held, key=key, key_held=row.key_held or ZERO, now=now)
@@ -626,10 +626,10 @@ async def resolve_hold(
             )
         if isinstance(data, s.Capture):
             assert priced is not None
-            spend = _spend(row, priced)
+            spend = spend_for(row, priced)
             rider = _resolution_rider(hold_id, "captured", fp, data.generation_id)
             entry_id = await _write_spend(ctx, tx, row, data, priced, spend, now, hold_id=hold_id, extra=[rider])
-            generation = _generation_out(row, data, priced, spend, now, entry_id, hold_id)
+            generation = generation_out(row, data, priced, spend, now, entry_id, hold_id)
             return 200, s.CaptureOut(hold=hold_out, generation=generation), False
         statement = ctx.journal.riders_statement([_resolution_rider(hold_id, "released", fp, None)])
         await tx.run((statement.sql, statement.params), commit=True)
