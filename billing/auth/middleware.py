@@ -34,7 +34,8 @@ class BearerAuth(AbstractAuthenticationMiddleware):
 def requires(*scopes: str):  # type: ignore[no-untyped-def]
     """A route guard: the caller needs one of `scopes` (admin always passes)."""
 
-    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    # Async on purpose: Litestar runs a sync guard in a thread pool, a thread hop on every request.
+    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         principal: Principal = connection.user
         if not principal.has_any(*scopes):
             raise ApiError(
