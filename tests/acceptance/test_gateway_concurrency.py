@@ -4,6 +4,7 @@ import asyncio
 import json
 import socket
 import uuid
+from decimal import Decimal
 from urllib.parse import urlsplit
 
 import httpx
@@ -163,3 +164,22 @@ async def test_concurrent_retries_of_one_generation_charge_once(live_url: str, e
         assert {r.status_code for r in responses} == {201}
         assert len({r.text for r in responses}) == 1
         assert (await http.get(f"/v1/accounts/{account}/balance")).json()["balance"] == "0.90"
+
+
+async def test_concurrent_byok_charges_pay_exactly_five_percent_of_the_excess(live_url: str) -> None:
+    async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
+        account, gw = await _setup(http, "1000.00")
+        body = {"account": account, "is_byok": True, "byok_list_cost": "2000.00", "upstream_inference_cost": "1900.00"}
+        responses = await asyncio.gather(
+            *[
+                http.post("/v1/charges", json={**body, "generation_id": f"b-{account}-{i}"}, headers=gw)
+                for i in range(15)
+            ]
+        )
+        assert {r.status_code for r in responses} == {201}
+        fees = sorted((r.json()["byok_fee"] for r in responses), key=Decimal)
+        # 15 × 2,000 = 30,000 of list price against a 25,000 allowance: 5% of the 5,000 above it, however
+        # the requests interleave — 12 free, one straddling (1,000 above: 50.00), two fully above (100.00).
+        assert fees == ["0.00"] * 12 + ["50.00", "100.00", "100.00"]
+        balance = (await http.get(f"/v1/accounts/{account}/balance")).json()
+        assert balance["balance"] == "750.00" and balance["total_usage"] == "250.00"
