@@ -36,7 +36,7 @@ def test_openapi_is_served_and_complete(live_url: str) -> None:
     for path, operations in paths.items():
         for method, operation in operations.items():
             statuses = set(operation["responses"])
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") and not path.startswith("/v1/stripe/"):  # webhooks: signed, no token
                 assert {"401", "403"} <= statuses, (method, path, statuses)
             if method == "post":
                 assert "400" in statuses, (method, path)
