@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
@@ -25,8 +24,7 @@ SPENDERS = requires(GATEWAY)
 
 def _answer(status: int, body: Any, replayed: bool) -> Response[Any]:
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
-    content = msgspec.to_builtins(body) if isinstance(body, msgspec.Struct) else body
-    return Response(content, status_code=status, headers=headers)
+    return Response(body, status_code=status, headers=headers)
 
 
 class ChargesController(Controller):
