@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Generic, TypeVar
 
 import msgspec
 
-from billing.errors import not_found
+from billing.errors import from_money, invalid, not_found
+from billing.ledger.money import MoneyError, format_money, parse_money
 
 T = TypeVar("T")
 
@@ -37,3 +39,29 @@ def internal_id(prefix: str, public: str, what: str) -> int:
     if head != prefix or not tail.isdigit() or len(tail) > 18:
         raise not_found(what, public)
     return int(tail)
+
+
+def money_field(
+    raw: str | None,
+    field: str,
+    *,
+    negative: str | None = "amount_must_not_be_negative",
+    maximum: Decimal | None = None,
+) -> Decimal | None:
+    """One money field of a request, exact, or a 400 naming the field (SPEC §3). `negative` is the error
+    code for a value below zero, or None where a signed amount is allowed."""
+    if raw is None:
+        return None
+    try:
+        value = parse_money(raw, field=field)
+    except MoneyError as e:
+        raise from_money(e, field) from e
+    if negative is not None and value < 0:
+        raise invalid(negative, f"`{field}` must not be negative.", field)
+    if maximum is not None and value > maximum:
+        raise invalid("amount_too_large", f"`{field}` exceeds {maximum} USD.", field)
+    return value
+
+
+def money_or_none(value: Decimal | None) -> str | None:
+    return format_money(value) if value is not None else None

@@ -19,12 +19,12 @@ from billing import clock
 from billing.accounts import schemas as s
 from billing.auth.principal import Principal
 from billing.context import Context
-from billing.errors import INVALID_REQUEST, ApiError, from_money, invalid, not_found
+from billing.errors import INVALID_REQUEST, ApiError, invalid, not_found
 from billing.idempotency import Outcome, run_once
 from billing.ledger import entries
 from billing.ledger.model import Customer, LotCategory
-from billing.ledger.money import MoneyError, format_money, parse_money
-from billing.schemas import ListOf, internal_id, public_id
+from billing.ledger.money import format_money
+from billing.schemas import ListOf, internal_id, money_field, public_id
 
 # `held` counts open holds not yet expired: an expired hold stops counting at its expiry, job or not.
 ACCOUNT_COLUMNS = (
@@ -259,16 +259,6 @@ async def get_journal_entry(ctx: Context, entry: str) -> s.JournalEntry:
     return found
 
 
-def _amount(raw: str, *, signed: bool) -> Decimal:
-    try:
-        amount = parse_money(raw)
-    except MoneyError as e:
-        raise from_money(e, "amount") from e
-    if not signed and amount < 0:
-        raise invalid("amount_must_be_positive", "`amount` must be positive.", "amount")
-    return amount
-
-
 async def move_money(
     ctx: Context,
     principal: Principal,
@@ -280,7 +270,8 @@ async def move_money(
 ) -> Outcome:
     """A staff grant or adjustment: one balanced entry, its lot, and an audit record, in one transaction."""
     is_grant = isinstance(data, s.CreateGrant)
-    amount = _amount(data.amount, signed=not is_grant)
+    amount = money_field(data.amount, "amount", negative=None if not is_grant else "amount_must_be_positive")
+    assert amount is not None
     now = clock.now()
     expires_at = data.expires_at or now + timedelta(days=ctx.settings.default_lot_expiry_days)
     if expires_at.tzinfo is None:

@@ -16,10 +16,9 @@ from sqlalchemy import text
 from billing.auth.middleware import requires
 from billing.auth.principal import ADMIN
 from billing.context import Context
-from billing.errors import from_money, invalid
+from billing.errors import invalid
 from billing.http import error_responses
-from billing.ledger.money import MoneyError, format_money, parse_money
-from billing.schemas import ListOf, MoneyStr, public_id
+from billing.schemas import ListOf, MoneyStr, money_field, money_or_none, public_id
 
 Ctx = NamedDependency[Context]
 
@@ -44,18 +43,6 @@ class Policy(msgspec.Struct):
     object: str = "byok_fee_policy"
 
 
-def _parse(raw: str | None, field: str) -> object:
-    if raw is None:
-        return None
-    try:
-        value = parse_money(raw, field=field)
-    except MoneyError as e:
-        raise from_money(e, field) from e
-    if value < 0:
-        raise invalid("amount_must_not_be_negative", f"`{field}` must not be negative.", field)
-    return value
-
-
 class ByokPoliciesController(Controller):
     path = "/v1/byok_fee_policies"
     tags = ["admin"]
@@ -63,7 +50,7 @@ class ByokPoliciesController(Controller):
 
     @post("/", summary="Add a BYOK fee policy version", responses=error_responses(400, 401, 403), status_code=201)
     async def create_policy(self, data: JSONBody[CreatePolicy], ctx: Ctx) -> Policy:
-        rate = _parse(data.rate, "rate")
+        rate = money_field(data.rate, "rate")
         if rate is None or rate > 1:  # type: ignore[operator]
             raise invalid("invalid_rate", "`rate` is a fraction between 0 and 1.", "rate")
         if data.effective_from.tzinfo is None:
@@ -81,8 +68,8 @@ class ByokPoliciesController(Controller):
                     ),
                     {
                         "k": data.kind,
-                        "a": _parse(data.allowance_usd, "allowance_usd"),
-                        "e": _parse(data.enterprise_allowance_usd, "enterprise_allowance_usd"),
+                        "a": money_field(data.allowance_usd, "allowance_usd"),
+                        "e": money_field(data.enterprise_allowance_usd, "enterprise_allowance_usd"),
                         "f": data.free_requests,
                         "r": rate,
                         "t": data.effective_from,
@@ -99,11 +86,8 @@ class ByokPoliciesController(Controller):
 
 
 def _view(r: object) -> Policy:
-    def money(v: object) -> str | None:
-        return format_money(v) if v is not None else None  # type: ignore[arg-type]
-
     return Policy(
         id=public_id("byokpol", r.id), kind=r.kind, rate=format(r.rate.normalize(), "f"),  # type: ignore[attr-defined]
-        effective_from=r.effective_from, allowance_usd=money(r.allowance_usd),  # type: ignore[attr-defined]
-        enterprise_allowance_usd=money(r.enterprise_allowance_usd), free_requests=r.free_requests,  # type: ignore[attr-defined]
+        effective_from=r.effective_from, allowance_usd=money_or_none(r.allowance_usd),  # type: ignore[attr-defined]
+        enterprise_allowance_usd=money_or_none(r.enterprise_allowance_usd), free_requests=r.free_requests,  # type: ignore[attr-defined]
     )  # fmt: skip

@@ -30,7 +30,6 @@ from billing.errors import (
     INVALID_REQUEST,
     PERMISSION,
     ApiError,
-    from_money,
     from_refusal,
     invalid,
     not_found,
@@ -38,7 +37,7 @@ from billing.errors import (
 from billing.gateway import schemas as s
 from billing.keys.service import key_limit, key_usage
 from billing.ledger.model import Customer, EntryKind, LotBalance, Platform
-from billing.ledger.money import ZERO, MoneyError, format_money, parse_money
+from billing.ledger.money import ZERO, format_money
 from billing.ledger.outcomes import Refused
 from billing.ledger.usage import (
     MAX_REQUEST_COST,
@@ -51,7 +50,7 @@ from billing.ledger.usage import (
     cost_of,
     usage_entry,
 )
-from billing.schemas import internal_id, public_id
+from billing.schemas import internal_id, money_field, money_or_none, public_id
 
 _KEY_COLUMNS = """k.id AS key_id, k.public_id AS key, k.member_id, m.public_id AS member, k."limit",
     k.limit_reset, k.include_byok_in_limit, k.disabled, k.expires_at AS key_expires_at,
@@ -160,17 +159,7 @@ def fingerprint(data: msgspec.Struct) -> str:
 
 
 def _money(raw: str | None, field: str) -> Decimal | None:
-    if raw is None:
-        return None
-    try:
-        value = parse_money(raw, field=field)
-    except MoneyError as e:
-        raise from_money(e, field) from e
-    if value < 0:
-        raise invalid("amount_must_not_be_negative", f"`{field}` must not be negative.", field)
-    if value > MAX_REQUEST_COST:
-        raise invalid("amount_too_large", f"`{field}` exceeds {MAX_REQUEST_COST} USD for one request.", field)
-    return value
+    return money_field(raw, field, maximum=MAX_REQUEST_COST)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,11 +348,11 @@ async def generation_view(conn: AsyncConnection, generation_id: str) -> s.Genera
         id=r.generation_id, account=r.account, key=r.key, member=r.member,
         hold=public_id("hold", r.hold_id) if r.hold_id else None,
         total_cost=format_money(r.total_cost), usage=format_money(r.total_cost),
-        upstream_inference_cost=format_money(r.upstream_inference_cost) if r.upstream_inference_cost is not None else None,
-        cache_discount=format_money(r.cache_discount) if r.cache_discount is not None else None,
+        upstream_inference_cost=money_or_none(r.upstream_inference_cost),
+        cache_discount=money_or_none(r.cache_discount),
         is_byok=r.is_byok,
-        byok_list_cost=format_money(r.byok_list_cost) if r.byok_list_cost is not None else None,
-        byok_fee=format_money(r.byok_fee) if r.byok_fee is not None else None,
+        byok_list_cost=money_or_none(r.byok_list_cost),
+        byok_fee=money_or_none(r.byok_fee),
         tokens_prompt=usage.get("prompt_tokens", 0), tokens_completion=usage.get("completion_tokens", 0),
         native_tokens_reasoning=usage.get("reasoning_tokens", 0), native_tokens_cached=usage.get("cache_read_tokens", 0),
         model=r.model, provider=r.provider, finish_reason=r.finish_reason, cancelled=r.cancelled, streamed=r.streamed,
@@ -490,15 +479,12 @@ def generation_out(
 ) -> s.GenerationOut:
     """The record as just written (the same fields `generation_view` reads back for a replay)."""
 
-    def money(value: Decimal | None) -> str | None:
-        return format_money(value) if value is not None else None
-
     return s.GenerationOut(
         id=g.generation_id, account=row.account, key=row.key, member=row.member,
         hold=public_id("hold", hold_id) if hold_id else None,
         total_cost=format_money(spend.amount), usage=format_money(spend.amount),
-        upstream_inference_cost=money(priced.upstream), cache_discount=money(priced.cache_discount),
-        is_byok=g.is_byok, byok_list_cost=money(priced.byok_list_cost), byok_fee=money(spend.byok_fee),
+        upstream_inference_cost=money_or_none(priced.upstream), cache_discount=money_or_none(priced.cache_discount),
+        is_byok=g.is_byok, byok_list_cost=money_or_none(priced.byok_list_cost), byok_fee=money_or_none(spend.byok_fee),
         tokens_prompt=priced.usage.prompt_tokens, tokens_completion=priced.usage.completion_tokens,
         native_tokens_reasoning=priced.usage.reasoning_tokens, native_tokens_cached=priced.usage.cache_read_tokens,
         model=g.model, provider=g.provider, finish_reason=g.finish_reason, cancelled=g.cancelled, streamed=g.streamed,

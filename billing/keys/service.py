@@ -16,10 +16,11 @@ from billing import clock
 from billing.accounts.service import find_account
 from billing.auth.principal import Principal
 from billing.context import Context
-from billing.errors import from_money, invalid, not_found
+from billing.errors import invalid, not_found
 from billing.keys import schemas as s
-from billing.ledger.money import MoneyError, format_money, parse_money
+from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
+from billing.schemas import money_field, money_or_none
 
 KEY_COLUMNS = """k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
     k.include_byok_in_limit, k.disabled, k.expires_at, k.created_at, k.usage_total, k.byok_total, k.day_start,
@@ -58,8 +59,8 @@ def view(row: Row[Any]) -> s.Key:
         account=row.account,
         member=row.member,
         name=row.name,
-        limit=format_money(row.limit) if row.limit is not None else None,
-        limit_remaining=format_money(remaining) if remaining is not None else None,
+        limit=money_or_none(row.limit),
+        limit_remaining=money_or_none(remaining),
         limit_reset=row.limit_reset,
         include_byok_in_limit=row.include_byok_in_limit,
         usage=format_money(current.usage_total),
@@ -78,15 +79,7 @@ def view(row: Row[Any]) -> s.Key:
 
 
 def _limit(raw: str | None) -> Decimal | None:
-    if raw is None:
-        return None
-    try:
-        limit = parse_money(raw, field="limit")
-    except MoneyError as e:
-        raise from_money(e, "limit") from e
-    if limit < 0:
-        raise invalid("limit_must_not_be_negative", "`limit` must be zero or more.", "limit")
-    return limit
+    return money_field(raw, "limit", negative="limit_must_not_be_negative")
 
 
 async def _row(conn: AsyncConnection, principal: Principal, key: str) -> Row[Any]:
