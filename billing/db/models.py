@@ -337,3 +337,121 @@ class GenerationRow(Base):
     streamed: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     refusal: Mapped[Any | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+RATE = Numeric(10, 6, asdecimal=True)
+
+
+class PricingVersionRow(Base):
+    """Purchase-fee rules, versioned: the version in force is the newest with `effective_from` <= now, and
+    every purchase records the version that priced it."""
+
+    __tablename__ = "pricing_versions"
+    __table_args__ = (
+        CheckConstraint("card_rate >= 0 AND card_rate < 1 AND crypto_rate >= 0 AND crypto_rate < 1", name="rates"),
+        CheckConstraint("min_purchase > 0 AND max_purchase >= min_purchase", name="purchase_bounds"),
+        CheckConstraint("card_minimum >= 0 AND crypto_minimum >= 0", name="minimums"),
+        CheckConstraint("volume_window_days > 0", name="window"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    effective_from: Mapped[datetime] = mapped_column(TS)
+    card_rate: Mapped[Decimal] = mapped_column(RATE)
+    card_minimum: Mapped[Decimal] = mapped_column(MONEY)
+    crypto_rate: Mapped[Decimal] = mapped_column(RATE)
+    crypto_minimum: Mapped[Decimal] = mapped_column(MONEY)
+    min_purchase: Mapped[Decimal] = mapped_column(MONEY)
+    max_purchase: Mapped[Decimal] = mapped_column(MONEY)
+    volume_window_days: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class DiscountTierRow(Base):
+    """A volume-discount tier of one pricing version: from `min_volume` of trailing purchases, this fraction
+    of the purchase fee is waived."""
+
+    __tablename__ = "discount_tiers"
+    __table_args__ = (
+        CheckConstraint("min_volume >= 0", name="min_volume"),
+        CheckConstraint("fee_discount >= 0 AND fee_discount <= 1", name="fee_discount"),
+        UniqueConstraint("pricing_version_id", "min_volume", name="uq_discount_tiers_pricing_version_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    pricing_version_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("pricing_versions.id"))
+    name: Mapped[str] = mapped_column(Text)
+    min_volume: Mapped[Decimal] = mapped_column(MONEY)
+    fee_discount: Mapped[Decimal] = mapped_column(RATE)
+
+
+class PurchaseRow(Base):
+    """A purchase of credits: priced when created (amounts, fee, discount, pricing version), paid through a
+    Stripe PaymentIntent, credited once (`entry_id`, `lot_id`) when the payment succeeds."""
+
+    __tablename__ = "purchases"
+    __table_args__ = (
+        CheckConstraint("method IN ('card', 'crypto')", name="method"),
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed', 'needs_review')", name="status"),
+        CheckConstraint("amount > 0 AND fee >= 0 AND fee <= fee_before_discount", name="amounts"),
+        CheckConstraint("total = amount + fee", name="total"),
+        CheckConstraint("(status = 'succeeded') = (entry_id IS NOT NULL AND paid_at IS NOT NULL)", name="credited"),
+        Index("ix_purchases_account_id_id", "account_id", "id"),
+        Index("ix_purchases_volume", "account_id", "paid_at", postgresql_where=text("status = 'succeeded'")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    public_id: Mapped[str] = mapped_column(Text, unique=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    method: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    fee: Mapped[Decimal] = mapped_column(MONEY)
+    fee_before_discount: Mapped[Decimal] = mapped_column(MONEY)
+    discount_tier: Mapped[str | None] = mapped_column(Text)
+    fee_discount: Mapped[Decimal] = mapped_column(RATE)
+    total: Mapped[Decimal] = mapped_column(MONEY)
+    pricing_version_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("pricing_versions.id"))
+    payment_intent: Mapped[str | None] = mapped_column(Text, unique=True)
+    checkout_session: Mapped[str | None] = mapped_column(Text, unique=True)
+    entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+    lot_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("lots.id"))
+    failure_code: Mapped[str | None] = mapped_column(Text)
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    review_reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+    paid_at: Mapped[datetime | None] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class FulfilmentRow(Base):
+    """One row per credited payment, written in the same statement as its journal entry: the primary key on
+    the PaymentIntent is what makes 'credited exactly once' a database fact, whoever calls."""
+
+    __tablename__ = "fulfilments"
+
+    payment_intent: Mapped[str] = mapped_column(Text, primary_key=True)
+    purchase_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("purchases.id"), unique=True)
+    entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+
+
+class StripeEventRow(Base):
+    """Every verified Stripe event, once (its id is the key): what it was and what handling it did."""
+
+    __tablename__ = "stripe_events"
+    __table_args__ = (
+        CheckConstraint("status IN ('processed', 'ignored', 'needs_review')", name="status"),
+        Index("ix_stripe_events_needs_review", "received_at", postgresql_where=text("status = 'needs_review'")),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    type: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)
+    purchase_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("purchases.id"))
+    payload: Mapped[Any] = mapped_column(JSONB)
+    received_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from billing import clock
 from billing.auth.principal import Principal
 from billing.context import Context
-from billing.errors import LEDGER, ApiError, invalid, not_found
+from billing.errors import LEDGER, PERMISSION, ApiError, invalid, not_found
 from billing.free import schemas as s
 from billing.free.quota import FreeLimiter, Usage, Verdict, day_limit
 from billing.ledger.money import format_money
@@ -27,8 +27,10 @@ RATE_LIMIT = "rate_limit_error"
 _ACCOUNT = text(
     "SELECT a.id, b.balance,"
     " (SELECT coalesce(sum(l.amount), 0) FROM lots l WHERE l.account_id = a.id AND l.category = 'paid')"
-    " AS purchased"
+    " AS purchased,"
+    " k.id AS key_id, k.disabled, k.expires_at AS key_expires_at, k.deleted_at AS key_deleted_at"
     " FROM accounts a JOIN balances b ON b.account_id = a.id"
+    " LEFT JOIN api_keys k ON k.public_id = :k AND k.account_id = a.id"
     " WHERE a.public_id = :p AND a.kind <> 'platform'"
 )
 
@@ -77,9 +79,18 @@ async def admit(ctx: Context, limiter: FreeLimiter, principal: Principal, data: 
     if not is_free_model(data.model):
         raise invalid("not_a_free_model", f"{data.model!r} is not a free model (its id ends in `:free`).", "model")
     async with ctx.db.connect() as conn:
-        row = (await conn.execute(_ACCOUNT, {"p": data.account})).first()
+        row = (await conn.execute(_ACCOUNT, {"p": data.account, "k": data.key})).first()
     if row is None or not principal.may_see(row.id):
         raise not_found("account", data.account)
+    now = clock.now()
+    if data.key is not None:
+        # A disabled, expired or deleted key may not use free models either.
+        if row.key_id is None or row.key_deleted_at is not None:
+            raise not_found("key", data.key)
+        if row.disabled:
+            raise ApiError(403, PERMISSION, "key_disabled", f"Key {data.key!r} is disabled.")
+        if row.key_expires_at is not None and row.key_expires_at <= now:
+            raise ApiError(403, PERMISSION, "key_expired", f"Key {data.key!r} has expired.")
     if row.balance < 0:
         raise ApiError(
             402,
@@ -88,7 +99,6 @@ async def admit(ctx: Context, limiter: FreeLimiter, principal: Principal, data: 
             "The account's balance is negative: pay it off before using free models.",
             balance=format_money(row.balance),
         )
-    now = clock.now()
     verdict = await limiter.admit(data.account, day_limit(row.purchased), now)
     refused = verdict.refused_by
     if refused is not None:

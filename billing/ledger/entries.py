@@ -121,3 +121,66 @@ def adjustment(
         reason=reason,
         actor=actor,
     )
+
+
+# Where the money of a purchase sits until Stripe settles it, by payment method.
+PURCHASE_CLEARING: dict[str, Platform] = {
+    "card": Platform.STRIPE_CLEARING,
+    "crypto": Platform.CRYPTO_CLEARING,
+}
+
+
+def purchase(
+    customer: Customer,
+    *,
+    credits: Decimal,
+    fee: Decimal,
+    method: str,
+    expires_at: datetime,
+    debt: Decimal,
+    purchase_id: str,
+    payment_intent: str,
+) -> Entry:
+    """A paid purchase (SPEC §5): the customer pays credits + fee; the credits become a new `paid` lot, the
+    fee goes to purchase-fee revenue, and the whole charge sits in Stripe (or crypto) clearing.
+    """
+    if credits <= 0:
+        raise Refused(outcomes.AMOUNT_MUST_BE_POSITIVE, "A purchase must be a positive amount.")
+    if fee < 0:
+        raise ValueError("a purchase fee is never negative")
+    postings = new_lot_postings(customer, credits, debt)
+    if fee:
+        postings.append(Posting(Platform.PURCHASE_FEE_REVENUE, fee))
+    postings.append(Posting(PURCHASE_CLEARING[method], -(credits + fee)))
+    return Entry(
+        kind=EntryKind.PURCHASE,
+        customer=customer,
+        postings=tuple(postings),
+        credits_delta=credits,
+        new_lot=NewLot(LotCategory.PAID, credits, expires_at),
+        description=(
+            f"{method} purchase {purchase_id} ({payment_intent}): {format_money(credits)} USD credits"
+            f" + {format_money(fee)} USD fee"
+        ),
+    )
+
+
+def expiry(customer: Customer, lots: Iterable[LotBalance], now: datetime) -> Entry | None:
+    """Breakage (SPEC §5 Expiry): what is left of every lot whose expiry has passed moves to the `breakage`
+    account, one posting per lot, in one entry; None when nothing has expired.
+
+    `total_credits` is unchanged (the credits were added; they were not refunded): the `expiry` entry kind
+    is what shows them leaving. A lot already emptied has nothing left, so expiring twice posts nothing.
+    """
+    expired = sorted(
+        (lot for lot in lots if lot.expires_at <= now and lot.remaining > 0), key=lambda lot: (lot.expires_at, lot.id)
+    )
+    if not expired:
+        return None
+    total = sum((lot.remaining for lot in expired), Decimal(0))
+    return Entry(
+        kind=EntryKind.EXPIRY,
+        customer=customer,
+        postings=(*(Posting(customer, -lot.remaining, lot.id) for lot in expired), Posting(Platform.BREAKAGE, total)),
+        description=f"expiry of {len(expired)} lot(s): {format_money(total)} USD to breakage",
+    )

@@ -22,3 +22,8 @@ AMOUNT_MUST_BE_POSITIVE = "amount_must_be_positive"
 AMOUNT_MUST_NOT_BE_ZERO = "amount_must_not_be_zero"
 EXPIRY_IN_PAST = "expiry_in_past"
 INSUFFICIENT_CREDITS = "insufficient_credits"
+
+# Purchases (billing/purchases/fees.py), in their order of precedence.
+AMOUNT_NOT_WHOLE_CENTS = "amount_not_whole_cents"
+PURCHASE_BELOW_MINIMUM = "purchase_below_minimum"
+PURCHASE_ABOVE_MAXIMUM = "purchase_above_maximum"

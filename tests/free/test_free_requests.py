@@ -108,14 +108,15 @@ def error(response: httpx.Response) -> dict[str, Any]:
 async def test_admits_zero_balance_and_reports_both_windows(client: AsyncTestClient, fresh, api: Api, redis: Redis):
     account = await fresh()
     gateway = await api.token(["gateway"])
+    key = (await client.post(f"/v1/accounts/{account}/keys", json={"name": "k"}, headers=ADMIN)).json()["id"]
     at(T0)
-    r = await free(client, account, headers=gateway, key="key_123")
+    r = await free(client, account, headers=gateway, key=key)
     assert r.status_code == 200, r.text
     assert r.json() == {
         "object": "free_request",
         "account": account,
         "model": MODEL,
-        "key": "key_123",
+        "key": key,
         "allowed": True,
         "degraded": False,
         "limits": {
@@ -342,3 +343,21 @@ async def test_openapi_documents_the_endpoint_and_its_refusals(client: AsyncTest
     operation = schema["paths"]["/v1/free_requests"]["post"]
     assert {"200", "400", "401", "402", "403", "404", "429"} <= set(operation["responses"])
     assert "Redis is unreachable" in operation["description"]
+
+
+async def test_disabled_expired_or_foreign_key_is_refused_and_not_counted(
+    client: AsyncTestClient, fresh, api: Api, redis: Redis
+):
+    account = await fresh()
+    other = await fresh()
+    keys = {}
+    for name, body in [("disabled", {}), ("expiring", {"expires_at": "2031-05-14T10:00:30Z"}), ("foreign", {})]:
+        owner = other if name == "foreign" else account
+        r = await client.post(f"/v1/accounts/{owner}/keys", json={"name": name, **body}, headers=ADMIN)
+        keys[name] = r.json()["id"]
+    await client.patch(f"/v1/keys/{keys['disabled']}", json={"disabled": True}, headers=ADMIN)
+    at(T0 + timedelta(seconds=31))
+    assert (await free(client, account, key=keys["disabled"])).json()["error"]["code"] == "key_disabled"
+    assert (await free(client, account, key=keys["expiring"])).json()["error"]["code"] == "key_expired"
+    assert (await free(client, account, key=keys["foreign"])).status_code == 404
+    assert await redis.get(day_key(account, T0)) is None
