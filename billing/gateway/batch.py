@@ -77,6 +77,7 @@ class ChargeBatcher:
         self.ctx = ctx
         self.pending: list[_Item] = []
         self.running = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
     async def charge(self, principal: Principal, data: s.CreateCharge) -> tuple[int, Any, bool]:
         if data.account is None and data.key is None:
@@ -86,7 +87,9 @@ class ChargeBatcher:
         self.pending.append(_Item(principal, data, priced, future))
         if self.running < CONCURRENT_BATCHES:
             self.running += 1
-            asyncio.get_running_loop().create_task(self._drain())
+            task = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _drain(self) -> None:
@@ -103,9 +106,9 @@ class ChargeBatcher:
     async def _one_by_one(self, items: list[_Item]) -> None:
         for item in items:
             try:
-                item.future.set_result(await service.charge(self.ctx, item.principal, item.data))
+                _settle(item.future, await service.charge(self.ctx, item.principal, item.data))
             except Exception as exc:
-                item.future.set_exception(exc)
+                _settle(item.future, exc)
 
     async def _run(self, batch: list[_Item]) -> None:
         if len(batch) == 1:
@@ -200,16 +203,27 @@ class ChargeBatcher:
             if answer is None:
                 continue
             if isinstance(answer, BaseException):
-                item.future.set_exception(answer)
+                _settle(item.future, answer)
             elif isinstance(answer, _Written):
                 written = next(entry_ids)
                 entry_id = int(written[0][0]) if answer.spend.amount > 0 else None
                 out = service.generation_out(answer.row, item.data, item.priced, answer.spend, now, entry_id, None)
-                item.future.set_result((201, out, False))
+                _settle(item.future, (201, out, False))
             else:
                 next(entry_ids)
-                item.future.set_result(answer)
+                _settle(item.future, answer)
         await self._one_by_one(later)
+
+
+def _settle(future: asyncio.Future[tuple[int, Any, bool]], outcome: tuple[int, Any, bool] | BaseException) -> None:
+    """Answer a waiting request. Its client may have hung up (the future was cancelled): the charge stands,
+    committed or not as the batch went, and a retry with the same generation id finds it."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _moved(row: Any, state: _Live) -> Any:
