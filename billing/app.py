@@ -30,8 +30,11 @@ from billing.gateway.policies import ByokPoliciesController
 from billing.gateway.routes import ChargesController, GenerationsController, HoldsController
 from billing.http import error_responses
 from billing.keys.routes import AccountKeysController, KeysController
+from billing.purchases.routes import PricingController, PurchaseController, PurchasesController
 from billing.redis import make_redis
 from billing.settings import Settings
+from billing.stripe_client import make_stripe
+from billing.webhooks.routes import stripe_webhook
 
 log = logging.getLogger("billing")
 
@@ -137,6 +140,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             GenerationsController,
             FreeRequestsController,
             ByokPoliciesController,
+            PurchasesController,
+            PurchaseController,
+            PricingController,
+            stripe_webhook,
         ],
         dependencies={"ctx": Provide(lambda: context, use_cache=True, sync_to_thread=False)},
         middleware=[DefineMiddleware(BearerAuth, exclude=PUBLIC_PATHS)],
@@ -165,4 +172,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.tokens = TokenResolver(engine, settings.admin_token, settings.token_cache_seconds)
     app.state.redis = redis
     app.state.free_limiter = FreeLimiter(redis)
+    app.state.stripe = make_stripe(settings)
     return app

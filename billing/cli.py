@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from billing.settings import Settings
@@ -82,11 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 @dataclass(frozen=True)
 class Child:
     """A process `billing dev` runs: started in order, each awaited on `ready_url` (when given)
-    before the next starts, and stopped in reverse order."""
+    before the next starts, then `on_ready` (when given); stopped in reverse order."""
 
     name: str
     argv: list[str]
     ready_url: str | None = None
+    on_ready: Callable[[], None] | None = None
 
 
 def billing_command(*args: str) -> list[str]:
@@ -94,8 +96,59 @@ def billing_command(*args: str) -> list[str]:
 
 
 def dev_children(settings: Settings, base_url: str) -> list[Child]:
-    # Later: Child("worker", billing_command("worker")), Child("scheduler", ...), localstripe, ...
-    return [Child("api", billing_command("serve"), ready_url=f"{base_url}/readyz")]
+    # Later: Child("worker", billing_command("worker")), Child("scheduler", ...), ...
+    children = []
+    if uses_local_stripe(settings):
+        children.append(localstripe_child(settings, base_url))
+    children.append(Child("api", billing_command("serve"), ready_url=f"{base_url}/readyz"))
+    return children
+
+
+# --- the local Stripe emulator ---------------------------------------------------------------------
+
+
+def uses_local_stripe(settings: Settings) -> bool:
+    from billing.stripe_client import LOCAL_API_KEY
+
+    return settings.stripe_api_key == LOCAL_API_KEY and bool(settings.stripe_api_base)
+
+
+def ensure_local_stripe(settings: Settings) -> Settings:
+    """With no STRIPE_API_KEY, point everything started from here at a local emulator on 127.0.0.1 (SPEC §8).
+    Its port is BILLING_LOCALSTRIPE_PORT (default 8420), or a free one when that is taken."""
+    if settings.stripe_api_key:
+        return settings
+    from billing.stripe_client import LOCAL_API_KEY
+
+    port = settings.localstripe_port
+    if port == 0 or _listening("127.0.0.1", port):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    os.environ["STRIPE_API_KEY"] = LOCAL_API_KEY
+    os.environ["STRIPE_API_BASE"] = f"http://127.0.0.1:{port}"
+    os.environ["BILLING_LOCALSTRIPE_PORT"] = str(port)
+    if not settings.stripe_webhook_secret:
+        os.environ["STRIPE_WEBHOOK_SECRET"] = "whsec_" + secrets.token_hex(24)
+    return Settings.from_env()
+
+
+def localstripe_child(settings: Settings, base_url: str) -> Child:
+    """localstripe on 127.0.0.1, its objects kept in the data folder, sending its signed webhooks to us."""
+    from billing.stripe_client import register_local_webhook
+
+    api_base = settings.stripe_api_base or ""
+    secret = settings.stripe_webhook_secret or ""
+
+    def register() -> None:
+        try:
+            register_local_webhook(api_base, "billing", f"{base_url}/v1/stripe/webhooks", secret)
+        except (OSError, RuntimeError) as exc:
+            raise DevError(f"could not register the webhook with localstripe: {exc}") from exc
+
+    argv = [sys.executable, "-m", "billing.localstripe", "--host", "127.0.0.1"]
+    argv += ["--port", str(settings.localstripe_port), "--state", str(settings.data_dir / "localstripe.pickle")]
+    return Child("localstripe", argv, ready_url=f"{api_base}/js.stripe.com/v3/", on_ready=register)
 
 
 class DevError(Exception):
@@ -171,6 +224,11 @@ def _without_password(url: str | None) -> str | None:
 
 def print_banner(settings: Settings, base_url: str) -> None:
     token = settings.admin_token
+    stripe_line = (
+        f"local emulator (localstripe) at {settings.stripe_api_base}; test card 4242 4242 4242 4242"
+        if uses_local_stripe(settings)
+        else (settings.stripe_api_base or "api.stripe.com")
+    )
     print(
         f"""
   billing is running
@@ -178,6 +236,7 @@ def print_banner(settings: Settings, base_url: str) -> None:
     OpenAPI   {base_url}/schema
     Database  {_without_password(settings.database_url)}
     Redis     {_without_password(settings.redis_url)}
+    Stripe    {stripe_line}
     Admin token (scope admin): {token}
 
   Try it:
@@ -209,6 +268,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if not (settings.database_url and settings.redis_url):
             log(f"starting embedded PostgreSQL/Redis in {settings.data_dir.resolve()}")
         settings = ensure_env(settings)
+        settings = ensure_local_stripe(settings)
         log("migrating the database")
         upgrade(database_url(settings))
         base_url = _local_base_url(settings)
@@ -221,6 +281,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
             running.append((child, process))
             if child.ready_url:
                 wait_ready(child, process)
+            if child.on_ready:
+                child.on_ready()
         print_banner(settings, base_url)
         while True:
             for child, process in running:

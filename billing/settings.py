@@ -50,6 +50,8 @@ class Settings:
     stripe_api_key: str | None = None
     stripe_webhook_secret: str | None = None
     stripe_api_base: str | None = None
+    # `billing dev` runs the Stripe emulator here when no STRIPE_API_KEY is set (0: any free port).
+    localstripe_port: int = 8420
     default_lot_expiry_days: int = 365
     # Concurrent one-shot charges in a process share one transaction (billing/gateway/batch.py).
     charge_batching: bool = True
@@ -73,6 +75,7 @@ class Settings:
             stripe_api_key=_env("STRIPE_API_KEY"),
             stripe_webhook_secret=_env("STRIPE_WEBHOOK_SECRET"),
             stripe_api_base=_env("STRIPE_API_BASE"),
+            localstripe_port=_int("BILLING_LOCALSTRIPE_PORT", 8420),
             default_lot_expiry_days=_int("BILLING_DEFAULT_LOT_EXPIRY_DAYS", 365),
             charge_batching=_env("BILLING_CHARGE_BATCHING", "1") not in ("0", "false", "no"),
             token_cache_seconds=_int("BILLING_TOKEN_CACHE_SECONDS", 5),

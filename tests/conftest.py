@@ -72,12 +72,27 @@ def database_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str) -> Settings:
+def localstripe() -> Iterator[str]:
+    """The Stripe emulator on 127.0.0.1 (a free port), its objects in memory only; yields its API base."""
+    from tests.stripe_helpers import start_localstripe
+
+    with start_localstripe() as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, localstripe: str) -> Settings:
+    from billing.stripe_client import LOCAL_API_KEY
+    from tests.stripe_helpers import WEBHOOK_SECRET
+
     return Settings(
         database_url=database_url,
         redis_url=os.environ.get("REDIS_URL") or _embedded_redis(),
         admin_token=ADMIN_TOKEN,
         token_cache_seconds=0,
+        stripe_api_key=LOCAL_API_KEY,
+        stripe_api_base=localstripe,
+        stripe_webhook_secret=WEBHOOK_SECRET,
     )
 
 

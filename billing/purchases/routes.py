@@ -1,0 +1,117 @@
+"""HTTP adapter for purchases: quotes, buying credits, purchase history, pricing versions (admin).
+
+Who may buy for an account: the account's own token, or support/admin. For an organization that means
+the organization's own account-scoped token (held by its admins' dashboard backend) or staff; member
+accounts cannot buy for the organization.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+
+from billing.auth.middleware import requires
+from billing.auth.principal import ACCOUNT, ADMIN, SUPPORT
+from billing.context import Context
+from billing.http import error_responses, money_response
+from billing.idempotency import HEADER, require_key
+from billing.purchases import schemas as s
+from billing.purchases import service
+from billing.schemas import ListOf
+
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(name=HEADER, required=False, description="Required: a retry with the same key is safe."),
+]
+Limit = Annotated[int, QueryParameter(ge=1, le=service.MAX_PAGE, description="Page size, 1-100.")]
+Cursor = Annotated[str | None, QueryParameter(description="Return purchases older than this purchase id (cursor).")]
+Ctx = NamedDependency[Context]
+
+BUYERS = requires(SUPPORT, ACCOUNT)
+
+
+class PurchasesController(Controller):
+    path = "/v1/accounts/{account_id:str}"
+    tags = ["purchases"]
+    guards = [BUYERS]
+
+    @post(
+        "/quotes",
+        summary="What buying credits would cost: credits, fee, volume discount, total charged",
+        responses=error_responses(400, 401, 403, 404),
+        status_code=200,
+    )
+    async def create_quote(
+        self, account_id: FromPath[str], data: JSONBody[s.CreateQuote], ctx: Ctx, request: Request
+    ) -> s.Quote:
+        return await service.quote(ctx, request.user, account_id, data)
+
+    @post(
+        "/purchases",
+        summary="Buy credits: a pending purchase and its Stripe PaymentIntent (client_secret to confirm it)",
+        description="Credits are added when Stripe reports the payment (webhook), exactly once.",
+        responses=error_responses(400, 401, 403, 404, 409, 503),
+        status_code=201,
+    )
+    async def create_purchase(
+        self,
+        account_id: FromPath[str],
+        data: JSONBody[s.CreatePurchase],
+        ctx: Ctx,
+        request: Request,
+        idempotency_key: IdempotencyKey,
+    ) -> Response[s.CreatedPurchase]:
+        outcome = await service.create_purchase(
+            ctx,
+            request.user,
+            account_id,
+            data,
+            stripe_client=request.app.state.stripe,
+            idempotency_key=require_key(idempotency_key),
+            path=request.url.path,
+        )
+        return money_response(outcome)
+
+    @get(
+        "/purchases",
+        summary="Purchase history, newest first: status, fee, discount, what is left of each lot",
+        responses=error_responses(400, 401, 403, 404),
+    )
+    async def list_purchases(
+        self, account_id: FromPath[str], ctx: Ctx, request: Request, limit: Limit = 20, starting_after: Cursor = None
+    ) -> ListOf[s.Purchase]:
+        return await service.list_purchases(ctx, request.user, account_id, limit, starting_after)
+
+
+class PurchaseController(Controller):
+    path = "/v1/purchases"
+    tags = ["purchases"]
+    guards = [BUYERS]
+
+    @get("/{purchase_id:str}", summary="A purchase", responses=error_responses(401, 403, 404))
+    async def get_purchase(self, purchase_id: FromPath[str], ctx: Ctx, request: Request) -> s.Purchase:
+        return await service.get_purchase(ctx, request.user, purchase_id)
+
+
+class PricingController(Controller):
+    path = "/v1/pricing_versions"
+    tags = ["admin"]
+    guards = [requires(ADMIN)]
+
+    @post(
+        "/",
+        summary="Add a version of the purchase fees and volume-discount tiers",
+        responses=error_responses(400, 401, 403),
+        status_code=201,
+    )
+    async def create_version(
+        self, data: JSONBody[s.CreatePricingVersion], ctx: Ctx, request: Request
+    ) -> s.PricingVersion:
+        return await service.create_pricing_version(ctx, request.user, data)
+
+    @get("/", summary="Pricing versions, newest first", responses=error_responses(401, 403))
+    async def list_versions(self, ctx: Ctx) -> ListOf[s.PricingVersion]:
+        return await service.list_pricing_versions(ctx)

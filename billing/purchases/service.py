@@ -1,0 +1,593 @@
+"""Purchases: quotes, buying credits through a Stripe PaymentIntent, and fulfilment.
+
+`fulfil_payment` is the one way a payment becomes credits. The Stripe webhook calls it, and so will the
+reconciler and support's "my credits haven't shown up" tickets. It is keyed by the PaymentIntent: the
+`fulfilments` row (primary key: the PaymentIntent id) is written in the same statement as the journal
+entry, so a payment is credited once however many events or callers point at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import msgspec
+import stripe
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import clock
+from billing.accounts.service import find_account
+from billing.auth.principal import Principal
+from billing.context import Context
+from billing.db.journal import Rider
+from billing.errors import API, ApiError, from_refusal, invalid, not_found
+from billing.idempotency import Outcome, fingerprint, run_once
+from billing.ledger import entries
+from billing.ledger.model import Customer
+from billing.ledger.money import format_money
+from billing.ledger.outcomes import Refused
+from billing.purchases import fees
+from billing.purchases import schemas as s
+from billing.schemas import ListOf, money_field, public_id
+from billing.stripe_client import CURRENCY, payment_method_params
+
+MAX_PAGE = 100
+
+PURCHASE_COLUMNS = (
+    "p.*, a.public_id AS account_public, l.amount AS lot_amount, l.remaining AS lot_remaining,"
+    " l.expires_at AS lot_expires_at"
+)
+PURCHASE_FROM = "purchases p JOIN accounts a ON a.id = p.account_id LEFT JOIN lots l ON l.id = p.lot_id"
+
+
+# --- pricing ---------------------------------------------------------------------------------------
+
+
+async def pricing_in_force(conn: AsyncConnection, at: datetime) -> fees.Pricing:
+    """The newest pricing version with `effective_from` <= `at`, with its tiers."""
+    row = (
+        await conn.execute(
+            text(
+                "SELECT * FROM pricing_versions WHERE effective_from <= :at ORDER BY effective_from DESC, id DESC LIMIT 1"
+            ),
+            {"at": at},
+        )
+    ).one()
+    return await _pricing(conn, row)
+
+
+async def _pricing(conn: AsyncConnection, row: Row[Any]) -> fees.Pricing:
+    tiers = await conn.execute(
+        text("SELECT name, min_volume, fee_discount FROM discount_tiers WHERE pricing_version_id = :id"),
+        {"id": row.id},
+    )
+    return fees.Pricing(
+        version_id=row.id,
+        effective_from=row.effective_from,
+        card_rate=row.card_rate,
+        card_minimum=row.card_minimum,
+        crypto_rate=row.crypto_rate,
+        crypto_minimum=row.crypto_minimum,
+        min_purchase=row.min_purchase,
+        max_purchase=row.max_purchase,
+        volume_window_days=row.volume_window_days,
+        tiers=tuple(fees.Tier(t.name, t.min_volume, t.fee_discount) for t in tiers),
+    )
+
+
+async def trailing_volume(conn: AsyncConnection, account_id: int, days: int, now: datetime) -> Decimal:
+    """Credits bought by the account in paid purchases over the `days` before `now`."""
+    volume = await conn.scalar(
+        text(
+            "SELECT coalesce(sum(amount), 0) FROM purchases WHERE account_id = :a AND status = 'succeeded'"
+            " AND paid_at > :since AND paid_at <= :now"
+        ),
+        {"a": account_id, "since": now - timedelta(days=days), "now": now},
+    )
+    return Decimal(volume)
+
+
+def _rate(value: Decimal) -> str:
+    return format(value.normalize(), "f") if value else "0"
+
+
+def _tier(tier: fees.Tier) -> s.TierOut:
+    return s.TierOut(name=tier.name, min_volume=format_money(tier.min_volume), fee_discount=_rate(tier.fee_discount))
+
+
+def quote_view(account: str, q: fees.Quote) -> s.Quote:
+    nxt = q.next_tier
+    return s.Quote(
+        account=account,
+        method=q.method.value,
+        amount=format_money(q.credits),
+        credits=format_money(q.credits),
+        fee=format_money(q.fee),
+        fee_before_discount=format_money(q.fee_before_discount),
+        discount=s.Discount(
+            tier=_tier(q.tier) if q.tier else None,
+            saving=format_money(q.saving),
+            trailing_volume=format_money(q.volume),
+            window_days=q.pricing.volume_window_days,
+            next_tier=s.NextTier(
+                name=nxt.name,
+                min_volume=format_money(nxt.min_volume),
+                fee_discount=_rate(nxt.fee_discount),
+                volume_needed=format_money(nxt.min_volume - q.volume),
+            )
+            if nxt
+            else None,
+        ),
+        total=format_money(q.total),
+        total_cents=q.total_cents,
+        currency=CURRENCY,
+        pricing_version=public_id("price", q.pricing.version_id),
+    )
+
+
+def _amount(raw: str) -> Decimal:
+    """The credits asked for; its sign and size are the pricing rules' to refuse (`fees.quote`)."""
+    value = money_field(raw, "amount", negative=None)
+    assert value is not None
+    return value
+
+
+async def _quote(conn: AsyncConnection, account_id: int, data: s.CreateQuote | s.CreatePurchase) -> fees.Quote:
+    amount = _amount(data.amount)
+    now = clock.now()
+    pricing = await pricing_in_force(conn, now)
+    volume = await trailing_volume(conn, account_id, pricing.volume_window_days, now)
+    return fees.quote(pricing, fees.Method(data.method), amount, volume)
+
+
+async def quote(ctx: Context, principal: Principal, account: str, data: s.CreateQuote) -> s.Quote:
+    """What buying `amount` credits would cost this account now. Changes nothing."""
+    async with ctx.db.connect() as conn:
+        row = await find_account(conn, principal, account)
+        try:
+            return quote_view(account, await _quote(conn, row.id, data))
+        except Refused as refused:
+            raise from_refusal(refused) from refused
+
+
+# --- purchases -------------------------------------------------------------------------------------
+
+
+def purchase_view(r: Row[Any], now: datetime) -> s.Purchase:
+    lot = None
+    if r.lot_id is not None:
+        lot = s.LotLeft(
+            id=public_id("lot", r.lot_id),
+            amount=format_money(r.lot_amount),
+            remaining=format_money(r.lot_remaining),
+            expires_at=r.lot_expires_at,
+            expired=r.lot_expires_at <= now,
+        )
+    return s.Purchase(
+        id=r.public_id,
+        account=r.account_public,
+        method=r.method,
+        status=r.status,
+        amount=format_money(r.amount),
+        credits=format_money(r.amount),
+        fee=format_money(r.fee),
+        fee_before_discount=format_money(r.fee_before_discount),
+        discount_tier=r.discount_tier,
+        fee_discount=_rate(r.fee_discount),
+        discount_saving=format_money(r.fee_before_discount - r.fee),
+        total=format_money(r.total),
+        currency=CURRENCY,
+        pricing_version=public_id("price", r.pricing_version_id),
+        payment_intent=r.payment_intent,
+        checkout_session=r.checkout_session,
+        lot=lot,
+        entry=public_id("je", r.entry_id) if r.entry_id else None,
+        failure_code=r.failure_code,
+        failure_message=r.failure_message,
+        created_at=r.created_at,
+        paid_at=r.paid_at,
+    )
+
+
+def purchase_public_id(scope: str, key: str, request_fingerprint: str) -> str:
+    """Derived from the idempotency key and the request, so a retry after a failure (Stripe answered, our
+    commit did not happen) names the same purchase and gets the same PaymentIntent back from Stripe."""
+    digest = hashlib.sha256(f"{scope}\n{key}\n{request_fingerprint}".encode()).hexdigest()
+    return "pur_" + digest[:24]
+
+
+def stripe_unavailable(exc: Exception) -> ApiError:
+    return ApiError(
+        503, API, "stripe_unavailable", f"Stripe did not accept the payment: {exc}. Nothing was charged; retry."
+    )
+
+
+async def create_purchase(
+    ctx: Context,
+    principal: Principal,
+    account: str,
+    data: s.CreatePurchase,
+    *,
+    stripe_client: stripe.StripeClient | None,
+    idempotency_key: str,
+    path: str,
+) -> Outcome:
+    """Price the purchase, create its Stripe PaymentIntent (purchase id in the metadata, an idempotency key
+    derived from ours) and record it `pending`. Credits arrive only with the payment (`fulfil_payment`)."""
+    if stripe_client is None:
+        raise ApiError(503, API, "stripe_not_configured", "Payments are not configured (STRIPE_API_KEY).")
+    _amount(data.amount)  # a malformed amount is a 400 before anything else
+    body = msgspec.json.encode(data)
+    scope = principal.idempotency_scope
+    purchase_id = purchase_public_id(scope, idempotency_key, fingerprint("POST", path, body))
+
+    async def work(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
+        q = await _quote(conn, row.id, data)
+        try:
+            intent = await stripe_client.v1.payment_intents.create_async(
+                {
+                    "amount": q.total_cents,
+                    "currency": CURRENCY,
+                    **payment_method_params(ctx.settings, q.method.value),  # type: ignore[typeddict-item]
+                    "metadata": {
+                        "purchase_id": purchase_id,
+                        "account": account,
+                        "credits": format_money(q.credits),
+                        "fee": format_money(q.fee),
+                    },
+                },
+                {"idempotency_key": f"billing-{purchase_id}"},
+            )
+        except stripe.StripeError as exc:
+            raise stripe_unavailable(exc) from exc
+        created = (
+            await conn.execute(
+                text(
+                    "WITH p AS (INSERT INTO purchases (public_id, account_id, method, status, amount, fee,"
+                    " fee_before_discount, discount_tier, fee_discount, total, pricing_version_id, payment_intent,"
+                    " created_by) VALUES (:pid, :a, :m, 'pending', :amount, :fee, :fee0, :tier, :disc, :total, :ver,"
+                    " :pi, :by) RETURNING *)"
+                    " SELECT p.*, :acct AS account_public, NULL::numeric AS lot_amount, NULL::numeric AS lot_remaining,"
+                    " NULL::timestamptz AS lot_expires_at FROM p"
+                ),
+                {
+                    "pid": purchase_id,
+                    "a": row.id,
+                    "m": q.method.value,
+                    "amount": q.credits,
+                    "fee": q.fee,
+                    "fee0": q.fee_before_discount,
+                    "tier": q.tier.name if q.tier else None,
+                    "disc": q.fee_discount,
+                    "total": q.total,
+                    "ver": q.pricing.version_id,
+                    "pi": intent.id,
+                    "by": principal.actor,
+                    "acct": account,
+                },
+            )
+        ).one()
+        result = s.CreatedPurchase(
+            purchase=purchase_view(created, clock.now()), client_secret=intent.client_secret or ""
+        )
+        return 201, msgspec.to_builtins(result)
+
+    async with ctx.db.begin() as conn:
+        row = await find_account(conn, principal, account)
+        return await run_once(
+            conn, scope=scope, key=idempotency_key, method="POST", path=path, canonical_body=body, work=work
+        )
+
+
+async def list_purchases(
+    ctx: Context, principal: Principal, account: str, limit: int, starting_after: str | None
+) -> ListOf[s.Purchase]:
+    """The account's purchases, newest first, with what is left of each one's lot."""
+    now = clock.now()
+    async with ctx.db.connect() as conn:
+        row = await find_account(conn, principal, account)
+        cursor = None
+        if starting_after:
+            cursor = await conn.scalar(
+                text("SELECT id FROM purchases WHERE public_id = :p AND account_id = :a"),
+                {"p": starting_after, "a": row.id},
+            )
+            if cursor is None:
+                raise not_found("purchase", starting_after)
+        rows = (
+            await conn.execute(
+                text(
+                    f"SELECT {PURCHASE_COLUMNS} FROM {PURCHASE_FROM} WHERE p.account_id = :a"
+                    " AND (CAST(:cursor AS bigint) IS NULL OR p.id < CAST(:cursor AS bigint))"
+                    " ORDER BY p.id DESC LIMIT :n"
+                ),
+                {"a": row.id, "cursor": cursor, "n": limit + 1},
+            )
+        ).all()
+    return ListOf(data=[purchase_view(r, now) for r in rows[:limit]], has_more=len(rows) > limit)
+
+
+async def get_purchase(ctx: Context, principal: Principal, purchase: str) -> s.Purchase:
+    async with ctx.db.connect() as conn:
+        r = (
+            await conn.execute(
+                text(f"SELECT {PURCHASE_COLUMNS} FROM {PURCHASE_FROM} WHERE p.public_id = :p"), {"p": purchase}
+            )
+        ).first()
+    if r is None or not principal.may_see(r.account_id):
+        raise not_found("purchase", purchase)
+    return purchase_view(r, clock.now())
+
+
+# --- fulfilment ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """A payment Stripe reports as succeeded, as whoever found it saw it."""
+
+    payment_intent: str
+    amount_cents: int
+    currency: str
+    purchase_id: str | None  # our id from the PaymentIntent's (or Checkout Session's) metadata, if any
+    source: str  # who asks: "stripe_event:evt_…", "reconciler", "support:…"
+    checkout_session: str | None = None
+
+
+class Result(StrEnum):
+    CREDITED = "credited"
+    ALREADY_CREDITED = "already_credited"
+    NEEDS_REVIEW = "needs_review"
+
+
+@dataclass(frozen=True, slots=True)
+class Fulfilment:
+    result: Result
+    purchase_id: int | None = None
+    entry_id: int | None = None
+    reason: str | None = None
+
+
+async def fulfil_payment(ctx: Context, payment: Payment, *, conn: AsyncConnection | None = None) -> Fulfilment:
+    """Credit a succeeded payment exactly once: one balanced `purchase` entry (a new `paid` lot expiring
+    `default_lot_expiry_days` later, the fee to revenue, the charge to Stripe or crypto clearing).
+
+    Runs in `conn`'s transaction when given (the webhook records its event in the same one), else in its
+    own. A payment that cannot be matched to a purchase, or does not match it, is never credited: it
+    answers `needs_review` and says why.
+    """
+    if conn is None:
+        async with ctx.db.begin() as own:
+            return await _fulfil(ctx, own, payment)
+    return await _fulfil(ctx, conn, payment)
+
+
+async def _credited(conn: AsyncConnection, payment_intent: str) -> Fulfilment | None:
+    row = (
+        await conn.execute(
+            text("SELECT purchase_id, entry_id FROM fulfilments WHERE payment_intent = :pi"), {"pi": payment_intent}
+        )
+    ).first()
+    return Fulfilment(Result.ALREADY_CREDITED, row.purchase_id, row.entry_id) if row else None
+
+
+async def find_purchase(conn: AsyncConnection, payment_intent: str | None, purchase_id: str | None) -> Row[Any] | None:
+    """The purchase a payment belongs to: by its PaymentIntent first, else by our id in the metadata."""
+    if payment_intent:
+        row = (
+            await conn.execute(text("SELECT * FROM purchases WHERE payment_intent = :pi"), {"pi": payment_intent})
+        ).first()
+        if row is not None:
+            return row
+    if purchase_id:
+        return (await conn.execute(text("SELECT * FROM purchases WHERE public_id = :p"), {"p": purchase_id})).first()
+    return None
+
+
+async def mark_for_review(conn: AsyncConnection, purchase: int, reason: str) -> None:
+    await conn.execute(
+        text(
+            "UPDATE purchases SET status = 'needs_review', review_reason = :r, updated_at = now()"
+            " WHERE id = :id AND status <> 'succeeded'"
+        ),
+        {"id": purchase, "r": reason},
+    )
+
+
+async def _fulfil(ctx: Context, conn: AsyncConnection, payment: Payment) -> Fulfilment:
+    done = await _credited(conn, payment.payment_intent)
+    if done:
+        return done
+    found = await find_purchase(conn, payment.payment_intent, payment.purchase_id)
+    if found is None:
+        return Fulfilment(Result.NEEDS_REVIEW, reason="no purchase matches this payment")
+    # Lock order: the customer's balance row, then the purchase (then its lots, in the journal).
+    state = await ctx.journal.lock_customer(conn, Customer(found.account_id))
+    purchase = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id FOR UPDATE"), {"id": found.id})).one()
+    done = await _credited(conn, payment.payment_intent)  # another caller may have won the lock
+    if done:
+        return done
+    if purchase.status == "succeeded":
+        reason = f"purchase {purchase.public_id} was already paid by {purchase.payment_intent}; this payment is extra"
+        return Fulfilment(Result.NEEDS_REVIEW, purchase.id, reason=reason)
+    if purchase.payment_intent not in (None, payment.payment_intent) and payment.checkout_session is None:
+        reason = f"payment {payment.payment_intent} names purchase {purchase.public_id} of {purchase.payment_intent}"
+        return Fulfilment(Result.NEEDS_REVIEW, purchase.id, reason=reason)
+    expected = fees.to_cents(purchase.total)
+    if payment.amount_cents != expected or payment.currency.lower() != CURRENCY:
+        reason = (
+            f"paid {payment.amount_cents} {payment.currency} but purchase {purchase.public_id} charges"
+            f" {expected} {CURRENCY}"
+        )
+        await mark_for_review(conn, purchase.id, reason)
+        return Fulfilment(Result.NEEDS_REVIEW, purchase.id, reason=reason)
+
+    now = clock.now()
+    entry = entries.purchase(
+        Customer(purchase.account_id),
+        credits=purchase.amount,
+        fee=purchase.fee,
+        method=purchase.method,
+        expires_at=now + timedelta(days=ctx.settings.default_lot_expiry_days),
+        debt=state.debt,
+        purchase_id=purchase.public_id,
+        payment_intent=payment.payment_intent,
+    )
+    riders = [
+        Rider(
+            "fulfilment",
+            "INSERT INTO fulfilments (payment_intent, purchase_id, entry_id, amount_cents, source)"
+            " SELECT :f_pi, :f_purchase, e.id, :f_cents, :f_source FROM e",
+            {
+                "f_pi": payment.payment_intent,
+                "f_purchase": purchase.id,
+                "f_cents": expected,
+                "f_source": payment.source,
+            },
+        ),
+        Rider(
+            "paid",
+            "UPDATE purchases SET status = 'succeeded', entry_id = (SELECT id FROM e), lot_id = (SELECT id FROM nl),"
+            " paid_at = :pu_at, payment_intent = :pu_pi, checkout_session = coalesce(:pu_cs, checkout_session),"
+            " failure_code = NULL, failure_message = NULL, review_reason = NULL, updated_at = now()"
+            " WHERE id = :pu_id",
+            {"pu_at": now, "pu_pi": payment.payment_intent, "pu_cs": payment.checkout_session, "pu_id": purchase.id},
+        ),
+    ]
+    posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=riders)
+    return Fulfilment(Result.CREDITED, purchase.id, posted.entry_id)
+
+
+async def fail_payment(
+    conn: AsyncConnection, payment_intent: str | None, purchase_id: str | None, code: str | None, message: str | None
+) -> int | None:
+    """Record a failed payment on its purchase (no money moved). A purchase already paid stays paid: a late
+    failure event never undoes a success. Returns the purchase's id, or None when no purchase matches."""
+    found = await find_purchase(conn, payment_intent, purchase_id)
+    if found is None:
+        return None
+    await conn.execute(
+        text(
+            "UPDATE purchases SET status = 'failed', failure_code = :c, failure_message = :m, updated_at = now()"
+            " WHERE id = :id AND status IN ('pending', 'failed')"
+        ),
+        {"id": found.id, "c": code, "m": message},
+    )
+    return int(found.id)
+
+
+async def bind_checkout_session(conn: AsyncConnection, purchase: int, session: str, payment_intent: str | None) -> None:
+    """A Checkout Session paying a purchase, still awaiting an asynchronous payment: remember both ids."""
+    await conn.execute(
+        text(
+            "UPDATE purchases SET checkout_session = :cs, payment_intent = coalesce(:pi, payment_intent),"
+            " updated_at = now() WHERE id = :id AND status IN ('pending', 'failed')"
+        ),
+        {"id": purchase, "cs": session, "pi": payment_intent},
+    )
+
+
+# --- pricing versions (admin) ----------------------------------------------------------------------
+
+
+def _parse_rate(raw: str, field: str, *, upto_one: bool) -> Decimal:
+    """A fraction with at most 6 decimals (the column's scale: never rounded silently)."""
+    value = money_field(raw, field, negative=None)
+    assert value is not None
+    if value != value.quantize(Decimal("0.000001")):
+        raise invalid("too_precise", f"`{field}` has more than 6 decimal places.", field)
+    if value < 0 or value > 1 or (value == 1 and not upto_one):
+        raise invalid("invalid_rate", f"`{field}` is a fraction from 0 to {'1' if upto_one else 'below 1'}.", field)
+    return value
+
+
+def _parse_amount(raw: str, field: str) -> Decimal:
+    value = money_field(raw, field)
+    assert value is not None
+    return value
+
+
+def pricing_view(row: Row[Any], pricing: fees.Pricing) -> s.PricingVersion:
+    return s.PricingVersion(
+        id=public_id("price", pricing.version_id),
+        effective_from=pricing.effective_from,
+        card_rate=_rate(pricing.card_rate),
+        card_minimum=format_money(pricing.card_minimum),
+        crypto_rate=_rate(pricing.crypto_rate),
+        crypto_minimum=format_money(pricing.crypto_minimum),
+        min_purchase=format_money(pricing.min_purchase),
+        max_purchase=format_money(pricing.max_purchase),
+        volume_window_days=pricing.volume_window_days,
+        tiers=[_tier(t) for t in sorted(pricing.tiers, key=lambda t: t.min_volume)],
+        created_by=row.created_by,
+        created_at=row.created_at,
+    )
+
+
+async def create_pricing_version(ctx: Context, principal: Principal, data: s.CreatePricingVersion) -> s.PricingVersion:
+    """A new version of the purchase rules from `effective_from`; purchases priced before keep theirs."""
+    if data.effective_from.tzinfo is None:
+        raise invalid("timezone_required", "`effective_from` must carry a UTC offset.", "effective_from")
+    amounts = {
+        field: _parse_amount(getattr(data, field), field)
+        for field in ("min_purchase", "max_purchase", "card_minimum", "crypto_minimum")
+    }
+    for field, value in amounts.items():
+        if not fees.is_whole_cents(value):
+            raise invalid("amount_not_whole_cents", f"`{field}` is charged in whole cents: at most 2 decimals.", field)
+    low, high = amounts["min_purchase"], amounts["max_purchase"]
+    values = {
+        "t": data.effective_from,
+        "cr": _parse_rate(data.card_rate, "card_rate", upto_one=False),
+        "cm": amounts["card_minimum"],
+        "xr": _parse_rate(data.crypto_rate, "crypto_rate", upto_one=False),
+        "xm": amounts["crypto_minimum"],
+        "lo": low,
+        "hi": high,
+        "w": data.volume_window_days,
+        "by": principal.actor,
+    }
+    if low <= 0 or high < low:
+        raise invalid("invalid_purchase_bounds", "Need 0 < `min_purchase` <= `max_purchase`.", "min_purchase")
+    tiers = [
+        (
+            t.name,
+            _parse_amount(t.min_volume, "tiers.min_volume"),
+            _parse_rate(t.fee_discount, "tiers.fee_discount", upto_one=True),
+        )
+        for t in data.tiers
+    ]
+    if len({v for _, v, _ in tiers}) != len(tiers):
+        raise invalid("duplicate_tier", "Two tiers start at the same `min_volume`.", "tiers")
+    async with ctx.db.begin() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "INSERT INTO pricing_versions (effective_from, card_rate, card_minimum, crypto_rate, crypto_minimum,"
+                    " min_purchase, max_purchase, volume_window_days, created_by)"
+                    " VALUES (:t, :cr, :cm, :xr, :xm, :lo, :hi, :w, :by) RETURNING *"
+                ),
+                values,
+            )
+        ).one()
+        for name, volume, discount in tiers:
+            await conn.execute(
+                text(
+                    "INSERT INTO discount_tiers (pricing_version_id, name, min_volume, fee_discount)"
+                    " VALUES (:v, :n, :m, :d)"
+                ),
+                {"v": row.id, "n": name, "m": volume, "d": discount},
+            )
+        return pricing_view(row, await _pricing(conn, row))
+
+
+async def list_pricing_versions(ctx: Context) -> ListOf[s.PricingVersion]:
+    async with ctx.db.connect() as conn:
+        rows = (await conn.execute(text("SELECT * FROM pricing_versions ORDER BY effective_from DESC, id DESC"))).all()
+        return ListOf(data=[pricing_view(r, await _pricing(conn, r)) for r in rows], has_more=False)

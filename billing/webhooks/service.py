@@ -1,0 +1,163 @@
+"""Stripe events: recorded once by event id, dispatched by type, handled in the same transaction.
+
+Stripe delivers at least once, in any order, and retries for days. So:
+- the `stripe_events` row (primary key: the event id) is inserted first, in the transaction that handles
+  the event: a concurrent duplicate waits on it and then sees the event as already received; a handling
+  failure rolls the row back too, the endpoint answers 5xx, and Stripe's retry handles it afresh;
+- money moves only through `fulfil_payment`, keyed by the PaymentIntent, so two different events for one
+  payment (a PaymentIntent and its Checkout Session) still credit it once;
+- an unknown event type is recorded as `ignored`; an event no purchase matches is kept as `needs_review`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing.context import Context
+from billing.purchases import service as purchases
+from billing.purchases.service import Payment, Result
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    status: str  # processed | ignored | needs_review
+    outcome: str
+    purchase_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    event: str
+    type: str
+    status: str
+    outcome: str
+    duplicate: bool
+
+
+Handler = Callable[[Context, AsyncConnection, str, dict[str, Any]], Awaitable[Handled]]
+
+
+def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _id(value: Any) -> str | None:
+    """A Stripe reference, expanded or not."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+def _fulfilled(f: purchases.Fulfilment) -> Handled:
+    if f.result is Result.NEEDS_REVIEW:
+        return Handled("needs_review", f.reason or "needs review", f.purchase_id)
+    return Handled("processed", f.result.value, f.purchase_id)
+
+
+async def payment_intent_succeeded(ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any]) -> Handled:
+    """Credit the payment (once)."""
+    received = pi.get("amount_received", pi.get("amount"))
+    if not isinstance(received, int):
+        return Handled("needs_review", "payment intent without an integer amount")
+    payment = Payment(
+        payment_intent=pi["id"],
+        amount_cents=received,
+        currency=str(pi.get("currency", "")),
+        purchase_id=_metadata(pi).get("purchase_id"),
+        source=f"stripe_event:{event_id}",
+    )
+    return _fulfilled(await purchases.fulfil_payment(ctx, payment, conn=conn))
+
+
+async def payment_intent_failed(ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any]) -> Handled:
+    """Mark the purchase failed (no money moved; a purchase already paid stays paid)."""
+    error = pi.get("last_payment_error") or {}
+    purchase = await purchases.fail_payment(
+        conn, pi["id"], _metadata(pi).get("purchase_id"), error.get("code"), error.get("message")
+    )
+    if purchase is None:
+        return Handled("needs_review", "no purchase matches this payment")
+    return Handled("processed", "payment_failed", purchase)
+
+
+async def checkout_session_paid(ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any]) -> Handled:
+    """`checkout.session.completed` (paid now, or awaiting an asynchronous payment) and
+    `checkout.session.async_payment_succeeded`: credit the session's PaymentIntent once."""
+    payment_intent = _id(session.get("payment_intent"))
+    purchase_id = _metadata(session).get("purchase_id") or session.get("client_reference_id")
+    if session.get("payment_status") != "paid":
+        found = await purchases.find_purchase(conn, payment_intent, purchase_id)
+        if found is None:
+            return Handled("needs_review", "no purchase matches this checkout session")
+        await purchases.bind_checkout_session(conn, found.id, session["id"], payment_intent)
+        return Handled("processed", "awaiting_payment", found.id)
+    amount = session.get("amount_total")
+    if payment_intent is None or not isinstance(amount, int):
+        return Handled("needs_review", "paid checkout session without a payment intent or amount")
+    payment = Payment(
+        payment_intent=payment_intent,
+        amount_cents=amount,
+        currency=str(session.get("currency", "")),
+        purchase_id=purchase_id,
+        source=f"stripe_event:{event_id}",
+        checkout_session=session["id"],
+    )
+    return _fulfilled(await purchases.fulfil_payment(ctx, payment, conn=conn))
+
+
+async def checkout_session_failed(
+    ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any]
+) -> Handled:
+    """`checkout.session.async_payment_failed`: the purchase failed (no money moved)."""
+    purchase_id = _metadata(session).get("purchase_id") or session.get("client_reference_id")
+    purchase = await purchases.fail_payment(
+        conn, _id(session.get("payment_intent")), purchase_id, "async_payment_failed", "The payment did not complete."
+    )
+    if purchase is None:
+        return Handled("needs_review", "no purchase matches this checkout session")
+    return Handled("processed", "payment_failed", purchase)
+
+
+HANDLERS: dict[str, Handler] = {
+    "payment_intent.succeeded": payment_intent_succeeded,
+    "payment_intent.payment_failed": payment_intent_failed,
+    "checkout.session.completed": checkout_session_paid,
+    "checkout.session.async_payment_succeeded": checkout_session_paid,
+    "checkout.session.async_payment_failed": checkout_session_failed,
+}
+
+
+async def receive(ctx: Context, event: dict[str, Any]) -> Receipt:
+    """Record and handle one verified event, exactly once per event id."""
+    event_id, type_ = event["id"], event["type"]
+    async with ctx.db.begin() as conn:
+        claimed = await conn.scalar(
+            text(
+                "INSERT INTO stripe_events (id, type, status, outcome, payload)"
+                " VALUES (:id, :type, 'processed', 'received', CAST(:payload AS jsonb))"
+                " ON CONFLICT (id) DO NOTHING RETURNING true"
+            ),
+            {"id": event_id, "type": type_, "payload": msgspec.json.encode(event).decode()},
+        )
+        if not claimed:
+            row = (
+                await conn.execute(text("SELECT status, outcome FROM stripe_events WHERE id = :id"), {"id": event_id})
+            ).one()
+            return Receipt(event_id, type_, row.status, row.outcome, duplicate=True)
+        handler = HANDLERS.get(type_)
+        if handler is None:
+            handled = Handled("ignored", "event type not handled")
+        else:
+            handled = await handler(ctx, conn, event_id, event["data"]["object"])
+        await conn.execute(
+            text("UPDATE stripe_events SET status = :s, outcome = :o, purchase_id = :p WHERE id = :id"),
+            {"s": handled.status, "o": handled.outcome, "p": handled.purchase_id, "id": event_id},
+        )
+    return Receipt(event_id, type_, handled.status, handled.outcome, duplicate=False)
