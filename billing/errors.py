@@ -29,6 +29,12 @@ REFUSAL_STATUS: dict[str, tuple[int, str]] = {
     outcomes.AMOUNT_NOT_WHOLE_CENTS: (400, INVALID_REQUEST),
     outcomes.PURCHASE_BELOW_MINIMUM: (400, INVALID_REQUEST),
     outcomes.PURCHASE_ABOVE_MAXIMUM: (400, INVALID_REQUEST),
+    # A refund the purchase's state does not allow: stored like any outcome, so a retry answers the same.
+    outcomes.PURCHASE_NOT_PAID: (409, INVALID_REQUEST),
+    outcomes.CRYPTO_NOT_REFUNDABLE: (409, INVALID_REQUEST),
+    outcomes.REFUND_WINDOW_CLOSED: (409, INVALID_REQUEST),
+    outcomes.NOTHING_LEFT_TO_REFUND: (409, INVALID_REQUEST),
+    outcomes.REFUND_EXCEEDS_REMAINING: (409, INVALID_REQUEST),
 }
 
 

@@ -122,3 +122,16 @@ async def full_snapshot(engine: AsyncEngine) -> dict[str, Any]:
             await conn.execute(text("SELECT string_agg(public_id || ':' || status, ',' ORDER BY id) FROM purchases"))
         ).scalar()
     return snap
+
+
+async def pay_at_emulator(api_base: str, payment_intent: str, number: str = "4242424242424242") -> None:
+    """What Stripe.js does in the browser: a card, attached to the PaymentIntent, confirmed (SDK → emulator)."""
+    from billing.settings import Settings
+    from billing.stripe_client import make_stripe
+
+    sdk = make_stripe(Settings(stripe_api_key=LOCAL_API_KEY, stripe_api_base=api_base))
+    assert sdk is not None
+    card = {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+    method = await sdk.v1.payment_methods.create_async({"type": "card", "card": card})  # type: ignore[typeddict-item]
+    await sdk.v1.payment_intents.update_async(payment_intent, {"payment_method": method.id})
+    await sdk.v1.payment_intents.confirm_async(payment_intent)

@@ -455,3 +455,30 @@ class StripeEventRow(Base):
     purchase_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("purchases.id"))
     payload: Mapped[Any] = mapped_column(JSONB)
     received_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+
+
+class RefundRow(Base):
+    """Money given back for a purchase, one journal entry each: `amount` of credits taken back and
+    `fee_amount` of fee revenue reversed (only ever by a refund Stripe reports, never by the API)."""
+
+    __tablename__ = "refunds"
+    __table_args__ = (
+        CheckConstraint("source IN ('api', 'stripe')", name="source"),
+        CheckConstraint("amount >= 0 AND fee_amount >= 0 AND amount_cents > 0", name="amounts"),
+        CheckConstraint("amount_cents = (amount + fee_amount) * 100", name="cents"),
+        Index("ix_refunds_purchase_id", "purchase_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    public_id: Mapped[str] = mapped_column(Text, unique=True)
+    purchase_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("purchases.id"))
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    fee_amount: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(Text)
+    stripe_refund: Mapped[str | None] = mapped_column(Text, unique=True)
+    entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))

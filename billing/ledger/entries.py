@@ -184,3 +184,62 @@ def expiry(customer: Customer, lots: Iterable[LotBalance], now: datetime) -> Ent
         postings=(*(Posting(customer, -lot.remaining, lot.id) for lot in expired), Posting(Platform.BREAKAGE, total)),
         description=f"expiry of {len(expired)} lot(s): {format_money(total)} USD to breakage",
     )
+
+
+def refund(
+    customer: Customer, *, credits: Decimal, lot: int, purchase_id: str, reason: str | None, actor: str
+) -> Entry:
+    """A refund asked through the API (SPEC §5): unused credits of one purchase go back to its payment
+    method, out of that purchase's lot. The fee is never refunded, so only credits move."""
+    if credits <= 0:
+        raise Refused(outcomes.AMOUNT_MUST_BE_POSITIVE, "A refund must be a positive amount.")
+    return Entry(
+        kind=EntryKind.REFUND,
+        customer=customer,
+        postings=(Posting(customer, -credits, lot), Posting(Platform.REFUNDS, credits)),
+        credits_delta=-credits,
+        description=f"refund of {format_money(credits)} USD of purchase {purchase_id}",
+        reason=reason,
+        actor=actor,
+    )
+
+
+def clawback(
+    customer: Customer,
+    *,
+    credits: Decimal,
+    fee: Decimal,
+    purchase_lot: LotBalance | None,
+    lots: Iterable[LotBalance],
+    now: datetime,
+    to: Platform,
+    kind: EntryKind,
+    description: str,
+) -> Entry:
+    """Money Stripe gave back or took back (a refund made in its dashboard, a dispute): the credits come out
+    of the purchase's own lot first, then other live lots soonest-expiring first, and what no lot covers
+    becomes debt — the account may go negative (SPEC §5). A returned fee reverses fee revenue.
+    """
+    if credits < 0 or fee < 0 or credits + fee <= 0:
+        raise ValueError("a clawback takes back a positive amount")
+    postings: list[Posting] = []
+    left = credits
+    if purchase_lot is not None and purchase_lot.expires_at > now and purchase_lot.remaining > 0:
+        part = min(purchase_lot.remaining, left)
+        postings.append(Posting(customer, -part, purchase_lot.id))
+        left -= part
+    others = [lot for lot in lots if purchase_lot is None or lot.id != purchase_lot.id]
+    taken, shortfall = consume(others, left, now) if left else ([], left)
+    postings += [Posting(customer, -part, lot_id) for lot_id, part in taken]
+    if shortfall:
+        postings.append(Posting(customer, -shortfall, None))
+    if fee:
+        postings.append(Posting(Platform.PURCHASE_FEE_REVENUE, -fee))
+    postings.append(Posting(to, credits + fee))
+    return Entry(
+        kind=kind,
+        customer=customer,
+        postings=tuple(postings),
+        credits_delta=-credits,
+        description=description,
+    )

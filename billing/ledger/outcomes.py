@@ -27,3 +27,10 @@ INSUFFICIENT_CREDITS = "insufficient_credits"
 AMOUNT_NOT_WHOLE_CENTS = "amount_not_whole_cents"
 PURCHASE_BELOW_MINIMUM = "purchase_below_minimum"
 PURCHASE_ABOVE_MAXIMUM = "purchase_above_maximum"
+
+# Refunds (billing/purchases/refunds.py), in their order of precedence.
+PURCHASE_NOT_PAID = "purchase_not_paid"
+CRYPTO_NOT_REFUNDABLE = "crypto_not_refundable"
+REFUND_WINDOW_CLOSED = "refund_window_closed"
+NOTHING_LEFT_TO_REFUND = "nothing_left_to_refund"
+REFUND_EXCEEDS_REMAINING = "refund_exceeds_remaining"

@@ -95,6 +95,33 @@ class PurchaseController(Controller):
     async def get_purchase(self, purchase_id: FromPath[str], ctx: Ctx, request: Request) -> s.Purchase:
         return await service.get_purchase(ctx, request.user, purchase_id)
 
+    @post(
+        "/{purchase_id:str}/refunds",
+        summary="Refund unused credits of a card purchase (within 24 hours; never the fee, never crypto)",
+        description="409 when the rules refuse: `purchase_not_paid`, `crypto_not_refundable`, "
+        "`refund_window_closed`, `nothing_left_to_refund`, `refund_exceeds_remaining`.",
+        responses=error_responses(400, 401, 403, 404, 409, 503),
+        status_code=201,
+    )
+    async def create_refund(
+        self,
+        purchase_id: FromPath[str],
+        data: JSONBody[s.CreateRefund],
+        ctx: Ctx,
+        request: Request,
+        idempotency_key: IdempotencyKey,
+    ) -> Response[s.RefundCreated]:
+        outcome = await service.refund_purchase(
+            ctx,
+            request.user,
+            purchase_id,
+            data,
+            stripe_client=request.app.state.stripe,
+            idempotency_key=require_key(idempotency_key),
+            path=request.url.path,
+        )
+        return money_response(outcome)
+
 
 class PricingController(Controller):
     path = "/v1/pricing_versions"

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from billing.schemas import MoneyStr
+from billing.schemas import MoneyStr, Reason
 
 MethodField = Annotated[
     Literal["card", "crypto"],
@@ -72,6 +72,30 @@ class LotLeft(msgspec.Struct):
     expired: bool
 
 
+class RefundOut(msgspec.Struct):
+    """Money given back for a purchase: `amount` of credits taken back, `fee_amount` of fee returned (only
+    when Stripe reports a refund that included it), `source` `api` or `stripe` (e.g. its dashboard)."""
+
+    id: str
+    purchase: str
+    amount: str
+    fee_amount: str
+    total: str
+    source: str
+    stripe_refund: str | None
+    entry: str
+    reason: str | None
+    created_at: datetime
+    object: str = "refund"
+
+
+class CreateRefund(msgspec.Struct, forbid_unknown_fields=True):
+    amount: Annotated[
+        str | None, msgspec.Meta(description="Credits to refund (whole cents); default: all that is left.")
+    ] = None
+    reason: Reason | None = None
+
+
 class Purchase(msgspec.Struct):
     id: str
     account: str
@@ -93,9 +117,17 @@ class Purchase(msgspec.Struct):
     entry: str | None
     failure_code: str | None
     failure_message: str | None
+    refunded: str
+    refunds: list[RefundOut]
     created_at: datetime
     paid_at: datetime | None
     object: str = "purchase"
+
+
+class RefundCreated(msgspec.Struct):
+    refund: RefundOut
+    purchase: Purchase
+    object: str = "refund_created"
 
 
 class CreatedPurchase(msgspec.Struct):

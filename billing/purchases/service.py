@@ -29,10 +29,10 @@ from billing.db.journal import Rider
 from billing.errors import API, ApiError, from_refusal, invalid, not_found
 from billing.idempotency import Outcome, fingerprint, run_once
 from billing.ledger import entries
-from billing.ledger.model import Customer
+from billing.ledger.model import Customer, EntryKind, LotBalance, Platform
 from billing.ledger.money import format_money
 from billing.ledger.outcomes import Refused
-from billing.purchases import fees
+from billing.purchases import fees, refunds
 from billing.purchases import schemas as s
 from billing.schemas import ListOf, money_field, public_id
 from billing.stripe_client import CURRENCY, payment_method_params
@@ -41,7 +41,10 @@ MAX_PAGE = 100
 
 PURCHASE_COLUMNS = (
     "p.*, a.public_id AS account_public, l.amount AS lot_amount, l.remaining AS lot_remaining,"
-    " l.expires_at AS lot_expires_at"
+    " l.expires_at AS lot_expires_at, (SELECT coalesce(json_agg(json_build_object('id', r.public_id,"
+    " 'amount', r.amount::text, 'fee_amount', r.fee_amount::text, 'source', r.source, 'stripe_refund',"
+    " r.stripe_refund, 'entry_id', r.entry_id, 'reason', r.reason, 'created_at', r.created_at) ORDER BY r.id),"
+    " '[]') FROM refunds r WHERE r.purchase_id = p.id) AS refund_list"
 )
 PURCHASE_FROM = "purchases p JOIN accounts a ON a.id = p.account_id LEFT JOIN lots l ON l.id = p.lot_id"
 
@@ -190,8 +193,27 @@ def purchase_view(r: Row[Any], now: datetime) -> s.Purchase:
         entry=public_id("je", r.entry_id) if r.entry_id else None,
         failure_code=r.failure_code,
         failure_message=r.failure_message,
+        refunded=format_money(sum((Decimal(x["amount"]) for x in r.refund_list), Decimal(0))),
+        refunds=[refund_view(x, r.public_id) for x in r.refund_list],
         created_at=r.created_at,
         paid_at=r.paid_at,
+    )
+
+
+def refund_view(r: dict[str, Any], purchase: str) -> s.RefundOut:
+    amount, fee = Decimal(r["amount"]), Decimal(r["fee_amount"])
+    created = r["created_at"]
+    return s.RefundOut(
+        id=r["id"],
+        purchase=purchase,
+        amount=format_money(amount),
+        fee_amount=format_money(fee),
+        total=format_money(amount + fee),
+        source=r["source"],
+        stripe_refund=r["stripe_refund"],
+        entry=public_id("je", r["entry_id"]),
+        reason=r["reason"],
+        created_at=created if isinstance(created, datetime) else datetime.fromisoformat(created),
     )
 
 
@@ -254,7 +276,7 @@ async def create_purchase(
                     " created_by) VALUES (:pid, :a, :m, 'pending', :amount, :fee, :fee0, :tier, :disc, :total, :ver,"
                     " :pi, :by) RETURNING *)"
                     " SELECT p.*, :acct AS account_public, NULL::numeric AS lot_amount, NULL::numeric AS lot_remaining,"
-                    " NULL::timestamptz AS lot_expires_at FROM p"
+                    " NULL::timestamptz AS lot_expires_at, '[]'::json AS refund_list FROM p"
                 ),
                 {
                     "pid": purchase_id,
@@ -591,3 +613,167 @@ async def list_pricing_versions(ctx: Context) -> ListOf[s.PricingVersion]:
     async with ctx.db.connect() as conn:
         rows = (await conn.execute(text("SELECT * FROM pricing_versions ORDER BY effective_from DESC, id DESC"))).all()
         return ListOf(data=[pricing_view(r, await _pricing(conn, r)) for r in rows], has_more=False)
+
+
+# --- refunds ---------------------------------------------------------------------------------------
+
+
+async def _purchase_row(conn: AsyncConnection, principal: Principal, purchase: str) -> Row[Any]:
+    r = (
+        await conn.execute(
+            text(f"SELECT {PURCHASE_COLUMNS} FROM {PURCHASE_FROM} WHERE p.public_id = :p"), {"p": purchase}
+        )
+    ).first()
+    if r is None or not principal.may_see(r.account_id):
+        raise not_found("purchase", purchase)
+    return r
+
+
+async def _lot(conn: AsyncConnection, lot_id: int | None) -> LotBalance | None:
+    if lot_id is None:
+        return None
+    row = (await conn.execute(text("SELECT id, remaining, expires_at FROM lots WHERE id = :id"), {"id": lot_id})).one()
+    return LotBalance(row.id, row.remaining, row.expires_at)
+
+
+def _refund_rider(
+    *, public: str, purchase: int, account: int, credits: Decimal, fee: Decimal, source: str,
+    stripe_refund: str | None, reason: str | None, actor: str,
+) -> Rider:  # fmt: skip
+    return Rider(
+        "refund",
+        "INSERT INTO refunds (public_id, purchase_id, account_id, amount, fee_amount, amount_cents, source,"
+        " stripe_refund, entry_id, reason, created_by) SELECT :r_pub, :r_purchase, :r_account, :r_amount, :r_fee,"
+        " :r_cents, :r_source, :r_stripe, e.id, :r_reason, :r_by FROM e",
+        {
+            "r_pub": public,
+            "r_purchase": purchase,
+            "r_account": account,
+            "r_amount": credits,
+            "r_fee": fee,
+            "r_cents": fees.to_cents(credits + fee),
+            "r_source": source,
+            "r_stripe": stripe_refund,
+            "r_reason": reason,
+            "r_by": actor,
+        },
+    )
+
+
+async def refund_purchase(
+    ctx: Context,
+    principal: Principal,
+    purchase: str,
+    data: s.CreateRefund,
+    *,
+    stripe_client: stripe.StripeClient | None,
+    idempotency_key: str,
+    path: str,
+) -> Outcome:
+    """Refund unused credits of a card purchase within 24 hours, to its payment method, never the fee
+    (SPEC §5). Stripe refunds first (idempotently), then one `refund` entry takes the credits out of the
+    purchase's lot, in the same transaction, under the account's lock.
+
+    Should the commit fail after Stripe refunded, Stripe's `charge.refunded` event reflects the refund
+    through `reflect_stripe_refunds`, so the ledger still ends up right.
+    """
+    if stripe_client is None:
+        raise ApiError(503, API, "stripe_not_configured", "Payments are not configured (STRIPE_API_KEY).")
+    requested = None if data.amount is None else _amount(data.amount)
+    body = msgspec.json.encode(data)
+    scope = principal.idempotency_scope
+    refund_id = "ref_" + purchase_public_id(scope, idempotency_key, fingerprint("POST", path, body))[4:]
+
+    async def work(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
+        state = await ctx.journal.lock_customer(conn, Customer(found.account_id))
+        p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id FOR UPDATE"), {"id": found.id})).one()
+        lot = await _lot(conn, p.lot_id)
+        now = clock.now()
+        credits = refunds.refundable(
+            status=p.status,
+            method=p.method,
+            paid_at=p.paid_at,
+            now=now,
+            lot_remaining=lot.remaining if lot else Decimal(0),
+            lot_expired=lot is not None and lot.expires_at <= now,
+            requested=requested,
+        )
+        assert lot is not None
+        try:
+            stripe_refund = await stripe_client.v1.refunds.create_async(
+                {
+                    "payment_intent": p.payment_intent,
+                    "amount": fees.to_cents(credits),
+                    "metadata": {"purchase_id": p.public_id, "refund_id": refund_id},
+                },
+                {"idempotency_key": f"billing-{refund_id}"},
+            )
+        except stripe.StripeError as exc:
+            raise stripe_unavailable(exc) from exc
+        entry = entries.refund(
+            Customer(p.account_id), credits=credits, lot=lot.id, purchase_id=p.public_id, reason=data.reason,
+            actor=principal.actor,
+        )  # fmt: skip
+        rider = _refund_rider(
+            public=refund_id, purchase=p.id, account=p.account_id, credits=credits, fee=Decimal(0), source="api",
+            stripe_refund=stripe_refund.id, reason=data.reason, actor=principal.actor,
+        )  # fmt: skip
+        await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+        fresh = await _purchase_row(conn, principal, purchase)
+        view = purchase_view(fresh, now)
+        [made] = [x for x in view.refunds if x.id == refund_id]
+        return 201, msgspec.to_builtins(s.RefundCreated(refund=made, purchase=view))
+
+    async with ctx.db.begin() as conn:
+        found = await _purchase_row(conn, principal, purchase)
+        return await run_once(
+            conn, scope=scope, key=idempotency_key, method="POST", path=path, canonical_body=body, work=work
+        )
+
+
+async def reflect_stripe_refunds(
+    ctx: Context, conn: AsyncConnection, *, payment_intent: str | None, purchase_id: str | None,
+    amount_refunded_cents: int, stripe_refund: str | None, source: str,
+) -> Fulfilment:  # fmt: skip
+    """Bring the ledger up to what Stripe says was refunded on a payment in total (`charge.refunded`
+    carries the cumulative amount, so repeats and re-ordered events change nothing). What the ledger has
+    not booked yet — a refund made in Stripe's dashboard — is clawed back: credits first (the purchase's
+    lot, then other lots, then debt), then the fee (fee revenue reversed)."""
+    found = await find_purchase(conn, payment_intent, purchase_id)
+    if found is None:
+        return Fulfilment(Result.NEEDS_REVIEW, reason="no purchase matches this refund")
+    state = await ctx.journal.lock_customer(conn, Customer(found.account_id))
+    p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id FOR UPDATE"), {"id": found.id})).one()
+    if p.status != "succeeded":
+        return Fulfilment(Result.NEEDS_REVIEW, p.id, reason=f"refund of purchase {p.public_id}, which is {p.status}")
+    booked = (
+        await conn.execute(
+            text(
+                "SELECT coalesce(sum(amount), 0) AS credits, coalesce(sum(fee_amount), 0) AS fee,"
+                " coalesce(sum(amount_cents), 0) AS cents FROM refunds WHERE purchase_id = :id"
+            ),
+            {"id": p.id},
+        )
+    ).one()
+    missing = amount_refunded_cents - int(booked.cents)
+    if missing <= 0:
+        return Fulfilment(Result.ALREADY_CREDITED, p.id, reason="refund already in the ledger")
+    if amount_refunded_cents > fees.to_cents(p.total):
+        return Fulfilment(Result.NEEDS_REVIEW, p.id, reason=f"Stripe refunded more than purchase {p.public_id} charged")
+    money = fees.from_cents(missing)
+    credits = min(money, p.amount - booked.credits)
+    fee = money - credits
+    now = clock.now()
+    lot = await _lot(conn, p.lot_id)
+    entry = entries.clawback(
+        Customer(p.account_id), credits=credits, fee=fee, purchase_lot=lot, lots=state.lots, now=now,
+        to=Platform.REFUNDS, kind=EntryKind.REFUND,
+        description=f"refund of {format_money(money)} USD of purchase {p.public_id} made at Stripe",
+    )  # fmt: skip
+    public = "ref_" + hashlib.sha256(f"{source}\n{p.id}\n{amount_refunded_cents}".encode()).hexdigest()[:24]
+    rider = _refund_rider(
+        public=public, purchase=p.id, account=p.account_id, credits=credits, fee=fee, source="stripe",
+        stripe_refund=stripe_refund, reason="refunded at Stripe", actor=source,
+    )  # fmt: skip
+    posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+    return Fulfilment(Result.CREDITED, p.id, posted.entry_id)

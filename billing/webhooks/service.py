@@ -125,7 +125,29 @@ async def checkout_session_failed(
     return Handled("processed", "payment_failed", purchase)
 
 
+async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, charge: dict[str, Any]) -> Handled:
+    """`charge.refunded`: book what Stripe refunded in total that the ledger has not (a dashboard refund);
+    refunds made through the API are already booked, so their events change nothing."""
+    refunded = charge.get("amount_refunded")
+    if not isinstance(refunded, int):
+        return Handled("needs_review", "charge without an integer amount_refunded")
+    result = await purchases.reflect_stripe_refunds(
+        ctx,
+        conn,
+        payment_intent=_id(charge.get("payment_intent")),
+        purchase_id=_metadata(charge).get("purchase_id"),
+        amount_refunded_cents=refunded,
+        stripe_refund=None,  # the charge's cumulative amount is the key; its refund list may be elided
+        source=f"stripe_event:{event_id}",
+    )
+    if result.result is Result.NEEDS_REVIEW:
+        return Handled("needs_review", result.reason or "needs review", result.purchase_id)
+    outcome = "refund_booked" if result.result is Result.CREDITED else "refund_already_booked"
+    return Handled("processed", outcome, result.purchase_id)
+
+
 HANDLERS: dict[str, Handler] = {
+    "charge.refunded": charge_refunded,
     "payment_intent.succeeded": payment_intent_succeeded,
     "payment_intent.payment_failed": payment_intent_failed,
     "checkout.session.completed": checkout_session_paid,

@@ -1,0 +1,280 @@
+"""Refunds (SPEC §5): unused credits of a card purchase, within 24 hours, to the original payment method,
+never the fee, never crypto, never more than what is left of the purchase's lot; and refunds made at Stripe
+(its dashboard) reflected in the ledger once, even into debt."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing.ledger import entries
+from billing.ledger.model import Customer, EntryKind, LotBalance, Platform, Posting
+from billing.ledger.outcomes import Refused
+from billing.purchases.refunds import refundable
+from billing.stripe_client import LOCAL_API_KEY
+from tests.conftest import ADMIN, Api, key
+from tests.purchases.conftest import buy, pay
+from tests.stripe_helpers import event, full_snapshot, pay_at_emulator, signed_headers
+
+D = Decimal
+PAID = datetime(2027, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def rules(**overrides: Any) -> Decimal:
+    args: dict[str, Any] = {
+        "status": "succeeded",
+        "method": "card",
+        "paid_at": PAID,
+        "now": PAID + timedelta(hours=1),
+        "lot_remaining": D("15"),
+        "lot_expired": False,
+        "requested": None,
+        **overrides,
+    }
+    return refundable(**args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({"status": "pending", "method": "crypto"}, "purchase_not_paid"),  # precedence: not paid first
+        ({"method": "crypto", "now": PAID + timedelta(days=2)}, "crypto_not_refundable"),
+        ({"now": PAID + timedelta(hours=24, microseconds=1)}, "refund_window_closed"),
+        ({"requested": D("0")}, "amount_must_be_positive"),
+        ({"requested": D("1.005")}, "amount_not_whole_cents"),
+        ({"lot_remaining": D("0.009")}, "nothing_left_to_refund"),
+        ({"lot_expired": True}, "nothing_left_to_refund"),
+        ({"requested": D("15.01")}, "refund_exceeds_remaining"),
+    ],
+)
+def test_refund_rules_refuse(overrides: dict[str, Any], code: str) -> None:
+    with pytest.raises(Refused) as refused:
+        rules(**overrides)
+    assert refused.value.code == code
+
+
+def test_refund_rules_allow() -> None:
+    assert rules(now=PAID + timedelta(hours=24)) == D("15")  # the 24th hour itself is inside the window
+    assert rules(requested=D("15")) == D("15")  # exactly what is left
+    assert rules(lot_remaining=D("7.123456789012")) == D("7.12")  # all that is left, in whole cents
+
+
+def test_clawback_takes_the_purchase_lot_then_other_lots_then_debt_and_reverses_the_fee() -> None:
+    c = Customer(5)
+    now = PAID
+    purchase_lot = LotBalance(1, D("4"), now + timedelta(days=300))
+    other = LotBalance(2, D("6"), now + timedelta(days=10))
+    entry = entries.clawback(
+        c, credits=D("15"), fee=D("0.83"), purchase_lot=purchase_lot, lots=[purchase_lot, other], now=now,
+        to=Platform.REFUNDS, kind=EntryKind.REFUND, description="x",
+    )  # fmt: skip
+    assert entry.postings == (
+        Posting(c, D("-4"), 1),
+        Posting(c, D("-6"), 2),
+        Posting(c, D("-5"), None),  # debt: the account goes negative
+        Posting(Platform.PURCHASE_FEE_REVENUE, D("-0.83")),
+        Posting(Platform.REFUNDS, D("15.83")),
+    )
+    assert entry.credits_delta == D("-15") and entry.balance_delta == D("-15")
+
+
+async def paid_purchase(
+    api: Api, client: AsyncTestClient, localstripe: str, amount: str = "15.00"
+) -> tuple[str, dict[str, Any]]:
+    """A purchase really paid at the emulator (so Stripe can refund it), credited by its webhook."""
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, amount))["purchase"]
+    await pay_at_emulator(localstripe, p["payment_intent"])
+    assert (await pay(client, p))["outcome"] == "credited"
+    return acct, p
+
+
+async def refund(client: AsyncTestClient, purchase: str, headers: dict[str, str] | None = None, **body: Any) -> Any:
+    return await client.post(f"/v1/purchases/{purchase}/refunds", json=body, headers=headers or {**ADMIN, **key()})
+
+
+async def refund_postings(engine: AsyncEngine, entry: str) -> list[tuple[str, str]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT a.public_id, p.amount FROM postings p JOIN accounts a ON a.id = p.account_id"
+                " WHERE p.entry_id = :e ORDER BY p.id"
+            ),
+            {"e": int(entry.removeprefix("je_"))},
+        )
+        return [(r[0], f"{r[1]:.2f}") for r in rows]
+
+
+async def test_refund_unused_credits_to_the_card_never_the_fee(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
+) -> None:
+    acct, p = await paid_purchase(api, client, localstripe)
+    headers = {**ADMIN, **key()}
+    r = await refund(client, p["id"], headers, amount="5.00", reason="changed my mind")
+    assert r.status_code == 201, r.text
+    made = r.json()["refund"]
+    assert (made["amount"], made["fee_amount"], made["total"], made["source"]) == ("5.00", "0.00", "5.00", "api")
+    assert await refund_postings(engine, made["entry"]) == [(acct, "-5.00"), ("refunds", "5.00")]
+    # Stripe refunded 500 cents of the PaymentIntent: the credits, not the fee
+    at_stripe = httpx.get(f"{localstripe}/v1/refunds/{made['stripe_refund']}", auth=(LOCAL_API_KEY, "")).json()
+    assert at_stripe["amount"] == 500 and at_stripe["metadata"]["purchase_id"] == p["id"]
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["total_credits"]) == ("10.00", "10.00")
+    again = await refund(client, p["id"], headers, amount="5.00", reason="changed my mind")
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true" and again.json() == r.json()
+    # the rest: everything that is left (10.00), and then nothing
+    rest = await refund(client, p["id"])
+    assert rest.status_code == 201 and rest.json()["refund"]["amount"] == "10.00"
+    purchase = rest.json()["purchase"]
+    assert (purchase["refunded"], purchase["lot"]["remaining"], len(purchase["refunds"])) == ("15.00", "0.00", 2)
+    assert purchase["fee"] == "0.83"  # kept
+    none_left = await refund(client, p["id"])
+    assert none_left.status_code == 409 and none_left.json()["error"]["code"] == "nothing_left_to_refund"
+    assert (await api.balance(acct))["balance"] == "0.00"
+
+
+async def test_refund_never_exceeds_what_is_left_of_the_lot(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
+) -> None:
+    acct, p = await paid_purchase(api, client, localstripe, "20.00")
+    r = await client.post(
+        f"/v1/accounts/{acct}/adjustments", json={"amount": "-12.345", "reason": "usage"}, headers={**ADMIN, **key()}
+    )
+    assert r.status_code == 201
+    before = await full_snapshot(engine)
+    r = await refund(client, p["id"], amount="7.66")
+    assert r.status_code == 409, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["remaining"]) == ("refund_exceeds_remaining", "7.65")
+    after = await full_snapshot(engine)
+    assert (after["money"], after["lots"], after["counts"]["postings"]) == (
+        before["money"],
+        before["lots"],
+        before["counts"]["postings"],
+    )
+    r = await refund(client, p["id"])  # all that is left, in whole cents: 7.655 -> 7.65
+    assert r.status_code == 201 and r.json()["refund"]["amount"] == "7.65"
+    assert (await api.balance(acct))["balance"] == "0.005"
+
+
+async def test_refund_window_is_24_hours(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, clock_at: Any
+) -> None:
+    acct, p = await paid_purchase(api, client, localstripe)
+    paid_at = datetime.fromisoformat((await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()["paid_at"])
+    clock_at(paid_at + timedelta(hours=24, seconds=1))
+    r = await refund(client, p["id"])
+    assert r.status_code == 409 and r.json()["error"]["code"] == "refund_window_closed"
+    clock_at(paid_at + timedelta(hours=23, minutes=59))
+    r = await refund(client, p["id"], amount="1.00")
+    assert r.status_code == 201, r.text
+    assert (await api.balance(acct))["balance"] == "14.00"
+
+
+async def test_crypto_and_unpaid_purchases_are_not_refundable(api: Api, client: AsyncTestClient) -> None:
+    acct = (await api.account())["id"]
+    crypto = (await buy(client, acct, "10", method="crypto"))["purchase"]
+    await pay(client, crypto)
+    r = await refund(client, crypto["id"])
+    assert r.status_code == 409 and r.json()["error"]["code"] == "crypto_not_refundable"
+    pending = (await buy(client, acct, "10"))["purchase"]
+    r = await refund(client, pending["id"])
+    assert r.status_code == 409 and r.json()["error"]["code"] == "purchase_not_paid"
+    assert (await api.balance(acct))["balance"] == "10.00"
+
+
+async def test_who_may_refund(api: Api, client: AsyncTestClient, localstripe: str) -> None:
+    acct, p = await paid_purchase(api, client, localstripe, "10")
+    other = (await api.account())["id"]
+    foreign = await api.token(["account"], account=other)
+    gateway = await api.token(["gateway"])
+    assert (await refund(client, p["id"], {**foreign, **key()})).status_code == 404
+    assert (await refund(client, p["id"], {**gateway, **key()})).status_code == 403
+    own = await api.token(["account"], account=acct)
+    assert (await refund(client, p["id"], {**own, **key()}, amount="1.00")).status_code == 201
+    missing = await client.post(f"/v1/purchases/{p['id']}/refunds", json={}, headers=ADMIN)
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "idempotency_key_required"
+
+
+async def spend(api: Api, client: AsyncTestClient, account: str, cost: str) -> None:
+    """Usage as the gateway records it: a hold, then its capture."""
+    gateway = await api.token(["gateway"])
+    r = await client.post(
+        "/v1/holds", json={"request_id": uuid.uuid4().hex, "account": account, "amount": cost}, headers=gateway
+    )
+    assert r.status_code == 201, r.text
+    r = await client.post(
+        f"/v1/holds/{r.json()['id']}/capture", json={"generation_id": uuid.uuid4().hex, "cost": cost}, headers=gateway
+    )
+    assert r.status_code == 200, r.text
+
+
+def charge_refunded(p: dict[str, Any], cumulative_cents: int) -> bytes:
+    return event(
+        "charge.refunded",
+        {
+            "id": "ch_" + p["payment_intent"][3:],
+            "object": "charge",
+            "payment_intent": p["payment_intent"],
+            "amount": int(D(p["total"]) * 100),
+            "amount_refunded": cumulative_cents,
+            "refunded": True,
+            "currency": "usd",
+            "metadata": {},
+        },
+    )
+
+
+async def test_refund_made_at_stripe_is_clawed_back_once_even_into_debt(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]
+    await pay(client, p)
+    await spend(api, client, acct, "10.00")
+    # support refunds the whole charge, fee included, in Stripe's dashboard
+    payload = charge_refunded(p, 1583)
+    for _ in range(3):  # and Stripe repeats itself
+        r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+        assert r.status_code == 200
+    assert r.json()["outcome"] == "refund_booked" and r.json()["duplicate"] is True
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["total_credits"], balance["total_usage"]) == ("-10.00", "0.00", "10.00")
+    purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
+    [made] = purchase["refunds"]
+    assert (made["amount"], made["fee_amount"], made["source"]) == ("15.00", "0.83", "stripe")
+    assert await refund_postings(engine, made["entry"]) == [
+        (acct, "-5.00"),
+        (acct, "-10.00"),
+        ("purchase_fee_revenue", "-0.83"),
+        ("refunds", "15.83"),
+    ]
+    # an older event (smaller cumulative amount) arriving late changes nothing
+    late = charge_refunded(p, 500)
+    r = await client.post("/v1/stripe/webhooks", content=late, headers=signed_headers(late))
+    assert r.json()["outcome"] == "refund_already_booked"
+    assert (await api.balance(acct))["balance"] == "-10.00"
+
+
+async def test_charge_refunded_for_an_api_refund_changes_nothing(
+    api: Api, client: AsyncTestClient, localstripe: str
+) -> None:
+    acct, p = await paid_purchase(api, client, localstripe)
+    assert (await refund(client, p["id"], amount="4.00")).status_code == 201
+    payload = charge_refunded(p, 400)
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.json()["outcome"] == "refund_already_booked"
+    # a second refund of 2.00 made at Stripe later: only that is booked
+    payload = charge_refunded(p, 600)
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.json()["outcome"] == "refund_booked"
+    purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
+    assert (purchase["refunded"], [x["amount"] for x in purchase["refunds"]]) == ("6.00", ["4.00", "2.00"])
+    assert (await api.balance(acct))["balance"] == "9.00"
