@@ -482,3 +482,29 @@ class RefundRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+
+
+class DisputeRow(Base):
+    """A chargeback of a purchase, once per Stripe dispute: the clawback entry posted when it opened, and
+    the entry that gave the credits back if it was won."""
+
+    __tablename__ = "disputes"
+    __table_args__ = (
+        CheckConstraint("status IN ('open', 'won', 'lost')", name="status"),
+        CheckConstraint("amount >= 0 AND fee_amount >= 0 AND amount + fee_amount > 0", name="amounts"),
+        CheckConstraint("(status = 'won') = (reinstated_entry_id IS NOT NULL)", name="reinstated"),
+        Index("ix_disputes_purchase_id", "purchase_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    stripe_dispute: Mapped[str] = mapped_column(Text, unique=True)
+    purchase_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("purchases.id"))
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    fee_amount: Mapped[Decimal] = mapped_column(MONEY)
+    status: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
+    reinstated_entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+    closed_at: Mapped[datetime | None] = mapped_column(TS)

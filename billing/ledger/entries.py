@@ -243,3 +243,32 @@ def clawback(
         credits_delta=-credits,
         description=description,
     )
+
+
+def dispute_won(
+    customer: Customer,
+    *,
+    credits: Decimal,
+    fee: Decimal,
+    expires_at: datetime,
+    debt: Decimal,
+    reverses: int,
+    description: str,
+) -> Entry:
+    """A dispute decided for us: what its clawback took is given back — the credits as a new `paid` lot
+    (with the purchase lot's expiry; existing debt is paid from it first), the fee to fee revenue."""
+    if credits <= 0:
+        raise ValueError("a won dispute gives back credits")
+    postings = new_lot_postings(customer, credits, debt)
+    if fee:
+        postings.append(Posting(Platform.PURCHASE_FEE_REVENUE, fee))
+    postings.append(Posting(Platform.DISPUTES, -(credits + fee)))
+    return Entry(
+        kind=EntryKind.DISPUTE,
+        customer=customer,
+        postings=tuple(postings),
+        credits_delta=credits,
+        new_lot=NewLot(LotCategory.PAID, credits, expires_at),
+        description=description,
+        reverses=reverses,
+    )

@@ -777,3 +777,114 @@ async def reflect_stripe_refunds(
     )  # fmt: skip
     posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
     return Fulfilment(Result.CREDITED, p.id, posted.entry_id)
+
+
+# --- disputes --------------------------------------------------------------------------------------
+
+# Inquiries: Stripe has withdrawn no money, so the ledger does not move.
+INQUIRY_STATUSES = frozenset({"warning_needs_response", "warning_under_review", "warning_closed"})
+
+
+@dataclass(frozen=True, slots=True)
+class Dispute:
+    """A Stripe dispute as its events describe it."""
+
+    id: str
+    payment_intent: str | None
+    amount_cents: int
+    status: str
+    reason: str | None
+
+
+async def dispute_opened(ctx: Context, conn: AsyncConnection, dispute: Dispute) -> Fulfilment:
+    """Claw the disputed money back once per dispute (SPEC §5): credits from the purchase's lot, other lots,
+    then debt (the account may go negative); a disputed part beyond the credits reverses fee revenue."""
+    if dispute.status in INQUIRY_STATUSES:
+        return Fulfilment(Result.ALREADY_CREDITED, reason="inquiry: no money moved")
+    found = await find_purchase(conn, dispute.payment_intent, None)
+    if found is None:
+        return Fulfilment(Result.NEEDS_REVIEW, reason="no purchase matches this dispute")
+    state = await ctx.journal.lock_customer(conn, Customer(found.account_id))
+    p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id FOR UPDATE"), {"id": found.id})).one()
+    known = (
+        await conn.execute(text("SELECT id, entry_id FROM disputes WHERE stripe_dispute = :d"), {"d": dispute.id})
+    ).first()
+    if known is not None:
+        return Fulfilment(Result.ALREADY_CREDITED, p.id, known.entry_id, reason="dispute already booked")
+    if p.status != "succeeded":
+        return Fulfilment(Result.NEEDS_REVIEW, p.id, reason=f"dispute of purchase {p.public_id}, which is {p.status}")
+    taken = (
+        await conn.execute(
+            text(
+                "SELECT coalesce(sum(amount), 0) AS credits, coalesce(sum(fee_amount), 0) AS fee FROM ("
+                " SELECT amount, fee_amount FROM refunds WHERE purchase_id = :id UNION ALL"
+                " SELECT amount, fee_amount FROM disputes WHERE purchase_id = :id AND status <> 'won') x"
+            ),
+            {"id": p.id},
+        )
+    ).one()
+    money = fees.from_cents(dispute.amount_cents)
+    credits = min(money, p.amount - taken.credits)
+    fee = money - credits
+    if credits < 0 or fee > p.fee - taken.fee or money <= 0:
+        return Fulfilment(Result.NEEDS_REVIEW, p.id, reason=f"dispute exceeds what purchase {p.public_id} has left")
+    lot = await _lot(conn, p.lot_id)
+    entry = entries.clawback(
+        Customer(p.account_id), credits=credits, fee=fee, purchase_lot=lot, lots=state.lots, now=clock.now(),
+        to=Platform.DISPUTES, kind=EntryKind.DISPUTE,
+        description=f"dispute {dispute.id} of purchase {p.public_id}: {format_money(money)} USD taken back",
+    )  # fmt: skip
+    rider = Rider(
+        "dispute",
+        "INSERT INTO disputes (stripe_dispute, purchase_id, account_id, amount, fee_amount, status, reason, entry_id)"
+        " SELECT :d_id, :d_purchase, :d_account, :d_amount, :d_fee, 'open', :d_reason, e.id FROM e",
+        {
+            "d_id": dispute.id,
+            "d_purchase": p.id,
+            "d_account": p.account_id,
+            "d_amount": credits,
+            "d_fee": fee,
+            "d_reason": dispute.reason,
+        },
+    )
+    posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+    return Fulfilment(Result.CREDITED, p.id, posted.entry_id)
+
+
+async def dispute_closed(ctx: Context, conn: AsyncConnection, dispute: Dispute) -> Fulfilment:
+    """`won`: give back what the clawback took, once; `lost`: the clawback stands. A closing event that
+    arrives before the opening one books the opening first, so the order of events does not matter."""
+    if dispute.status in INQUIRY_STATUSES:
+        return Fulfilment(Result.ALREADY_CREDITED, reason="inquiry: no money moved")
+    opened = await dispute_opened(
+        ctx, conn, Dispute(dispute.id, dispute.payment_intent, dispute.amount_cents, "open", dispute.reason)
+    )
+    if opened.result is Result.NEEDS_REVIEW:
+        return opened
+    row = (
+        await conn.execute(text("SELECT * FROM disputes WHERE stripe_dispute = :d FOR UPDATE"), {"d": dispute.id})
+    ).one()
+    if row.status != "open" or dispute.status not in ("won", "lost"):
+        return Fulfilment(Result.ALREADY_CREDITED, row.purchase_id, reason=f"dispute is {row.status}")
+    if dispute.status == "lost":
+        await conn.execute(
+            text("UPDATE disputes SET status = 'lost', closed_at = now() WHERE id = :id"), {"id": row.id}
+        )
+        return Fulfilment(Result.CREDITED, row.purchase_id, row.entry_id)
+    state = await ctx.journal.lock_customer(conn, Customer(row.account_id))
+    p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id"), {"id": row.purchase_id})).one()
+    lot = await _lot(conn, p.lot_id)
+    entry = entries.dispute_won(
+        Customer(row.account_id), credits=row.amount, fee=row.fee_amount,
+        expires_at=lot.expires_at if lot else clock.now() + timedelta(days=ctx.settings.default_lot_expiry_days),
+        debt=state.debt, reverses=row.entry_id,
+        description=f"dispute {dispute.id} of purchase {p.public_id} won: credits given back",
+    )  # fmt: skip
+    rider = Rider(
+        "won",
+        "UPDATE disputes SET status = 'won', reinstated_entry_id = (SELECT id FROM e), closed_at = now()"
+        " WHERE id = :w_id",
+        {"w_id": row.id},
+    )
+    posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+    return Fulfilment(Result.CREDITED, row.purchase_id, posted.entry_id)

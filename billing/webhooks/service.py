@@ -146,7 +146,47 @@ async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, ch
     return Handled("processed", outcome, result.purchase_id)
 
 
+def _dispute(obj: dict[str, Any]) -> purchases.Dispute | None:
+    amount = obj.get("amount")
+    if not isinstance(amount, int) or not isinstance(obj.get("id"), str):
+        return None
+    return purchases.Dispute(
+        id=obj["id"],
+        payment_intent=_id(obj.get("payment_intent")),
+        amount_cents=amount,
+        status=str(obj.get("status", "")),
+        reason=obj.get("reason"),
+    )
+
+
+async def dispute_created(ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any]) -> Handled:
+    """`charge.dispute.created`: the disputed money is taken back from the account, once per dispute."""
+    dispute = _dispute(obj)
+    if dispute is None:
+        return Handled("needs_review", "dispute without an id or an integer amount")
+    result = await purchases.dispute_opened(ctx, conn, dispute)
+    if result.result is Result.NEEDS_REVIEW:
+        return Handled("needs_review", result.reason or "needs review", result.purchase_id)
+    return Handled(
+        "processed", "dispute_booked" if result.result is Result.CREDITED else result.reason or "", result.purchase_id
+    )
+
+
+async def dispute_closed(ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any]) -> Handled:
+    """`charge.dispute.closed`: won gives the credits back, lost keeps them taken back."""
+    dispute = _dispute(obj)
+    if dispute is None:
+        return Handled("needs_review", "dispute without an id or an integer amount")
+    result = await purchases.dispute_closed(ctx, conn, dispute)
+    if result.result is Result.NEEDS_REVIEW:
+        return Handled("needs_review", result.reason or "needs review", result.purchase_id)
+    outcome = f"dispute_{dispute.status}" if result.result is Result.CREDITED else result.reason or ""
+    return Handled("processed", outcome, result.purchase_id)
+
+
 HANDLERS: dict[str, Handler] = {
+    "charge.dispute.created": dispute_created,
+    "charge.dispute.closed": dispute_closed,
     "charge.refunded": charge_refunded,
     "payment_intent.succeeded": payment_intent_succeeded,
     "payment_intent.payment_failed": payment_intent_failed,

@@ -4,7 +4,6 @@ never the fee, never crypto, never more than what is left of the purchase's lot;
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,7 +20,7 @@ from billing.ledger.outcomes import Refused
 from billing.purchases.refunds import refundable
 from billing.stripe_client import LOCAL_API_KEY
 from tests.conftest import ADMIN, Api, key
-from tests.purchases.conftest import buy, pay
+from tests.purchases.conftest import buy, pay, spend
 from tests.stripe_helpers import event, full_snapshot, pay_at_emulator, signed_headers
 
 D = Decimal
@@ -201,19 +200,6 @@ async def test_who_may_refund(api: Api, client: AsyncTestClient, localstripe: st
     assert (await refund(client, p["id"], {**own, **key()}, amount="1.00")).status_code == 201
     missing = await client.post(f"/v1/purchases/{p['id']}/refunds", json={}, headers=ADMIN)
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "idempotency_key_required"
-
-
-async def spend(api: Api, client: AsyncTestClient, account: str, cost: str) -> None:
-    """Usage as the gateway records it: a hold, then its capture."""
-    gateway = await api.token(["gateway"])
-    r = await client.post(
-        "/v1/holds", json={"request_id": uuid.uuid4().hex, "account": account, "amount": cost}, headers=gateway
-    )
-    assert r.status_code == 201, r.text
-    r = await client.post(
-        f"/v1/holds/{r.json()['id']}/capture", json={"generation_id": uuid.uuid4().hex, "cost": cost}, headers=gateway
-    )
-    assert r.status_code == 200, r.text
 
 
 def charge_refunded(p: dict[str, Any], cumulative_cents: int) -> bytes:
