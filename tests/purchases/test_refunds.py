@@ -264,3 +264,22 @@ async def test_charge_refunded_for_an_api_refund_changes_nothing(
     purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
     assert (purchase["refunded"], [x["amount"] for x in purchase["refunds"]]) == ("6.00", ["4.00", "2.00"])
     assert (await api.balance(acct))["balance"] == "9.00"
+
+
+async def test_concurrent_refunds_never_exceed_the_lot(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
+) -> None:
+    import asyncio
+
+    acct, p = await paid_purchase(api, client, localstripe)
+    answers = await asyncio.gather(*(refund(client, p["id"], amount="4.00") for _ in range(6)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201, 201, 201, 409, 409, 409], [a.text for a in answers]
+    assert {a.json()["error"]["code"] for a in answers if a.status_code == 409} == {"refund_exceeds_remaining"}
+    purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
+    assert (purchase["refunded"], purchase["lot"]["remaining"]) == ("12.00", "3.00")
+    at_stripe = httpx.get(
+        f"{localstripe}/v1/refunds", params={"payment_intent": p["payment_intent"]}, auth=(LOCAL_API_KEY, "")
+    ).json()["data"]
+    assert sorted(r["amount"] for r in at_stripe) == [400, 400, 400]  # Stripe refunded exactly what was booked
+    assert (await api.balance(acct))["balance"] == "3.00"
