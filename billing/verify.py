@@ -4,6 +4,7 @@
 - every cached balance equals the sum of its account's postings, and its last running balance;
 - every lot's `remaining` equals the sum of the postings naming it;
 - lots plus debt make the balance: no lot-less credit, only debt.
+- every captured hold has exactly one generation; no other hold (open, released, expired) has one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ CHECKS: dict[str, str] = {
         SELECT DISTINCT p.account_id FROM postings p JOIN accounts a ON a.id = p.account_id
         WHERE a.kind <> 'platform' AND NOT EXISTS (SELECT 1 FROM balances b WHERE b.account_id = p.account_id)
         LIMIT 20""",
+    # A hold has one status, so "captured and released" cannot be stored; what can go wrong is the
+    # generation: a capture writes exactly one, a release or an expiry none.
+    "captured_hold_generations": """
+        SELECT h.id FROM holds h LEFT JOIN generations g ON g.hold_id = h.id
+        WHERE h.status = 'captured' GROUP BY h.id HAVING count(g.id) <> 1 LIMIT 20""",
+    "uncaptured_hold_with_generation": """
+        SELECT DISTINCT h.id FROM holds h JOIN generations g ON g.hold_id = h.id
+        WHERE h.status <> 'captured' LIMIT 20""",
 }
 
 

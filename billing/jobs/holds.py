@@ -1,0 +1,56 @@
+"""Hold expiry (SPEC §5 Holds: "an expired hold releases itself").
+
+Holds are not journal entries, so expiring one is a status change only: `open` → `expired`. Nothing about
+money waits for this job: `held` and `available` already stop counting a hold at its `expires_at`
+(billing/gateway/service.py). The job makes the status say what is already true.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import text
+
+from billing.context import Context
+
+BATCH_SIZE = 1000
+
+# SKIP LOCKED: a concurrent run (or a capture holding the row) is skipped, never waited on and never counted
+# twice; `status = 'open'` is re-checked on the locked row, so a hold resolved meanwhile is left alone.
+_EXPIRE = text(
+    """WITH due AS (
+    SELECT id FROM holds WHERE status = 'open' AND expires_at <= :cutoff
+    ORDER BY expires_at, id LIMIT :batch FOR UPDATE SKIP LOCKED)
+UPDATE holds h SET status = 'expired', resolved_at = now(),
+       resolution = jsonb_build_object('expired_at', h.expires_at)
+FROM due WHERE h.id = due.id AND h.status = 'open'
+RETURNING h.id"""
+)
+
+
+async def expire_holds(
+    ctx: Context, *, now: datetime, grace: timedelta = timedelta(0), batch_size: int = BATCH_SIZE
+) -> int:
+    """Mark open holds whose `expires_at` is at least `grace` before `now` as `expired`, one batch per
+    transaction; returns how many this run marked.
+
+    The grace keeps the job clear of a capture decided just before the expiry (on a clock a little behind
+    this one): the gateway refuses to capture a hold past its expiry, but it decides before it writes.
+    """
+    cutoff = now - grace
+    marked = 0
+    while True:
+        async with ctx.db.begin() as conn:
+            ids = (await conn.execute(_EXPIRE, {"cutoff": cutoff, "batch": batch_size})).scalars().all()
+        marked += len(ids)
+        if len(ids) < batch_size:
+            return marked
+
+
+async def count_due_holds(ctx: Context, *, now: datetime, grace: timedelta = timedelta(0)) -> int:
+    """How many holds `expire_holds` would mark at `now` (a dry run)."""
+    async with ctx.db.connect() as conn:
+        count = await conn.scalar(
+            text("SELECT count(*) FROM holds WHERE status = 'open' AND expires_at <= :cutoff"), {"cutoff": now - grace}
+        )
+    return int(count or 0)
