@@ -4,6 +4,11 @@
     billing serve [--host H] [--port P] [--workers N]
     billing dev [--host H] [--port P]        everything at once, on embedded defaults
     billing bench [--quick] [--workers N] [--duration S]   the benchmark (README, "Benchmark")
+    billing worker [--threads N]             run background jobs (Dramatiq on Redis)
+    billing scheduler                        enqueue the periodic jobs (run exactly one)
+    billing expire [--dry-run [--as-of T]]   expire credits (breakage) and holds now, or say what would
+    billing verify                           check the ledger's invariants; non-zero exit on a problem
+    billing dead-letters [--replay]          list (or send again) jobs that failed every retry
 
 A subcommand is a function `cmd_<name>(args) -> int` plus a few lines in `build_parser()`.
 `billing dev` starts its processes from `dev_children()`: add a `Child` there for a new one.
@@ -22,12 +27,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, TypeVar
 
 from billing.settings import Settings
 
+if TYPE_CHECKING:
+    from billing.context import Context
+
 APP_FACTORY = "billing.app:create_app"
+T = TypeVar("T")
 
 
 def log(message: str) -> None:
@@ -96,11 +107,13 @@ def billing_command(*args: str) -> list[str]:
 
 
 def dev_children(settings: Settings, base_url: str) -> list[Child]:
-    # Later: Child("worker", billing_command("worker")), Child("scheduler", ...), ...
+    # Worker and scheduler after the API: by then the schema is migrated and the API answers.
     children = []
     if uses_local_stripe(settings):
         children.append(localstripe_child(settings, base_url))
     children.append(Child("api", billing_command("serve"), ready_url=f"{base_url}/readyz"))
+    children.append(Child("worker", billing_command("worker")))
+    children.append(Child("scheduler", billing_command("scheduler")))
     return children
 
 
@@ -303,6 +316,138 @@ def cmd_dev(args: argparse.Namespace) -> int:
         stop_children(running)
 
 
+# --- background work (workers/, billing/jobs/) -----------------------------------------------------
+
+
+def _setup_logging(settings: Settings) -> None:
+    import logging
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _require_redis(settings: Settings) -> None:
+    if not settings.redis_url:
+        sys.exit("billing: REDIS_URL is not set. Run `billing dev` (embedded Redis) or set REDIS_URL.")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers.worker import run
+
+    settings = Settings.from_env()
+    database_url(settings)
+    _require_redis(settings)
+    _setup_logging(settings)
+    return run(settings, args.threads)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    import threading
+
+    from workers.scheduler import run
+
+    settings = Settings.from_env()
+    _require_redis(settings)
+    _setup_logging(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run(settings, stop)
+    return 0
+
+
+def _run_job(job: Callable[[Context], Awaitable[T]]) -> T:
+    """Run one job's service function on a small engine of its own, as the actors do."""
+    import asyncio
+    from dataclasses import replace
+
+    from billing.context import Context
+    from billing.db.engine import make_engine
+    from billing.db.journal import Journal
+
+    settings = Settings.from_env()
+    database_url(settings)
+    _setup_logging(settings)
+
+    async def main() -> T:
+        engine = make_engine(replace(settings, db_pool_size=2, db_max_overflow=0))
+        try:
+            return await job(Context(db=engine, journal=Journal(), settings=settings))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+def _instant(raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {raw!r}") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone, e.g. {raw}Z")
+    return value.astimezone(UTC)
+
+
+def cmd_expire(args: argparse.Namespace) -> int:
+    from billing import clock
+    from billing.jobs.expiry import ExpiryRun, expire_credits
+    from billing.jobs.holds import count_due_holds, expire_holds
+    from billing.ledger.money import format_money
+
+    if args.as_of and not args.dry_run:
+        sys.exit("billing: --as-of only with --dry-run (a real run expires what has expired by now)")
+    now = args.as_of or clock.now()
+
+    async def job(ctx: Context) -> tuple[ExpiryRun, int]:
+        grace = timedelta(seconds=ctx.settings.hold_expiry_grace)
+        credits = await expire_credits(ctx, now=now, dry_run=args.dry_run)
+        if args.dry_run:
+            return credits, await count_due_holds(ctx, now=now, grace=grace)
+        return credits, await expire_holds(ctx, now=now, grace=grace)
+
+    credits, holds = _run_job(job)
+    verb = "would expire" if args.dry_run else "expired"
+    for account in credits.accounts:
+        for lot in account.lots:
+            entry = f"  {account.entry}" if account.entry else ""
+            print(
+                f"{account.account}  {lot.lot}  {format_money(lot.amount)} USD  "
+                f"(expired {lot.expires_at.isoformat()}){entry}"
+            )
+    print(
+        f"{verb} as of {now.isoformat()}: {format_money(credits.total)} USD in {credits.lots} lot(s) on "
+        f"{len(credits.accounts)} account(s) to breakage; {holds} hold(s) "
+        f"{'would be ' if args.dry_run else ''}marked expired"
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from billing.jobs.verify import Verification, metrics_text, verify
+
+    result: Verification = _run_job(verify)
+    sys.stdout.write(metrics_text(result))
+    for check, ids in result.problems.items():
+        log(f"ledger invariant broken: {check}: {ids}")
+    return 0 if result.ok else 1
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from workers.broker import setup_broker
+    from workers.dead_letters import dead_letters, replay
+
+    settings = Settings.from_env()
+    _require_redis(settings)
+    broker = setup_broker(settings)
+    letters = [d for d in dead_letters(broker) if not args.message_id or d.message.message_id in args.message_id]
+    for letter in letters:
+        print(letter.describe())
+        if args.replay:
+            print("  replayed" if replay(broker, letter) else "  already taken by someone else")
+    log(f"{len(letters)} dead letter(s){' replayed' if args.replay else ''}")
+    return 0
+
+
 # --- bench -----------------------------------------------------------------------------------------
 
 
@@ -339,6 +484,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="API processes (default: BILLING_SERVER_WORKERS or 2)")
     p.add_argument("--duration", type=float, help="measured seconds per run (default: 20; --quick: 3)")
     p.set_defaults(func=cmd_bench)
+
+    p = commands.add_parser("worker", help="run background jobs: Dramatiq workers on the Redis broker")
+    p.add_argument("--threads", type=int, help="worker threads (default: BILLING_WORKER_THREADS or 4)")
+    p.set_defaults(func=cmd_worker)
+
+    p = commands.add_parser("scheduler", help="enqueue the periodic jobs on their intervals (run exactly one)")
+    p.set_defaults(func=cmd_scheduler)
+
+    p = commands.add_parser("expire", help="expire credits past their expiry (breakage) and holds, now")
+    p.add_argument("--dry-run", action="store_true", help="say what would expire; change nothing")
+    p.add_argument("--as-of", type=_instant, help="with --dry-run: as of this instant, e.g. 2027-12-01T00:00:00Z")
+    p.set_defaults(func=cmd_expire)
+
+    p = commands.add_parser("verify", help="check the ledger's invariants (Prometheus text; exit 1 on a problem)")
+    p.set_defaults(func=cmd_verify)
+
+    p = commands.add_parser("dead-letters", help="list jobs that failed every retry; --replay sends them again")
+    p.add_argument("--replay", action="store_true", help="send them again, with a fresh retry budget")
+    p.add_argument("--message-id", action="append", help="only this message (repeatable)")
+    p.set_defaults(func=cmd_dead_letters)
 
     return parser
 

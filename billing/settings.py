@@ -58,6 +58,16 @@ class Settings:
     # An account-scoped or staff token is looked up in the database at most this often per process.
     token_cache_seconds: int = 5
     log_level: str = "INFO"
+    # Background work (workers/): Dramatiq's Redis keys live under this prefix, so deployments (and test
+    # sessions) sharing one Redis never see each other's queues.
+    queue_namespace: str = "billing"
+    worker_threads: int = 4
+    # How often `billing scheduler` enqueues each periodic job, in seconds.
+    hold_expiry_every: int = 60
+    credit_expiry_every: int = 300
+    verify_every: int = 3600
+    # A hold is marked expired this long after its expiry (it stops counting at the expiry itself).
+    hold_expiry_grace: int = 60
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -80,6 +90,12 @@ class Settings:
             charge_batching=_env("BILLING_CHARGE_BATCHING", "1") not in ("0", "false", "no"),
             token_cache_seconds=_int("BILLING_TOKEN_CACHE_SECONDS", 5),
             log_level=_env("BILLING_LOG_LEVEL", "INFO") or "INFO",
+            queue_namespace=_env("BILLING_QUEUE_NAMESPACE", "billing") or "billing",
+            worker_threads=_int("BILLING_WORKER_THREADS", 4),
+            hold_expiry_every=_int("BILLING_HOLD_EXPIRY_EVERY", 60),
+            credit_expiry_every=_int("BILLING_CREDIT_EXPIRY_EVERY", 300),
+            verify_every=_int("BILLING_VERIFY_EVERY", 3600),
+            hold_expiry_grace=_int("BILLING_HOLD_EXPIRY_GRACE", 60),
         )
 
     def require_database_url(self) -> str:

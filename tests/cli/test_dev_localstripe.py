@@ -35,7 +35,8 @@ def test_no_stripe_key_means_the_local_emulator(monkeypatch: pytest.MonkeyPatch,
     assert settings.stripe_api_base == f"http://127.0.0.1:{port}"
     assert settings.stripe_webhook_secret and settings.stripe_webhook_secret.startswith("whsec_")
     children = dev_children(settings, "http://127.0.0.1:8000")
-    assert [c.name for c in children] == ["localstripe", "api"]  # the emulator is up before the API
+    # the emulator is up before the API; worker and scheduler start last
+    assert [c.name for c in children] == ["localstripe", "api", "worker", "scheduler"]
     emulator = children[0]
     assert emulator.argv[emulator.argv.index("--host") + 1] == "127.0.0.1"
 
@@ -57,4 +58,4 @@ def test_a_real_stripe_key_starts_no_emulator(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("STRIPE_API_BASE", raising=False)
     settings = ensure_local_stripe(Settings.from_env())
     assert settings.stripe_api_key == "sk_live_example"
-    assert [c.name for c in dev_children(settings, "http://127.0.0.1:8000")] == ["api"]
+    assert [c.name for c in dev_children(settings, "http://127.0.0.1:8000")] == ["api", "worker", "scheduler"]

@@ -1,0 +1,140 @@
+"""Credit expiry (SPEC §5 Expiry): what is left of an expired lot moves to breakage, once."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import UTC, datetime
+from decimal import Decimal
+from types import ModuleType
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing.context import Context
+from billing.jobs.expiry import expire_credits
+from billing.settings import Settings
+from tests.conftest import ADMIN, ROOT, Api, snapshot
+from tests.workers.conftest import eventually, expired_lot, iso, worker_env
+
+EXPIRY_POSTINGS = text(
+    """SELECT p.lot_id, count(*), sum(p.amount) FROM postings p JOIN journal_entries e ON e.id = p.entry_id
+    WHERE e.kind = 'expiry' AND p.lot_id = ANY(:lots) GROUP BY p.lot_id"""
+)
+
+
+async def expiry_postings(engine: AsyncEngine, lots: list[int]) -> dict[int, tuple[int, Decimal]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(EXPIRY_POSTINGS, {"lots": lots})
+    return {lot: (count, total) for lot, count, total in rows}
+
+
+async def breakage(engine: AsyncEngine) -> Decimal:
+    async with engine.connect() as conn:
+        total = await conn.scalar(
+            text("SELECT coalesce(sum(p.amount), 0) FROM postings p JOIN accounts a ON a.id = p.account_id"
+                 " WHERE a.public_id = 'breakage'")
+        )  # fmt: skip
+    return Decimal(total)
+
+
+async def test_a_half_used_lot_expires_only_its_unused_half(
+    ctx: Context, jobs_api: Api, jobs_engine: AsyncEngine
+) -> None:
+    account, lot = await expired_lot(jobs_api, "10.00", used="4.00")
+    before = await jobs_api.balance(account)
+    assert before["balance"] == "6.00"
+    breakage_before = await breakage(jobs_engine)
+
+    run = await expire_credits(ctx, now=datetime.now(UTC))
+
+    ours = [a for a in run.accounts if a.account == account]
+    assert len(ours) == 1 and ours[0].entry is not None
+    assert [(x.lot, x.amount) for x in ours[0].lots] == [(f"lot_{lot}", Decimal("6"))]
+    after = await jobs_api.balance(account)
+    assert after["balance"] == "0.00"
+    assert after["total_credits"] == before["total_credits"]  # expiry is not a refund: credits were added
+    assert after["total_usage"] == before["total_usage"]
+    assert await expiry_postings(jobs_engine, [lot]) == {lot: (1, Decimal("-6"))}
+    assert await breakage(jobs_engine) - breakage_before >= Decimal("6")
+
+    lots = (await jobs_api.client.get(f"/v1/accounts/{account}/lots", headers=ADMIN)).json()["data"]
+    assert [x["remaining"] for x in lots] == ["0.00"]
+    ledger = (await jobs_api.client.get(f"/v1/accounts/{account}/ledger", headers=ADMIN)).json()["data"]
+    assert ledger[0]["kind"] == "expiry"
+
+    again = await expire_credits(ctx, now=datetime.now(UTC))
+    assert account not in {a.account for a in again.accounts}
+    assert await expiry_postings(jobs_engine, [lot]) == {lot: (1, Decimal("-6"))}
+
+
+async def test_live_lots_and_other_lots_are_untouched(ctx: Context, jobs_api: Api, jobs_engine: AsyncEngine) -> None:
+    account, expired = await expired_lot(jobs_api, "3.00")
+    live = await jobs_api.grant(account, "2.00")
+    await expire_credits(ctx, now=datetime.now(UTC))
+    balance = await jobs_api.balance(account)
+    assert balance["balance"] == "2.00"
+    lots = (await jobs_api.client.get(f"/v1/accounts/{account}/lots", headers=ADMIN)).json()["data"]
+    assert {x["id"]: x["remaining"] for x in lots} == {f"lot_{expired}": "0.00", live["lot"]["id"]: "2.00"}
+
+
+async def test_dry_run_says_what_would_expire_and_changes_nothing(
+    ctx: Context, jobs_api: Api, jobs_engine: AsyncEngine, jobs_settings: Settings
+) -> None:
+    account = (await jobs_api.account())["id"]
+    lot = (await jobs_api.grant(account, "7.25", expires_at="2027-06-01T00:00:00Z"))["lot"]["id"]
+    before = await snapshot(jobs_engine)
+
+    run = await expire_credits(ctx, now=datetime(2027, 12, 1, tzinfo=UTC), dry_run=True)
+    ours = [a for a in run.accounts if a.account == account]
+    assert [(x.lot, x.amount, a.entry) for a in ours for x in a.lots] == [(lot, Decimal("7.25"), None)]
+
+    out = subprocess.run(
+        [sys.executable, "-m", "billing.cli", "expire", "--dry-run", "--as-of", "2027-12-01T00:00:00Z"],
+        cwd=ROOT, env=worker_env(jobs_settings), capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert f"{account}  {lot}  7.25 USD" in out
+    assert "would expire as of 2027-12-01T00:00:00+00:00" in out
+    assert await snapshot(jobs_engine) == before
+    assert (await jobs_api.balance(account))["balance"] == "7.25"
+
+
+async def test_as_of_is_only_for_a_dry_run(jobs_settings: Settings) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "billing.cli", "expire", "--as-of", iso(datetime(2030, 1, 1, tzinfo=UTC))],
+        cwd=ROOT, env=worker_env(jobs_settings), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "--dry-run" in done.stderr
+
+
+async def test_concurrent_runs_post_exactly_one_entry_per_lot(
+    ctx: Context, jobs_api: Api, jobs_engine: AsyncEngine
+) -> None:
+    made = [await expired_lot(jobs_api, "5.00", used="1.00" if i % 2 else None) for i in range(6)]
+    lots = [lot for _, lot in made]
+    now = datetime.now(UTC)
+    runs = await asyncio.gather(*(expire_credits(ctx, now=now) for _ in range(4)))
+
+    posted = await expiry_postings(jobs_engine, lots)
+    assert posted == {lot: (1, Decimal("-4") if i % 2 else Decimal("-5")) for i, lot in enumerate(lots)}
+    accounts = [a.account for run in runs for a in run.accounts if a.account in {acct for acct, _ in made}]
+    assert sorted(accounts) == sorted(acct for acct, _ in made)  # each account expired by exactly one run
+    for account, _ in made:
+        assert (await jobs_api.balance(account))["balance"] == "0.00"
+
+
+async def test_the_actor_expires_credits_and_a_duplicate_message_posts_nothing_more(
+    actors: ModuleType, worker: subprocess.Popen[bytes], jobs_api: Api, jobs_engine: AsyncEngine
+) -> None:
+    made = [await expired_lot(jobs_api, "2.50", used="0.50") for _ in range(3)]
+    lots = [lot for _, lot in made]
+    for _ in range(3):  # at-least-once delivery: the same job several times, concurrently on 4 threads
+        actors.expire_credits.send()
+
+    async def expired() -> bool:
+        return len(await expiry_postings(jobs_engine, lots)) == len(lots)
+
+    await eventually(expired, "the worker to expire the lots")
+    await asyncio.to_thread(actors.broker.join, "default", timeout=60_000)  # every message done
+    assert await expiry_postings(jobs_engine, lots) == {lot: (1, Decimal("-2")) for lot in lots}

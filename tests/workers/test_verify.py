@@ -1,0 +1,127 @@
+"""Ledger verification (SPEC §4, §9): every invariant, reported — never fixed — by the job, the metric and
+`billing verify`'s exit status. Breaking a ledger on purpose happens in a throwaway database."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import ModuleType
+
+import pytest
+import redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from billing.context import Context
+from billing.db.journal import Journal
+from billing.jobs.verify import LAST_RESULT_KEY, verify
+from billing.ledger import entries
+from billing.ledger.model import Customer, LotCategory
+from billing.settings import Settings, sqlalchemy_url
+from tests.conftest import ROOT, create_database, drop_database
+from tests.workers.conftest import eventually, worker_env
+
+
+@pytest.fixture
+async def throwaway(jobs_settings: Settings) -> AsyncIterator[Context]:
+    """A database of its own, migrated, with one customer granted $5 — ready to be broken."""
+    from billing.db.migrate import upgrade
+
+    url = create_database("billing_broken")
+    engine = create_async_engine(sqlalchemy_url(url), connect_args={"options": "-c timezone=UTC"})
+    try:
+        upgrade(url)
+        ctx = Context(db=engine, journal=Journal(), settings=replace(jobs_settings, database_url=url))
+        async with engine.begin() as conn:
+            account = await conn.scalar(
+                text("INSERT INTO accounts (public_id, kind, type, external_id)"
+                     " VALUES ('acct_broken', 'user', 'liability', 'broken') RETURNING id")
+            )  # fmt: skip
+            await conn.execute(text("INSERT INTO balances (account_id) VALUES (:a)"), {"a": account})
+            state = await ctx.journal.lock_customer(conn, Customer(account))
+            now = datetime.now(UTC)
+            entry = entries.grant(
+                Customer(account), Decimal("5"), category=LotCategory.PROMOTIONAL, expires_at=now + timedelta(days=1),
+                debt=state.debt, now=now, reason="test", actor="test",
+            )  # fmt: skip
+            await ctx.journal.post(conn, entry, balance_before=state.balance)
+        yield ctx
+    finally:
+        await engine.dispose()
+        drop_database(url)
+
+
+class Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def billing_verify(ctx: Context) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "billing.cli", "verify"],
+        cwd=ROOT, env=worker_env(ctx.settings), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+async def test_a_broken_cached_balance_is_reported_and_billing_verify_exits_non_zero(throwaway: Context) -> None:
+    assert (await verify(throwaway)).ok
+    done = billing_verify(throwaway)
+    assert done.returncode == 0, done.stderr
+    assert "billing_ledger_ok 1" in done.stdout
+
+    async with throwaway.db.begin() as conn:
+        await conn.execute(text("UPDATE balances SET balance = balance + 1"))
+
+    errors = Errors()
+    logging.getLogger("billing.jobs.verify").addHandler(errors)
+    try:
+        result = await verify(throwaway)
+    finally:
+        logging.getLogger("billing.jobs.verify").removeHandler(errors)
+    assert set(result.problems) == {"cached_balance_mismatch", "running_balance_mismatch"}
+    assert any("cached_balance_mismatch" in m for m in errors.messages)
+
+    done = billing_verify(throwaway)
+    assert done.returncode == 1
+    assert 'billing_ledger_problems{check="cached_balance_mismatch"} 1' in done.stdout
+    assert 'billing_ledger_problems{check="unbalanced_entries"} 0' in done.stdout
+    assert "billing_ledger_ok 0" in done.stdout
+    async with throwaway.db.connect() as conn:  # reported, never fixed
+        assert await conn.scalar(text("SELECT balance FROM balances")) == Decimal("6")
+
+
+async def test_a_captured_hold_without_its_generation_is_reported(throwaway: Context) -> None:
+    async with throwaway.db.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO holds (account_id, request_id, amount, status, fingerprint, expires_at)"
+                 " SELECT id, 'r1', 1, 'captured', 'x', now() FROM accounts WHERE public_id = 'acct_broken'")
+        )  # fmt: skip
+    result = await verify(throwaway)
+    assert set(result.problems) == {"captured_hold_generations"}
+
+
+async def test_the_actor_publishes_the_result(
+    actors: ModuleType, worker: subprocess.Popen[bytes], jobs_settings: Settings
+) -> None:
+    client = redis.Redis.from_url(jobs_settings.redis_url or "")
+    key = f"{jobs_settings.queue_namespace}:{LAST_RESULT_KEY}"
+    client.delete(key)
+    actors.verify_ledger.send()
+
+    async def published() -> bool:
+        return client.get(key) is not None
+
+    await eventually(published, "the verification result in Redis")
+    result = json.loads(client.get(key) or b"{}")
+    assert result["ok"] is True and result["problems"] == {}
+    assert "billing_ledger_ok 1" in result["metrics"]

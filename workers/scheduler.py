@@ -1,0 +1,74 @@
+"""`billing scheduler`: enqueue each periodic job once per interval.
+
+Time is cut into slots of each job's interval (aligned to the Unix epoch), and a slot is claimed in Redis
+with SET NX before its message is sent. So exactly one scheduler is expected (deploy/: one replica), but a
+second one — a rollout overlap, a mistake — sends nothing extra: both race for the same slot and one wins.
+Even a duplicate message would be harmless: every job is idempotent (workers/actors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import dramatiq
+from redis import Redis
+from redis.exceptions import RedisError
+
+from billing.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    actor: dramatiq.Actor
+    every: int  # seconds; 0 or less: not scheduled
+
+    def slot(self, at: float) -> int:
+        return int(at // self.every)
+
+
+def schedules(settings: Settings) -> list[Schedule]:
+    from workers import actors
+
+    every = {
+        actors.expire_holds: settings.hold_expiry_every,
+        actors.expire_credits: settings.credit_expiry_every,
+        actors.verify_ledger: settings.verify_every,
+    }
+    return [Schedule(actor, seconds) for actor, seconds in every.items() if seconds > 0]
+
+
+def claim(client: Redis, namespace: str, schedule: Schedule, slot: int) -> bool:
+    """True for the one scheduler that gets to send this slot's message."""
+    key = f"{namespace}:schedule:{schedule.actor.actor_name}:{slot}"
+    return bool(client.set(key, "1", nx=True, ex=max(2 * schedule.every, 10)))
+
+
+def run(settings: Settings, stop: threading.Event) -> None:
+    from workers import actors
+
+    client = actors.broker.client
+    plan = schedules(settings)
+    for s in plan:
+        log.info("scheduling %s every %d s", s.actor.actor_name, s.every)
+    sent: dict[str, int] = {}
+    while not stop.is_set():
+        now = time.time()
+        next_due = min(((s.slot(now) + 1) * s.every for s in plan), default=now + 60)
+        for s in plan:
+            slot = s.slot(now)
+            if sent.get(s.actor.actor_name) == slot:
+                continue
+            try:
+                if claim(client, settings.queue_namespace, s, slot):
+                    s.actor.send()
+                    log.info("enqueued %s", s.actor.actor_name)
+                sent[s.actor.actor_name] = slot
+            except RedisError:  # Redis away for a moment: try again shortly, the slot is still open
+                log.exception("could not schedule %s", s.actor.actor_name)
+                next_due = min(next_due, time.time() + 1)
+        stop.wait(max(next_due - time.time(), 0.05))
