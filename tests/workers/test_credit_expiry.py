@@ -138,3 +138,16 @@ async def test_the_actor_expires_credits_and_a_duplicate_message_posts_nothing_m
     await eventually(expired, "the worker to expire the lots")
     await asyncio.to_thread(actors.broker.join, "default", timeout=60_000)  # every message done
     assert await expiry_postings(jobs_engine, lots) == {lot: (1, Decimal("-2")) for lot in lots}
+
+
+async def test_billing_expire_posts_breakage_now(
+    jobs_api: Api, jobs_engine: AsyncEngine, jobs_settings: Settings
+) -> None:
+    account, lot = await expired_lot(jobs_api, "1.50", used="0.25")
+    out = subprocess.run(
+        [sys.executable, "-m", "billing.cli", "expire"],
+        cwd=ROOT, env=worker_env(jobs_settings), capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert f"{account}  lot_{lot}  1.25 USD" in out and "  je_" in out
+    assert await expiry_postings(jobs_engine, [lot]) == {lot: (1, Decimal("-1.25"))}
+    assert (await jobs_api.balance(account))["balance"] == "0.00"
