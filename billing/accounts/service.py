@@ -27,11 +27,14 @@ from billing.ledger.money import format_money
 from billing.schemas import ListOf, internal_id, money_field, public_id
 
 # `held` counts open holds not yet expired: an expired hold stops counting at its expiry, job or not.
+# `expired` is what is left of expired lots until the expiry job moves it to breakage.
 ACCOUNT_COLUMNS = (
     "a.id, a.public_id, a.external_id, a.kind, a.name, a.metadata, a.enterprise, a.created_at,"
     " b.balance, b.total_credits, b.total_usage,"
     " (SELECT coalesce(sum(h.amount), 0) FROM holds h"
-    "   WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held"
+    "   WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held,"
+    " (SELECT coalesce(sum(l.remaining), 0) FROM lots l"
+    "   WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now) AS expired"
 )
 MAX_PAGE = 100
 
@@ -45,7 +48,8 @@ def _balance(row: Row[Any]) -> s.Balance:
         account=row.public_id,
         balance=format_money(row.balance),
         held=format_money(row.held),
-        available=format_money(row.balance - row.held),
+        # Expired credits not yet moved to breakage can never be spent.
+        available=format_money(row.balance - row.expired - row.held),
         total_credits=format_money(row.total_credits),
         total_usage=format_money(row.total_usage),
     )

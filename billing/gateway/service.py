@@ -48,6 +48,7 @@ from billing.ledger.usage import (
     admit,
     byok_fee,
     cost_of,
+    spendable,
     usage_entry,
 )
 from billing.schemas import internal_id, money_field, money_or_none, public_id
@@ -410,7 +411,7 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
                 if spend.amount > 0:
                     admit(
                         spend.amount,
-                        balance=row.balance,
+                        balance=spendable(row.balance, lots_of(row), now),
                         held=row.held,
                         key=key,
                         key_held=row.key_held or ZERO,
@@ -533,7 +534,14 @@ async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) ->
         key = check_key(row, data.key, now)
         refusal: ApiError | None = None
         try:
-            admit(amount, balance=row.balance, held=row.held, key=key, key_held=row.key_held or ZERO, now=now)
+            admit(
+                amount,
+                balance=spendable(row.balance, lots_of(row), now),
+                held=row.held,
+                key=key,
+                key_held=row.key_held or ZERO,
+                now=now,
+            )
         except Refused as refused:
             refusal = from_refusal(refused)
         hold = _HoldRow(
@@ -594,6 +602,10 @@ async def resolve_hold(
             row.hx_expires_at, row.hx_created_at,
         )  # fmt: skip
         hold_out = _hold_view(resolved, row.account, row.key)
+        if row.hx_status == "expired" or (row.hx_status == "open" and row.hx_expires_at <= now):
+            raise ApiError(
+                409, INVALID_REQUEST, "hold_expired", f"Hold {hold!r} expired at {row.hx_expires_at.isoformat()}."
+            )
         if row.hx_status != "open":
             previous = row.hx_resolution or {}
             if previous.get("fingerprint") != fp:
@@ -606,10 +618,6 @@ async def resolve_hold(
                     generation = await generation_view(conn, previous["generation_id"])
                 replay = s.CaptureOut(hold=hold_out, generation=generation)  # type: ignore[arg-type]
             return 200, replay, True
-        if row.hx_expires_at <= now:
-            raise ApiError(
-                409, INVALID_REQUEST, "hold_expired", f"Hold {hold!r} expired at {row.hx_expires_at.isoformat()}."
-            )
         if isinstance(data, s.Capture):
             assert priced is not None
             spend = spend_for(row, priced)

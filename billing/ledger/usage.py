@@ -157,6 +157,12 @@ class KeyLimit:
         return max(self.limit - self.spent(now) - held, ZERO)
 
 
+def spendable(balance: Decimal, lots: tuple[LotBalance, ...], now: datetime) -> Decimal:
+    """The balance without credits that have expired but not yet been moved to breakage: those can never be
+    spent (usage consumes live lots only), so admitting against them would only create debt."""
+    return balance - sum((lot.remaining for lot in lots if lot.expires_at <= now), ZERO)
+
+
 def admit(
     amount: Decimal,
     *,
@@ -168,7 +174,7 @@ def admit(
 ) -> None:
     """May a request reserve or spend `amount`? (SPEC §5 Refusals.) Refused with 402 when the balance is
     ≤ 0, when available credits cannot cover it, or when the key's limit cannot; `limit_source` says which
-    and `available` is the most that would fit.
+    and `available` is the most that would fit. `balance` is the spendable balance (see `spendable`).
     """
     available = max(balance - held, ZERO)
     key_room = key.remaining(now, key_held) if key is not None else None

@@ -53,3 +53,9 @@ async def funded(api: Api, amount: str = "1.00", kind: str = "user") -> str:
     account = (await api.account(kind=kind))["id"]
     await api.grant(account, amount)
     return account
+
+
+@pytest.fixture
+def client_ctx(client: AsyncTestClient) -> Any:
+    """The in-process app's service context, to call a job's service function against the same database."""
+    return client.app.state.context

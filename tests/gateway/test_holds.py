@@ -107,3 +107,29 @@ async def test_same_request_id_other_body_is_409(api: Api, gw: Gateway) -> None:
     r = await gw.hold(expect=409, account=acct, amount="0.20", request_id="req-same-" + acct)
     assert r.json()["error"]["code"] == "idempotency_key_reused"
     assert (await api.balance(acct))["held"] == "0.10"
+
+
+async def test_hold_marked_expired_by_the_job_still_answers_hold_expired(api: Api, gw: Gateway, client_ctx) -> None:  # type: ignore[no-untyped-def]
+    from billing.jobs.holds import expire_holds
+
+    acct = await funded(api, "1.00")
+    hold = (await gw.hold(account=acct, amount="0.30", timeout_seconds=1)).json()
+    marked = await expire_holds(client_ctx, now=datetime.fromisoformat(hold["expires_at"]) + timedelta(seconds=1))
+    assert marked >= 1
+    assert (await gw.capture(hold["id"], expect=409, cost="0.10")).json()["error"]["code"] == "hold_expired"
+    assert (await gw.release(hold["id"], expect=409)).json()["error"]["code"] == "hold_expired"
+
+
+async def test_expired_credits_are_not_spendable_before_the_expiry_job(api: Api, gw: Gateway, clock_at) -> None:  # type: ignore[no-untyped-def]
+    acct = (await api.account())["id"]
+    start = datetime.now(UTC)
+    await api.grant(acct, "1.00", expires_at=(start + timedelta(days=1)).isoformat())
+    await api.grant(acct, "0.50")
+    clock_at(start + timedelta(days=1, seconds=1))  # the first lot has expired; no job has run
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["available"]) == ("1.50", "0.50")
+    r = await gw.hold(expect=402, account=acct, amount="0.60")
+    assert r.json()["error"]["available"] == "0.50"
+    assert (await gw.charge(expect=402, account=acct, cost="0.60")).json()["error"]["available"] == "0.50"
+    await gw.charge(account=acct, cost="0.50")
+    assert (await api.balance(acct))["balance"] == "1.00"  # only the expired lot is left, for breakage
