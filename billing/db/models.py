@@ -459,13 +459,16 @@ class StripeEventRow(Base):
 
 class RefundRow(Base):
     """Money given back for a purchase, one journal entry each: `amount` of credits taken back and
-    `fee_amount` of fee revenue reversed (only ever by a refund Stripe reports, never by the API)."""
+    `fee_amount` of fee revenue reversed (only ever by a refund Stripe reports, never by the API). A refund
+    that fails at Stripe stays, marked, beside the entry that reversed it."""
 
     __tablename__ = "refunds"
     __table_args__ = (
         CheckConstraint("source IN ('api', 'stripe')", name="source"),
         CheckConstraint("amount >= 0 AND fee_amount >= 0 AND amount_cents > 0", name="amounts"),
         CheckConstraint("amount_cents = (amount + fee_amount) * 100", name="cents"),
+        CheckConstraint("status IN ('succeeded', 'failed', 'canceled')", name="status"),
+        CheckConstraint("(status = 'succeeded') = (reversal_entry_id IS NULL AND failed_at IS NULL)", name="reversed"),
         Index("ix_refunds_purchase_id", "purchase_id"),
     )
 
@@ -482,6 +485,12 @@ class RefundRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+    # A refund Stripe could not complete (`failed`) or called off (`canceled`): its credits were put back by
+    # `reversal_entry_id`, a reversal of `entry_id`, once.
+    status: Mapped[str] = mapped_column(Text, server_default=text("'succeeded'"))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    failed_at: Mapped[datetime | None] = mapped_column(TS)
+    reversal_entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
 
 
 class DisputeRow(Base):

@@ -272,3 +272,35 @@ def dispute_won(
         description=description,
         reverses=reverses,
     )
+
+
+def refund_failed(
+    customer: Customer,
+    *,
+    credits: Decimal,
+    lot: LotBalance,
+    debt: Decimal,
+    now: datetime,
+    reverses: int,
+    description: str,
+) -> Entry:
+    """A refund Stripe could not complete (failed or canceled): its credits come back, reversing the refund
+    entry. They go back into the lot the refund took them from, which keeps its expiry — a refund that never
+    happened neither lengthens nor shortens the credits' life. Existing debt is paid from them first while the
+    lot is live; into an expired lot they go as they are, and expiry moves them to breakage. The fee was never
+    part of an API refund, so it is not part of this either."""
+    if credits <= 0:
+        raise ValueError("a failed refund gives back a positive amount of credits")
+    postings = [Posting(customer, credits, lot.id)]
+    settled = debt_settled_by(debt, credits) if lot.expires_at > now else Decimal(0)
+    if settled:
+        postings += [Posting(customer, -settled, lot.id), Posting(customer, settled, None)]
+    postings.append(Posting(Platform.REFUNDS, -credits))
+    return Entry(
+        kind=EntryKind.REVERSAL,
+        customer=customer,
+        postings=tuple(postings),
+        credits_delta=credits,
+        description=description,
+        reverses=reverses,
+    )

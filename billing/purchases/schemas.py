@@ -74,7 +74,8 @@ class LotLeft(msgspec.Struct):
 
 class RefundOut(msgspec.Struct):
     """Money given back for a purchase: `amount` of credits taken back, `fee_amount` of fee returned (only
-    when Stripe reports a refund that included it), `source` `api` or `stripe` (e.g. its dashboard)."""
+    when Stripe reports a refund that included it), `source` `api` or `stripe` (e.g. its dashboard). A refund
+    that failed at Stripe stays listed, `failed` or `canceled`, and no longer counts in `refunded`."""
 
     id: str
     purchase: str
@@ -86,6 +87,9 @@ class RefundOut(msgspec.Struct):
     entry: str
     reason: str | None
     created_at: datetime
+    status: str = "succeeded"  # `failed` or `canceled` when Stripe could not complete it: credits put back
+    failure_reason: str | None = None
+    reversal_entry: str | None = None  # the entry that put the credits back
     object: str = "refund"
 
 

@@ -43,7 +43,8 @@ PURCHASE_COLUMNS = (
     "p.*, a.public_id AS account_public, l.amount AS lot_amount, l.remaining AS lot_remaining,"
     " l.expires_at AS lot_expires_at, (SELECT coalesce(json_agg(json_build_object('id', r.public_id,"
     " 'amount', r.amount::text, 'fee_amount', r.fee_amount::text, 'source', r.source, 'stripe_refund',"
-    " r.stripe_refund, 'entry_id', r.entry_id, 'reason', r.reason, 'created_at', r.created_at) ORDER BY r.id),"
+    " r.stripe_refund, 'entry_id', r.entry_id, 'reason', r.reason, 'created_at', r.created_at, 'status', r.status,"
+    " 'failure_reason', r.failure_reason, 'reversal_entry_id', r.reversal_entry_id) ORDER BY r.id),"
     " '[]') FROM refunds r WHERE r.purchase_id = p.id) AS refund_list"
 )
 PURCHASE_FROM = "purchases p JOIN accounts a ON a.id = p.account_id LEFT JOIN lots l ON l.id = p.lot_id"
@@ -193,7 +194,9 @@ def purchase_view(r: Row[Any], now: datetime) -> s.Purchase:
         entry=public_id("je", r.entry_id) if r.entry_id else None,
         failure_code=r.failure_code,
         failure_message=r.failure_message,
-        refunded=format_money(sum((Decimal(x["amount"]) for x in r.refund_list), Decimal(0))),
+        refunded=format_money(
+            sum((Decimal(x["amount"]) for x in r.refund_list if x["status"] == "succeeded"), Decimal(0))
+        ),
         refunds=[refund_view(x, r.public_id) for x in r.refund_list],
         created_at=r.created_at,
         paid_at=r.paid_at,
@@ -214,6 +217,9 @@ def refund_view(r: dict[str, Any], purchase: str) -> s.RefundOut:
         entry=public_id("je", r["entry_id"]),
         reason=r["reason"],
         created_at=created if isinstance(created, datetime) else datetime.fromisoformat(created),
+        status=r["status"],
+        failure_reason=r["failure_reason"],
+        reversal_entry=public_id("je", r["reversal_entry_id"]) if r["reversal_entry_id"] else None,
     )
 
 
@@ -733,12 +739,17 @@ async def refund_purchase(
 
 async def reflect_stripe_refunds(
     ctx: Context, conn: AsyncConnection, *, payment_intent: str | None, purchase_id: str | None,
-    amount_refunded_cents: int, stripe_refund: str | None, source: str,
+    amount_refunded_cents: int, stripe_refund: str | None, source: str, reported_at: datetime,
 ) -> Fulfilment:  # fmt: skip
     """Bring the ledger up to what Stripe says was refunded on a payment in total (`charge.refunded`
     carries the cumulative amount, so repeats and re-ordered events change nothing). What the ledger has
     not booked yet — a refund made in Stripe's dashboard — is clawed back: credits first (the purchase's
-    lot, then other lots, then debt), then the fee (fee revenue reversed)."""
+    lot, then other lots, then debt), then the fee (fee revenue reversed).
+
+    A refund that failed no longer counts in Stripe's cumulative amount once it has failed, but still does in
+    an event Stripe created before the failure (`reported_at`, the event's `created`): so a failed refund is
+    compared as booked exactly for events older than its failure, and a late, stale event never books it
+    again."""
     found = await find_purchase(conn, payment_intent, purchase_id)
     if found is None:
         return Fulfilment(Result.NEEDS_REVIEW, reason="no purchase matches this refund")
@@ -751,8 +762,9 @@ async def reflect_stripe_refunds(
             text(
                 "SELECT coalesce(sum(amount), 0) AS credits, coalesce(sum(fee_amount), 0) AS fee,"
                 " coalesce(sum(amount_cents), 0) AS cents FROM refunds WHERE purchase_id = :id"
+                " AND (status = 'succeeded' OR failed_at >= :reported)"
             ),
-            {"id": p.id},
+            {"id": p.id, "reported": reported_at},
         )
     ).one()
     missing = amount_refunded_cents - int(booked.cents)
@@ -777,6 +789,76 @@ async def reflect_stripe_refunds(
     )  # fmt: skip
     posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
     return Fulfilment(Result.CREDITED, p.id, posted.entry_id)
+
+
+# Stripe refund statuses that mean the money never reached the customer.
+REFUND_UNDONE = frozenset({"failed", "canceled"})
+
+
+@dataclass(frozen=True, slots=True)
+class StripeRefund:
+    """A Stripe refund as its events (`refund.*`, `charge.refund.updated`) describe it."""
+
+    id: str
+    payment_intent: str | None
+    purchase_id: str | None  # our purchase id from the refund's metadata, if we made it
+    amount_cents: int
+    status: str
+    failure_reason: str | None
+    reported_at: datetime  # the event's `created`: when Stripe said so
+
+
+async def refund_undone(ctx: Context, conn: AsyncConnection, refund: StripeRefund) -> Fulfilment:
+    """A refund Stripe could not complete (`failed`) or called off (`canceled`): the credits it took come
+    back once — `entries.refund_failed`, a reversal of the refund entry into the lot it took them from —
+    and the refund is marked so. Any other status, a repeat, or an event after the refund already failed
+    changes nothing.
+
+    Only a refund the ledger booked under its Stripe id (one made through the API) is put back. A failed
+    refund we never booked by id — made in Stripe's dashboard and reflected only through `charge.refunded`'s
+    cumulative amount, which took credits from several lots, debt and perhaps the fee — is not guessed at:
+    it is kept for review, and support corrects the balance with an audited adjustment.
+    """
+    if refund.status not in REFUND_UNDONE:
+        return Fulfilment(Result.ALREADY_CREDITED, reason=f"refund is {refund.status or 'unknown'}: nothing to undo")
+    found = await find_purchase(conn, refund.payment_intent, refund.purchase_id)
+    if found is None:
+        return Fulfilment(Result.NEEDS_REVIEW, reason="no purchase matches this refund")
+    # Lock order: the balance row (an API refund still committing holds it), then the refund row.
+    state = await ctx.journal.lock_customer(conn, Customer(found.account_id))
+    r = (
+        await conn.execute(
+            text("SELECT * FROM refunds WHERE stripe_refund = :s AND purchase_id = :p FOR UPDATE"),
+            {"s": refund.id, "p": found.id},
+        )
+    ).first()
+    if r is None:
+        return Fulfilment(
+            Result.NEEDS_REVIEW, found.id, reason=f"{refund.status} refund {refund.id} was never booked by the ledger"
+        )
+    if r.status != "succeeded":
+        return Fulfilment(Result.ALREADY_CREDITED, found.id, r.reversal_entry_id, reason=f"refund already {r.status}")
+    if refund.amount_cents != r.amount_cents or r.fee_amount != 0:
+        return Fulfilment(
+            Result.NEEDS_REVIEW,
+            found.id,
+            reason=f"refund {refund.id} of {refund.amount_cents} cents does not match the booked {r.amount_cents}",
+        )
+    p = (await conn.execute(text("SELECT public_id, lot_id FROM purchases WHERE id = :id"), {"id": found.id})).one()
+    lot = await _lot(conn, p.lot_id)
+    assert lot is not None  # an API refund is only ever of a paid purchase, which has its lot
+    entry = entries.refund_failed(
+        Customer(r.account_id), credits=r.amount, lot=lot, debt=state.debt, now=clock.now(), reverses=r.entry_id,
+        description=f"refund {r.public_id} of purchase {p.public_id} {refund.status} at Stripe: credits back",
+    )  # fmt: skip
+    rider = Rider(
+        "undone",
+        "UPDATE refunds SET status = :u_status, failure_reason = :u_reason, failed_at = :u_at,"
+        " reversal_entry_id = (SELECT id FROM e) WHERE id = :u_id AND status = 'succeeded'",
+        {"u_status": refund.status, "u_reason": refund.failure_reason, "u_at": refund.reported_at, "u_id": r.id},
+    )
+    posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+    return Fulfilment(Result.CREDITED, found.id, posted.entry_id)
 
 
 # --- disputes --------------------------------------------------------------------------------------
@@ -817,7 +899,7 @@ async def dispute_opened(ctx: Context, conn: AsyncConnection, dispute: Dispute) 
         await conn.execute(
             text(
                 "SELECT coalesce(sum(amount), 0) AS credits, coalesce(sum(fee_amount), 0) AS fee FROM ("
-                " SELECT amount, fee_amount FROM refunds WHERE purchase_id = :id UNION ALL"
+                " SELECT amount, fee_amount FROM refunds WHERE purchase_id = :id AND status = 'succeeded' UNION ALL"
                 " SELECT amount, fee_amount FROM disputes WHERE purchase_id = :id AND status <> 'won') x"
             ),
             {"id": p.id},

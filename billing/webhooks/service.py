@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billing import clock
 from billing.context import Context
 from billing.purchases import service as purchases
 from billing.purchases.service import Payment, Result
@@ -131,6 +133,7 @@ async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, ch
     refunded = charge.get("amount_refunded")
     if not isinstance(refunded, int):
         return Handled("needs_review", "charge without an integer amount_refunded")
+    reported_at = await _event_created(conn, event_id)
     result = await purchases.reflect_stripe_refunds(
         ctx,
         conn,
@@ -139,11 +142,43 @@ async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, ch
         amount_refunded_cents=refunded,
         stripe_refund=None,  # the charge's cumulative amount is the key; its refund list may be elided
         source=f"stripe_event:{event_id}",
+        reported_at=reported_at,
     )
     if result.result is Result.NEEDS_REVIEW:
         return Handled("needs_review", result.reason or "needs review", result.purchase_id)
     outcome = "refund_booked" if result.result is Result.CREDITED else "refund_already_booked"
     return Handled("processed", outcome, result.purchase_id)
+
+
+async def _event_created(conn: AsyncConnection, event_id: str) -> datetime:
+    """When Stripe created the event being handled (its row was inserted in this transaction)."""
+    created = await conn.scalar(
+        text("SELECT to_timestamp((payload->>'created')::bigint) FROM stripe_events WHERE id = :id"), {"id": event_id}
+    )
+    return created if created is not None else clock.now()
+
+
+async def refund_changed(ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any]) -> Handled:
+    """`refund.failed`, `refund.updated`, `charge.refund.updated` (each carries the refund): a refund of ours
+    that Stripe reports `failed` or `canceled` gives its credits back, once; any other status changes nothing."""
+    amount = obj.get("amount")
+    if not isinstance(amount, int) or not isinstance(obj.get("id"), str):
+        return Handled("needs_review", "refund without an id or an integer amount")
+    refund = purchases.StripeRefund(
+        id=obj["id"],
+        payment_intent=_id(obj.get("payment_intent")),
+        purchase_id=_metadata(obj).get("purchase_id"),
+        amount_cents=amount,
+        status=str(obj.get("status") or ""),
+        failure_reason=obj.get("failure_reason"),
+        reported_at=await _event_created(conn, event_id),
+    )
+    result = await purchases.refund_undone(ctx, conn, refund)
+    if result.result is Result.NEEDS_REVIEW:
+        return Handled("needs_review", result.reason or "needs review", result.purchase_id)
+    if result.result is Result.CREDITED:
+        return Handled("processed", f"refund_{refund.status}_credits_back", result.purchase_id)
+    return Handled("processed", result.reason or "", result.purchase_id)
 
 
 def _dispute(obj: dict[str, Any]) -> purchases.Dispute | None:
@@ -188,6 +223,9 @@ HANDLERS: dict[str, Handler] = {
     "charge.dispute.created": dispute_created,
     "charge.dispute.closed": dispute_closed,
     "charge.refunded": charge_refunded,
+    "charge.refund.updated": refund_changed,
+    "refund.failed": refund_changed,
+    "refund.updated": refund_changed,
     "payment_intent.succeeded": payment_intent_succeeded,
     "payment_intent.payment_failed": payment_intent_failed,
     "checkout.session.completed": checkout_session_paid,
