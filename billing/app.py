@@ -30,6 +30,7 @@ from billing.gateway.policies import ByokPoliciesController
 from billing.gateway.routes import ChargesController, GenerationsController, HoldsController
 from billing.http import error_responses
 from billing.keys.routes import AccountKeysController, KeysController
+from billing.organizations.routes import MembersController
 from billing.purchases.routes import PricingController, PurchaseController, PurchasesController
 from billing.redis import make_redis
 from billing.settings import Settings
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AccountsController,
             JournalController,
             TokensController,
+            MembersController,
             AccountKeysController,
             KeysController,
             ChargesController,

@@ -517,3 +517,21 @@ class DisputeRow(Base):
     reinstated_entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
     closed_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class OrganizationMemberRow(Base):
+    """A user account's membership of an organization account. `admin` members may buy (and refund) credits
+    for the organization with their own account token; `member`s only spend through keys naming them. That
+    the organization is an `organization` and the member a `user` is checked in code (billing/organizations)."""
+
+    __tablename__ = "organization_members"
+    __table_args__ = (
+        PrimaryKeyConstraint("organization_id", "member_id"),
+        CheckConstraint("role IN ('admin', 'member')", name="role"),
+        Index("ix_organization_members_member_id", "member_id"),
+    )
+
+    organization_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    member_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    role: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))

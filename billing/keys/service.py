@@ -20,6 +20,7 @@ from billing.errors import invalid, not_found
 from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
+from billing.organizations.service import role_of
 from billing.schemas import money_field, money_or_none
 
 KEY_COLUMNS = """k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
@@ -105,6 +106,8 @@ async def create_key(ctx: Context, principal: Principal, account: str, data: s.C
             if owner.kind != "organization":
                 raise invalid("member_needs_organization", "Only an organization's keys name a member.", "member")
             member = await find_account(conn, principal, data.member)
+            if await role_of(conn, owner.id, member.id, lock=True) is None:
+                raise invalid("not_a_member", f"{data.member!r} is not a member of {account!r}.", "member")
             member_id = member.id
         public = new_key_id()
         await conn.execute(

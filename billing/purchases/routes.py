@@ -1,8 +1,8 @@
 """HTTP adapter for purchases: quotes, buying credits, purchase history, pricing versions (admin).
 
-Who may buy for an account: the account's own token, or support/admin. For an organization that means
-the organization's own account-scoped token (held by its admins' dashboard backend) or staff; member
-accounts cannot buy for the organization.
+Who may buy for an account (quotes, purchases, history, refunds): the account's own token, or support/admin.
+For an organization also the account token of a user who is one of its `admin` members; a plain member's
+token is refused with 403 `not_an_organization_admin` (billing/organizations).
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
-from billing.accounts.service import find_account
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.db.journal import Rider
@@ -32,6 +31,7 @@ from billing.ledger import entries
 from billing.ledger.model import Customer, EntryKind, LotBalance, Platform
 from billing.ledger.money import format_money
 from billing.ledger.outcomes import Refused
+from billing.organizations.service import authorize, find_account_to_act_for
 from billing.purchases import fees, refunds
 from billing.purchases import schemas as s
 from billing.schemas import ListOf, money_field, public_id
@@ -153,7 +153,7 @@ async def _quote(conn: AsyncConnection, account_id: int, data: s.CreateQuote | s
 async def quote(ctx: Context, principal: Principal, account: str, data: s.CreateQuote) -> s.Quote:
     """What buying `amount` credits would cost this account now. Changes nothing."""
     async with ctx.db.connect() as conn:
-        row = await find_account(conn, principal, account)
+        row = await find_account_to_act_for(conn, principal, account)
         try:
             return quote_view(account, await _quote(conn, row.id, data))
         except Refused as refused:
@@ -307,7 +307,7 @@ async def create_purchase(
         return 201, msgspec.to_builtins(result)
 
     async with ctx.db.begin() as conn:
-        row = await find_account(conn, principal, account)
+        row = await find_account_to_act_for(conn, principal, account)
         return await run_once(
             conn, scope=scope, key=idempotency_key, method="POST", path=path, canonical_body=body, work=work
         )
@@ -319,7 +319,7 @@ async def list_purchases(
     """The account's purchases, newest first, with what is left of each one's lot."""
     now = clock.now()
     async with ctx.db.connect() as conn:
-        row = await find_account(conn, principal, account)
+        row = await find_account_to_act_for(conn, principal, account)
         cursor = None
         if starting_after:
             cursor = await conn.scalar(
@@ -343,13 +343,7 @@ async def list_purchases(
 
 async def get_purchase(ctx: Context, principal: Principal, purchase: str) -> s.Purchase:
     async with ctx.db.connect() as conn:
-        r = (
-            await conn.execute(
-                text(f"SELECT {PURCHASE_COLUMNS} FROM {PURCHASE_FROM} WHERE p.public_id = :p"), {"p": purchase}
-            )
-        ).first()
-    if r is None or not principal.may_see(r.account_id):
-        raise not_found("purchase", purchase)
+        r = await _purchase_row(conn, principal, purchase)
     return purchase_view(r, clock.now())
 
 
@@ -630,8 +624,9 @@ async def _purchase_row(conn: AsyncConnection, principal: Principal, purchase: s
             text(f"SELECT {PURCHASE_COLUMNS} FROM {PURCHASE_FROM} WHERE p.public_id = :p"), {"p": purchase}
         )
     ).first()
-    if r is None or not principal.may_see(r.account_id):
+    if r is None:
         raise not_found("purchase", purchase)
+    await authorize(conn, principal, r.account_id, "purchase", purchase)
     return r
 
 

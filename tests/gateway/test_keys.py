@@ -111,6 +111,9 @@ async def test_member_keys_spend_from_the_organization_pool(api: Api, gw: Gatewa
     org = await funded(api, "10.00", kind="organization")
     alice = (await api.account())["id"]
     bob = (await api.account())["id"]
+    for member in (alice, bob):
+        r = await client.post(f"/v1/accounts/{org}/members", json={"member": member, "role": "member"}, headers=ADMIN)
+        assert r.status_code == 201, r.text
     alice_key = (await new_key(client, org, member=alice))["id"]
     bob_key = (await new_key(client, org, member=bob))["id"]
     a = (await gw.charge(key=alice_key, cost="1.00")).json()
