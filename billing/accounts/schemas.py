@@ -60,6 +60,7 @@ class Account(msgspec.Struct):
     name: str | None
     metadata: dict[str, str]
     enterprise: bool
+    flagged_for_review: bool  # a dispute on the account that was not won
     created_at: datetime
     balance: Balance
     object: str = "account"

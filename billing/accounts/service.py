@@ -28,13 +28,15 @@ from billing.schemas import ListOf, internal_id, money_field, public_id
 
 # `held` counts open holds not yet expired: an expired hold stops counting at its expiry, job or not.
 # `expired` is what is left of expired lots until the expiry job moves it to breakage.
+# `flagged`: a chargeback that was not won puts the account up for review (SPEC §5 Disputes).
 ACCOUNT_COLUMNS = (
     "a.id, a.public_id, a.external_id, a.kind, a.name, a.metadata, a.enterprise, a.created_at,"
     " b.balance, b.total_credits, b.total_usage,"
     " (SELECT coalesce(sum(h.amount), 0) FROM holds h"
     "   WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held,"
     " (SELECT coalesce(sum(l.remaining), 0) FROM lots l"
-    "   WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now) AS expired"
+    "   WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now) AS expired,"
+    " EXISTS (SELECT 1 FROM disputes d WHERE d.account_id = a.id AND d.status <> 'won') AS flagged"
 )
 MAX_PAGE = 100
 
@@ -63,6 +65,7 @@ def _account(row: Row[Any]) -> s.Account:
         name=row.name,
         metadata=row.metadata,
         enterprise=row.enterprise,
+        flagged_for_review=row.flagged,
         created_at=row.created_at,
         balance=_balance(row),
     )

@@ -133,11 +133,29 @@ async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, ch
     refunded = charge.get("amount_refunded")
     if not isinstance(refunded, int):
         return Handled("needs_review", "charge without an integer amount_refunded")
+    payment_intent = _id(charge.get("payment_intent"))
+    amount = charge.get("amount")
+    if payment_intent is not None and charge.get("paid") is True and isinstance(amount, int):
+        # A refunded charge was paid: if its success event has not arrived yet (Stripe sends events in any
+        # order), credit the payment first, through the one fulfilment path — a no-op when already credited.
+        fulfilled = await purchases.fulfil_payment(
+            ctx,
+            Payment(
+                payment_intent=payment_intent,
+                amount_cents=amount,
+                currency=str(charge.get("currency", "")),
+                purchase_id=_metadata(charge).get("purchase_id"),
+                source=f"stripe_event:{event_id}",
+            ),
+            conn=conn,
+        )
+        if fulfilled.result is Result.NEEDS_REVIEW:
+            return _fulfilled(fulfilled)
     reported_at = await _event_created(conn, event_id)
     result = await purchases.reflect_stripe_refunds(
         ctx,
         conn,
-        payment_intent=_id(charge.get("payment_intent")),
+        payment_intent=payment_intent,
         purchase_id=_metadata(charge).get("purchase_id"),
         amount_refunded_cents=refunded,
         stripe_refund=None,  # the charge's cumulative amount is the key; its refund list may be elided

@@ -202,7 +202,7 @@ async def test_who_may_refund(api: Api, client: AsyncTestClient, localstripe: st
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "idempotency_key_required"
 
 
-def charge_refunded(p: dict[str, Any], cumulative_cents: int) -> bytes:
+def charge_refunded(p: dict[str, Any], cumulative_cents: int, **extra: Any) -> bytes:
     return event(
         "charge.refunded",
         {
@@ -214,8 +214,28 @@ def charge_refunded(p: dict[str, Any], cumulative_cents: int) -> bytes:
             "refunded": True,
             "currency": "usd",
             "metadata": {},
+            **extra,
         },
     )
+
+
+async def test_refund_arriving_before_the_success_credits_the_payment_then_refunds_once(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    """Stripe's events come in any order: a refunded charge was paid, so it is credited through the one
+    fulfilment path first; the success event arriving afterwards changes nothing."""
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]
+    payload = charge_refunded(p, 500, paid=True)
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.status_code == 200 and r.json()["outcome"] == "refund_booked", r.text
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["total_credits"]) == ("10.00", "10.00")
+    answer = await pay(client, p)
+    assert answer["outcome"] == "already_credited"
+    purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
+    assert purchase["status"] == "succeeded" and [x["amount"] for x in purchase["refunds"]] == ["5.00"]
+    assert (await api.balance(acct))["balance"] == "10.00"
 
 
 async def test_refund_made_at_stripe_is_clawed_back_once_even_into_debt(

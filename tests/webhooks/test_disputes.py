@@ -125,3 +125,19 @@ async def test_inquiries_and_unknown_payments_move_no_money(api: Api, client: As
     stranger = {**dispute(p, "needs_response", dispute_id=dp), "payment_intent": "pi_" + uuid.uuid4().hex[:14]}
     assert (await send(client, "charge.dispute.created", stranger))["status"] == "needs_review"
     assert (await api.balance(acct))["balance"] == "15.00"
+
+
+async def test_dispute_after_spending_leaves_the_account_negative_and_flagged(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    acct, p = await paid(api, client)
+    await spend(api, client, acct, "12.00")
+    account = (await client.get(f"/v1/accounts/{acct}", headers=ADMIN)).json()
+    assert account["flagged_for_review"] is False
+    dp = "dp_" + uuid.uuid4().hex[:14]
+    await send(client, "charge.dispute.created", dispute(p, "needs_response", dispute_id=dp))
+    account = (await client.get(f"/v1/accounts/{acct}", headers=ADMIN)).json()
+    assert account["flagged_for_review"] is True and account["balance"]["balance"] == "-12.00"
+    await send(client, "charge.dispute.closed", dispute(p, "won", dispute_id=dp))
+    account = (await client.get(f"/v1/accounts/{acct}", headers=ADMIN)).json()
+    assert account["flagged_for_review"] is False and account["balance"]["balance"] == "3.00"
