@@ -30,7 +30,7 @@ from billing.keys.service import key_usage
 from billing.ledger.model import Customer, LotBalance
 from billing.ledger.money import ZERO
 from billing.ledger.outcomes import Refused
-from billing.ledger.usage import KeyUsage, admit, spendable, usage_entry
+from billing.ledger.usage import KeyUsage, usage_entry
 
 MAX_BATCH = 64
 # Batches in flight per process: enough to keep the database busy while Python decides the next one.
@@ -157,8 +157,7 @@ class ChargeBatcher:
                     key = service.check_key(row, data.key, now)
                     spend = service.spend_for(row, item.priced)
                     if spend.amount > 0:
-                        admit(spend.amount, balance=spendable(row.balance, service.lots_of(row), now), held=row.held, key=key,
-                              key_held=row.key_held or ZERO, now=now)  # fmt: skip
+                        service.admit_on(row, spend.amount, key, now)
                 except ApiError as error:
                     answers[n] = error
                     continue

@@ -215,6 +215,18 @@ def lots_of(row: Any) -> tuple[LotBalance, ...]:
     return tuple(LotBalance(*t) for t in zip(row.lot_ids, row.lot_remaining, row.lot_expires, strict=True))
 
 
+def admit_on(row: Any, amount: Decimal, key: KeyLimit | None, now: datetime) -> None:
+    """`admit` against an account's state row: its spendable balance, open holds and the key's holds."""
+    admit(
+        amount,
+        balance=spendable(row.balance, lots_of(row), now),
+        held=row.held,
+        key=key,
+        key_held=row.key_held or ZERO,
+        now=now,
+    )
+
+
 def check_key(row: Any, requested: str | None, now: datetime) -> KeyLimit | None:
     """The paying key, checked: disabled, expired or deleted keys may not spend."""
     if requested is None and row.key_id is None:
@@ -409,14 +421,7 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
             spend = spend_for(row, priced)
             try:
                 if spend.amount > 0:
-                    admit(
-                        spend.amount,
-                        balance=spendable(row.balance, lots_of(row), now),
-                        held=row.held,
-                        key=key,
-                        key_held=row.key_held or ZERO,
-                        now=now,
-                    )
+                    admit_on(row, spend.amount, key, now)
             except Refused as refused:
                 error = from_refusal(refused)
                 riders = riders_for(
@@ -534,14 +539,7 @@ async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) ->
         key = check_key(row, data.key, now)
         refusal: ApiError | None = None
         try:
-            admit(
-                amount,
-                balance=spendable(row.balance, lots_of(row), now),
-                held=row.held,
-                key=key,
-                key_held=row.key_held or ZERO,
-                now=now,
-            )
+            admit_on(row, amount, key, now)
         except Refused as refused:
             refusal = from_refusal(refused)
         hold = _HoldRow(
