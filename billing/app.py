@@ -32,9 +32,11 @@ from billing.http import error_responses
 from billing.keys.routes import AccountKeysController, KeysController
 from billing.organizations.routes import MembersController
 from billing.purchases.routes import PricingController, PurchaseController, PurchasesController
+from billing.reconcile.routes import ReconciliationRunsController
 from billing.redis import make_redis
 from billing.settings import Settings
 from billing.stripe_client import make_stripe
+from billing.support.routes import SupportTicketsController
 from billing.webhooks.routes import stripe_webhook
 
 log = logging.getLogger("billing")
@@ -145,6 +147,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             PurchasesController,
             PurchaseController,
             PricingController,
+            SupportTicketsController,
+            ReconciliationRunsController,
             stripe_webhook,
         ],
         dependencies={"ctx": Provide(lambda: context, use_cache=True, sync_to_thread=False)},

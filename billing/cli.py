@@ -7,6 +7,7 @@
     billing worker [--threads N]             run background jobs (Dramatiq on Redis)
     billing scheduler                        enqueue the periodic jobs (run exactly one)
     billing expire [--dry-run [--as-of T]]   expire credits (breakage) and holds now, or say what would
+    billing reconcile [--window-hours 72]    credit Stripe's paid payments the ledger is missing; report the reverse
     billing verify                           check the ledger's invariants; non-zero exit on a problem
     billing dead-letters [--replay]          list (or send again) jobs that failed every retry
 
@@ -422,6 +423,28 @@ def cmd_expire(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from billing.reconcile.service import Run, reconcile_payments, summary
+    from billing.stripe_client import make_stripe
+
+    settings = Settings.from_env()
+    sdk = make_stripe(settings)
+    if sdk is None:
+        sys.exit("billing: STRIPE_API_KEY is not set: there is no Stripe to reconcile with")
+    if args.window_hours <= 0:
+        sys.exit("billing: --window-hours must be positive")
+    grace = None if args.grace_seconds is None else timedelta(seconds=args.grace_seconds)
+
+    async def job(ctx: Context) -> Run:
+        return await reconcile_payments(ctx, sdk, window=timedelta(hours=args.window_hours), grace=grace, source="cli")
+
+    run = _run_job(job)
+    for finding in run.findings:
+        print(f"{finding.kind}  {finding.payment_intent}  {finding.detail}")
+    print(summary(run))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from billing.jobs.verify import Verification, metrics_text, verify
 
@@ -496,6 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would expire; change nothing")
     p.add_argument("--as-of", type=_instant, help="with --dry-run: as of this instant, e.g. 2027-12-01T00:00:00Z")
     p.set_defaults(func=cmd_expire)
+
+    p = commands.add_parser("reconcile", help="credit Stripe's succeeded payments missing from the ledger, now")
+    p.add_argument("--window-hours", type=int, default=72, help="how far back to walk Stripe's payments (default 72)")
+    p.add_argument(
+        "--grace-seconds",
+        type=int,
+        help="leave payments this young to their webhooks (default BILLING_RECONCILE_GRACE)",
+    )
+    p.set_defaults(func=cmd_reconcile)
 
     p = commands.add_parser("verify", help="check the ledger's invariants (Prometheus text; exit 1 on a problem)")
     p.set_defaults(func=cmd_verify)

@@ -68,6 +68,11 @@ class Settings:
     verify_every: int = 3600
     # A hold is marked expired this long after its expiry (it stops counting at the expiry itself).
     hold_expiry_grace: int = 60
+    # The missing-credit reconciler (billing/reconcile/): how often, how far back it walks Stripe's payments,
+    # and how young a payment may be before it is left to its webhook.
+    reconcile_every: int = 300
+    reconcile_window_hours: int = 72
+    reconcile_grace: int = 600
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -96,6 +101,9 @@ class Settings:
             credit_expiry_every=_int("BILLING_CREDIT_EXPIRY_EVERY", 300),
             verify_every=_int("BILLING_VERIFY_EVERY", 3600),
             hold_expiry_grace=_int("BILLING_HOLD_EXPIRY_GRACE", 60),
+            reconcile_every=_int("BILLING_RECONCILE_EVERY", 300),
+            reconcile_window_hours=_int("BILLING_RECONCILE_WINDOW_HOURS", 72),
+            reconcile_grace=_int("BILLING_RECONCILE_GRACE", 600),
         )
 
     def require_database_url(self) -> str:

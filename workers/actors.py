@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 import dramatiq
+import stripe
 from redis.asyncio import Redis
 
 from billing import clock
@@ -24,7 +25,9 @@ from billing.db.journal import Journal
 from billing.jobs import expiry, holds
 from billing.jobs import verify as verification
 from billing.ledger.money import format_money
+from billing.reconcile import service as reconciler
 from billing.settings import Settings
+from billing.stripe_client import make_stripe
 from workers.broker import QUEUE, setup_broker
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ class _Process:
 
     context: Context | None = None
     redis: Redis | None = None
+    stripe: stripe.StripeClient | None = None
 
 
 def context() -> Context:
@@ -91,4 +95,28 @@ async def verify_ledger() -> None:
     log.info("verify_ledger: %s", "ok" if result.ok else f"{len(result.problems)} invariant(s) broken")
 
 
-PERIODIC = (expire_holds, expire_credits, verify_ledger)
+def stripe_client() -> stripe.StripeClient | None:
+    if _Process.stripe is None:
+        _Process.stripe = make_stripe(context().settings)
+    return _Process.stripe
+
+
+@dramatiq.actor(
+    queue_name=QUEUE, time_limit=10 * MINUTE, max_retries=3, min_backoff=30 * SECOND, max_backoff=10 * MINUTE
+)
+async def reconcile_payments() -> None:
+    """Credit Stripe's succeeded payments of the window that the ledger is missing (lost webhooks), through
+    `fulfil_payment`, once; report credits Stripe does not show as paid. Stripe unreachable: retried."""
+    sdk = stripe_client()
+    if sdk is None:
+        log.warning("reconcile_payments: Stripe is not configured (STRIPE_API_KEY); nothing to reconcile")
+        return
+    run = await reconciler.reconcile_payments(context(), sdk)
+    log.log(
+        logging.WARNING if run.needs_review or run.unpaid_credits or run.amount_mismatches else logging.INFO,
+        "reconcile_payments: %s",
+        reconciler.summary(run),
+    )
+
+
+PERIODIC = (expire_holds, expire_credits, verify_ledger, reconcile_payments)

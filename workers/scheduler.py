@@ -38,6 +38,7 @@ def schedules(settings: Settings) -> list[Schedule]:
         actors.expire_holds: settings.hold_expiry_every,
         actors.expire_credits: settings.credit_expiry_every,
         actors.verify_ledger: settings.verify_every,
+        actors.reconcile_payments: settings.reconcile_every,
     }
     return [Schedule(actor, seconds) for actor, seconds in every.items() if seconds > 0]
 

@@ -535,3 +535,68 @@ class OrganizationMemberRow(Base):
     member_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
     role: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class ReconcileRunRow(Base):
+    """One run of the missing-credit reconciler: its window, what it counted, found and repaired."""
+
+    __tablename__ = "reconcile_runs"
+    __table_args__ = (
+        CheckConstraint(
+            "seen >= 0 AND young >= 0 AND already_credited >= 0 AND credited >= 0 AND needs_review >= 0"
+            " AND unpaid_credits >= 0 AND amount_mismatches >= 0",
+            name="counts",
+        ),
+        Index("ix_reconcile_runs_started_at", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(TS)
+    finished_at: Mapped[datetime] = mapped_column(TS)
+    window_start: Mapped[datetime] = mapped_column(TS)
+    window_end: Mapped[datetime] = mapped_column(TS)
+    source: Mapped[str] = mapped_column(Text)
+    seen: Mapped[int] = mapped_column(Integer)
+    young: Mapped[int] = mapped_column(Integer)
+    already_credited: Mapped[int] = mapped_column(Integer)
+    credited: Mapped[int] = mapped_column(Integer)
+    needs_review: Mapped[int] = mapped_column(Integer)
+    unpaid_credits: Mapped[int] = mapped_column(Integer)
+    amount_mismatches: Mapped[int] = mapped_column(Integer)
+    findings: Mapped[Any] = mapped_column(JSONB)
+
+
+class SupportTicketRow(Base):
+    """A "my credits haven't shown up" ticket: the payment asked about (a PaymentIntent, a Checkout Session,
+    or a time window), what Stripe and the ledger showed, how it was resolved, by whom and when."""
+
+    __tablename__ = "support_tickets"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('credited', 'already_credited', 'not_paid', 'wrong_account', 'needs_review')", name="status"
+        ),
+        CheckConstraint(
+            "(payment_intent IS NOT NULL)::int + (checkout_session IS NOT NULL)::int"
+            " + (window_start IS NOT NULL)::int = 1",
+            name="one_reference",
+        ),
+        CheckConstraint("(window_start IS NULL) = (window_end IS NULL) AND window_start < window_end", name="window"),
+        Index("ix_support_tickets_status", "status", "id"),
+        Index("ix_support_tickets_account_id", "account_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    payment_intent: Mapped[str | None] = mapped_column(Text)
+    checkout_session: Mapped[str | None] = mapped_column(Text)
+    window_start: Mapped[datetime | None] = mapped_column(TS)
+    window_end: Mapped[datetime | None] = mapped_column(TS)
+    note: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text)
+    resolution: Mapped[str] = mapped_column(Text)
+    findings: Mapped[Any] = mapped_column(JSONB)
+    purchase_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("purchases.id"))
+    entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+    created_by: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
+    resolved_at: Mapped[datetime] = mapped_column(TS)

@@ -14,7 +14,12 @@ from tests.conftest import Api
 from tests.workers.conftest import billing, eventually, namespace, raw_broker, running_worker, stop, worker_env
 from tests.workers.test_hold_expiry import holds, statuses
 
-EVERY_SECOND = {"BILLING_HOLD_EXPIRY_EVERY": "1", "BILLING_CREDIT_EXPIRY_EVERY": "0", "BILLING_VERIFY_EVERY": "0"}
+EVERY_SECOND = {
+    "BILLING_HOLD_EXPIRY_EVERY": "1",
+    "BILLING_CREDIT_EXPIRY_EVERY": "0",
+    "BILLING_VERIFY_EVERY": "0",
+    "BILLING_RECONCILE_EVERY": "0",
+}
 
 
 async def test_two_schedulers_enqueue_each_slot_once_and_a_worker_runs_the_jobs(
