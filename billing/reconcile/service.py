@@ -29,7 +29,7 @@ from sqlalchemy.engine import Row
 from billing import clock
 from billing.context import Context
 from billing.errors import not_found
-from billing.purchases.service import Payment, Result, fulfil_payment
+from billing.purchases.service import Result, fulfil_payment
 from billing.reconcile import schemas as s
 from billing.reconcile.stripe_payments import StripePayment, payments_since, retrieve_payment
 from billing.schemas import ListOf, internal_id, public_id
@@ -95,16 +95,7 @@ async def reconcile_payments(
             run.young += 1
             continue
         succeeded[payment.id] = payment
-        done = await fulfil_payment(
-            ctx,
-            Payment(
-                payment_intent=payment.id,
-                amount_cents=payment.amount_cents,
-                currency=payment.currency,
-                purchase_id=payment.purchase_id,
-                source=f"reconciler:{source}",
-            ),
-        )
+        done = await fulfil_payment(ctx, payment.to_fulfil(f"reconciler:{source}"))
         if done.result is Result.CREDITED:
             run.credited += 1
             run.findings.append(

@@ -17,6 +17,7 @@ from typing import Any
 import stripe
 
 from billing.errors import API, ApiError
+from billing.purchases.service import Payment
 from billing.settings import Settings
 
 PAGE_SIZE = 100
@@ -35,6 +36,17 @@ class StripePayment:
     account: str | None  # our account id, from the metadata we set
     failure_code: str | None = None
     failure_message: str | None = None
+
+    def to_fulfil(self, source: str, checkout_session: str | None = None) -> Payment:
+        """What `fulfil_payment` is handed for this payment, by whoever found it."""
+        return Payment(
+            payment_intent=self.id,
+            amount_cents=self.amount_cents,
+            currency=self.currency,
+            purchase_id=self.purchase_id,
+            source=source,
+            checkout_session=checkout_session,
+        )
 
 
 def _plain(obj: Any) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from billing.errors import API, ApiError, invalid, not_found
 from billing.idempotency import Outcome, run_once
 from billing.ledger.money import format_money
 from billing.purchases.fees import from_cents
-from billing.purchases.service import Payment, Result, fail_payment, find_purchase, fulfil_payment
+from billing.purchases.service import Result, fail_payment, find_purchase, fulfil_payment
 from billing.reconcile.stripe_payments import (
     StripePayment,
     payments_since,
@@ -146,18 +146,7 @@ async def _resolve(
     if owner is not None and owner != account.public_id:
         return out(WRONG_ACCOUNT, f"the payment belongs to account {owner}")
     if payment.status == "succeeded":
-        done = await fulfil_payment(
-            ctx,
-            Payment(
-                payment_intent=payment.id,
-                amount_cents=payment.amount_cents,
-                currency=payment.currency,
-                purchase_id=payment.purchase_id,
-                source=f"support:{actor}",
-                checkout_session=checkout_session,
-            ),
-            conn=conn,
-        )
+        done = await fulfil_payment(ctx, payment.to_fulfil(f"support:{actor}", checkout_session), conn=conn)
         if done.result is Result.CREDITED:
             return out(CREDITED, "paid at Stripe and missing from the ledger: credited now", done.entry_id)
         if done.result is Result.ALREADY_CREDITED:
