@@ -8,6 +8,7 @@
     billing scheduler                        enqueue the periodic jobs (run exactly one)
     billing expire [--dry-run [--as-of T]]   expire credits (breakage) and holds now, or say what would
     billing reconcile [--window-hours 72]    credit Stripe's paid payments the ledger is missing; report the reverse
+    billing byok-reconcile [--month 2026-11] [--close]   correct BYOK fees of a month; close an ended one
     billing verify                           check the ledger's invariants; non-zero exit on a problem
     billing dead-letters [--replay]          list (or send again) jobs that failed every retry
 
@@ -30,7 +31,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, TypeVar
 
 from billing.settings import Settings
@@ -445,6 +446,37 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _month(raw: str) -> date:
+    try:
+        return datetime.strptime(raw, "%Y-%m").date()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {raw!r}") from None
+
+
+def cmd_byok_reconcile(args: argparse.Namespace) -> int:
+    from billing import clock
+    from billing.jobs.byok import ByokRun, reconcile_byok, summary
+    from billing.ledger.money import format_money
+
+    now = clock.now()
+    month = args.month or now.date().replace(day=1)
+
+    async def job(ctx: Context) -> ByokRun:
+        return await reconcile_byok(ctx, month, close=args.close, now=now)
+
+    try:
+        run = _run_job(job)
+    except ValueError as e:
+        sys.exit(f"billing: {e}")
+    for c in run.corrections:
+        log(
+            f"{c.account}: {format_money(c.amount)} USD ({c.entry}; expected {format_money(c.expected)},"
+            f" charged {format_money(c.charged)})"
+        )
+    log(summary(run))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from billing.jobs.verify import Verification, metrics_text, verify
 
@@ -528,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave payments this young to their webhooks (default BILLING_RECONCILE_GRACE)",
     )
     p.set_defaults(func=cmd_reconcile)
+
+    p = commands.add_parser("byok-reconcile", help="recompute a month's BYOK fees and correct wrong ones, now")
+    p.add_argument("--month", type=_month, help="the UTC month, e.g. 2026-11 (default: the current one)")
+    p.add_argument("--close", action="store_true", help="then close the month (it must have ended); once")
+    p.set_defaults(func=cmd_byok_reconcile)
 
     p = commands.add_parser("verify", help="check the ledger's invariants (Prometheus text; exit 1 on a problem)")
     p.set_defaults(func=cmd_verify)

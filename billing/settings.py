@@ -71,6 +71,8 @@ class Settings:
     # The missing-credit reconciler (billing/reconcile/): how often, how far back it walks Stripe's payments,
     # and how young a payment may be before it is left to its webhook.
     reconcile_every: int = 300
+    # BYOK fees of the current month recomputed and corrected; the previous month closed once.
+    byok_reconcile_every: int = 3600
     reconcile_window_hours: int = 72
     reconcile_grace: int = 600
     extra: dict[str, str] = field(default_factory=dict)
@@ -102,6 +104,7 @@ class Settings:
             verify_every=_int("BILLING_VERIFY_EVERY", 3600),
             hold_expiry_grace=_int("BILLING_HOLD_EXPIRY_GRACE", 60),
             reconcile_every=_int("BILLING_RECONCILE_EVERY", 300),
+            byok_reconcile_every=_int("BILLING_BYOK_RECONCILE_EVERY", 3600),
             reconcile_window_hours=_int("BILLING_RECONCILE_WINDOW_HOURS", 72),
             reconcile_grace=_int("BILLING_RECONCILE_GRACE", 600),
         )

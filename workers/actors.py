@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import dramatiq
 import stripe
@@ -22,7 +22,7 @@ from billing import clock
 from billing.context import Context
 from billing.db.engine import make_engine
 from billing.db.journal import Journal
-from billing.jobs import expiry, holds
+from billing.jobs import byok, expiry, holds
 from billing.jobs import verify as verification
 from billing.ledger.money import format_money
 from billing.reconcile import service as reconciler
@@ -119,4 +119,25 @@ async def reconcile_payments() -> None:
     )
 
 
-PERIODIC = (expire_holds, expire_credits, verify_ledger, reconcile_payments)
+# The previous month is closed this long after it ended (a charge in flight at midnight has committed).
+BYOK_CLOSE_AFTER = timedelta(hours=1)
+
+
+@dramatiq.actor(
+    queue_name=QUEUE, time_limit=15 * MINUTE, max_retries=5, min_backoff=10 * SECOND, max_backoff=10 * MINUTE
+)
+async def reconcile_byok_fees() -> None:
+    """Recompute this month's BYOK fees from the recorded requests and post a correction wherever the hot
+    path charged them wrong; once the previous month has ended, reconcile and close it (once)."""
+    ctx = context()
+    now = clock.now()
+    month = now.date().replace(day=1)
+    previous = (month - timedelta(days=1)).replace(day=1)
+    started = datetime.combine(month, datetime.min.time(), UTC)
+    last = await byok.reconcile_byok(ctx, previous, close=now - started >= BYOK_CLOSE_AFTER, now=now)
+    log.info("reconcile_byok_fees: %s", byok.summary(last))
+    run = await byok.reconcile_byok(ctx, month, now=now)
+    log.info("reconcile_byok_fees: %s", byok.summary(run))
+
+
+PERIODIC = (expire_holds, expire_credits, verify_ledger, reconcile_payments, reconcile_byok_fees)

@@ -39,6 +39,7 @@ def schedules(settings: Settings) -> list[Schedule]:
         actors.expire_credits: settings.credit_expiry_every,
         actors.verify_ledger: settings.verify_every,
         actors.reconcile_payments: settings.reconcile_every,
+        actors.reconcile_byok_fees: settings.byok_reconcile_every,
     }
     return [Schedule(actor, seconds) for actor, seconds in every.items() if seconds > 0]
 

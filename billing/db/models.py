@@ -600,3 +600,36 @@ class SupportTicketRow(Base):
     created_by: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS, server_default=text("clock_timestamp()"))
     resolved_at: Mapped[datetime] = mapped_column(TS)
+
+
+class ByokCorrectionRow(Base):
+    """A correcting entry the BYOK reconciliation posted for one account-month: `amount` is signed (more
+    fee owed > 0, fee given back < 0), `expected` and `charged` the month's fees it found before it."""
+
+    __tablename__ = "byok_corrections"
+    __table_args__ = (
+        CheckConstraint("amount <> 0", name="amount"),
+        Index("ix_byok_corrections_account_id_month", "account_id", "month"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    month: Mapped[date] = mapped_column(Date)
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
+    expected: Mapped[Decimal] = mapped_column(MONEY)
+    charged: Mapped[Decimal] = mapped_column(MONEY)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class ByokMonthClosingRow(Base):
+    """An account's BYOK month, closed once after it ended: never reconciled again. `entry_id` is the
+    correction the closing run posted, if any."""
+
+    __tablename__ = "byok_month_closings"
+    __table_args__ = (PrimaryKeyConstraint("account_id", "month"),)
+
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    month: Mapped[date] = mapped_column(Date)
+    closed_at: Mapped[datetime] = mapped_column(TS)
+    entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))

@@ -4,6 +4,7 @@ periods, the BYOK fee, and the usage entry. No I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -249,3 +250,34 @@ def usage_entry(
         postings.append(Posting(customer, -shortfall, None))
     postings.append(Posting(revenue, amount))
     return Entry(kind=kind, customer=customer, postings=tuple(postings), usage_delta=amount, description=description)
+
+
+# --- BYOK reconciliation -------------------------------------------------------------------------
+
+
+def policy_at(policies: Sequence[tuple[datetime, ByokPolicy]], at: datetime) -> ByokPolicy | None:
+    """The policy in force at `at`: the newest with `effective_from` <= `at` (ties: the higher id), as the
+    hot path picks it. `policies` in any order; None when none was in force yet."""
+    best: tuple[datetime, int] | None = None
+    chosen: ByokPolicy | None = None
+    for effective_from, policy in policies:
+        if effective_from <= at and (best is None or (effective_from, policy.id) > best):
+            best, chosen = (effective_from, policy.id), policy
+    return chosen
+
+
+def expected_byok_fees(generations: Sequence[tuple[Decimal, ByokPolicy | None]], *, enterprise: bool) -> list[Decimal]:
+    """The fee each of an account's charged BYOK generations of one UTC month should have paid, given in
+    order (created_at, id) as (list cost, policy in force at its time): the same `byok_fee` rule as the hot
+    path, on the month's running list-price usage and request count. No policy in force: no fee."""
+    fees: list[Decimal] = []
+    usage = ZERO
+    for requests, (list_cost, policy) in enumerate(generations):
+        fee = ZERO
+        if policy is not None:
+            fee = byok_fee(
+                policy, list_cost=list_cost, month_list_usage=usage, month_requests=requests, enterprise=enterprise
+            )
+        fees.append(fee)
+        usage += list_cost
+    return fees

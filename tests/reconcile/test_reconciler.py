@@ -229,6 +229,7 @@ async def test_the_scheduler_sends_the_reconciler_on_its_interval(recon_settings
         "BILLING_CREDIT_EXPIRY_EVERY": "0",
         "BILLING_VERIFY_EVERY": "0",
         "BILLING_RECONCILE_EVERY": "1",
+        "BILLING_BYOK_RECONCILE_EVERY": "0",
     }
     scheduler = billing("scheduler", env=worker_env(settings, **only_reconcile))
     try:
