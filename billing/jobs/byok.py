@@ -4,7 +4,9 @@ The hot path charges each BYOK generation's fee from the month's running counter
 counter, a race or a policy change mid-month could leave them wrong. This job, per account with charged BYOK
 generations in the UTC month, under the account's balance lock (so no charge runs beside it):
 
-- recomputes each generation's fee in order (created_at, id) with the policy in force at its time
+- recomputes each generation's fee in the order the hot path charged them (generation id: rows are
+  inserted under the account's balance lock, so ids follow the lock order even when concurrent requests'
+  `created_at` do not) with the policy in force at its time
   (`usage.expected_byok_fees`), and the month's list usage and request count;
 - compares the expected total with what was charged: the generations' `byok_fee` plus the corrections
   already posted for that account-month (`byok_corrections`);
@@ -52,7 +54,7 @@ _CLOSED = text("SELECT 1 FROM byok_month_closings WHERE account_id = :account AN
 _GENERATIONS = text(
     """SELECT created_at, byok_list_cost, coalesce(byok_fee, 0) FROM generations
 WHERE account_id = :account AND is_byok AND status = 'charged' AND created_at >= :start AND created_at < :end
-ORDER BY created_at, id"""
+ORDER BY id"""
 )
 _POLICIES = text(
     "SELECT effective_from, id, kind, rate, allowance_usd, enterprise_allowance_usd, free_requests"

@@ -268,7 +268,7 @@ def policy_at(policies: Sequence[tuple[datetime, ByokPolicy]], at: datetime) -> 
 
 def expected_byok_fees(generations: Sequence[tuple[Decimal, ByokPolicy | None]], *, enterprise: bool) -> list[Decimal]:
     """The fee each of an account's charged BYOK generations of one UTC month should have paid, given in
-    order (created_at, id) as (list cost, policy in force at its time): the same `byok_fee` rule as the hot
+    the order they were charged as (list cost, policy in force at its time): the same `byok_fee` rule as the hot
     path, on the month's running list-price usage and request count. No policy in force: no fee."""
     fees: list[Decimal] = []
     usage = ZERO

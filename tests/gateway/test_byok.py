@@ -77,5 +77,5 @@ async def test_older_free_requests_policy_is_expressible(
     acct = await _account(api, client)
     fees = [(await _byok(gw, acct, "2.00"))["byok_fee"] for _ in range(3)]
     assert fees == ["0.00", "0.00", "0.10"]
-    listed = (await client.get("/v1/byok_fee_policies", headers=ADMIN)).json()["data"]
-    assert listed[0]["id"] == policy and listed[0]["free_requests"] == 2
+    listed = {p["id"]: p for p in (await client.get("/v1/byok_fee_policies", headers=ADMIN)).json()["data"]}
+    assert listed[policy]["free_requests"] == 2 and listed[policy]["kind"] == "free_requests"
