@@ -73,6 +73,8 @@ class Settings:
     reconcile_every: int = 300
     # BYOK fees of the current month recomputed and corrected; the previous month closed once.
     byok_reconcile_every: int = 3600
+    # Accounts below their auto top-up threshold are topped up by a job this often (billing/purchases/auto_topup.py).
+    auto_topup_every: int = 15
     reconcile_window_hours: int = 72
     reconcile_grace: int = 600
     extra: dict[str, str] = field(default_factory=dict)
@@ -105,6 +107,7 @@ class Settings:
             hold_expiry_grace=_int("BILLING_HOLD_EXPIRY_GRACE", 60),
             reconcile_every=_int("BILLING_RECONCILE_EVERY", 300),
             byok_reconcile_every=_int("BILLING_BYOK_RECONCILE_EVERY", 3600),
+            auto_topup_every=_int("BILLING_AUTO_TOPUP_EVERY", 15),
             reconcile_window_hours=_int("BILLING_RECONCILE_WINDOW_HOURS", 72),
             reconcile_grace=_int("BILLING_RECONCILE_GRACE", 600),
         )

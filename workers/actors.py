@@ -25,6 +25,7 @@ from billing.db.journal import Journal
 from billing.jobs import byok, expiry, holds
 from billing.jobs import verify as verification
 from billing.ledger.money import format_money
+from billing.purchases import auto_topup as topups
 from billing.reconcile import service as reconciler
 from billing.settings import Settings
 from billing.stripe_client import make_stripe
@@ -140,4 +141,16 @@ async def reconcile_byok_fees() -> None:
     log.info("reconcile_byok_fees: %s", byok.summary(run))
 
 
-PERIODIC = (expire_holds, expire_credits, verify_ledger, reconcile_payments, reconcile_byok_fees)
+@dramatiq.actor(queue_name=QUEUE, time_limit=5 * MINUTE, max_retries=0)
+async def auto_topup() -> None:
+    """Top up accounts below their auto top-up threshold (one off-session payment each, at most one in
+    flight); settle earlier attempts. Not retried: the next scheduled run is the retry."""
+    sdk = stripe_client()
+    if sdk is None:
+        log.warning("auto_topup: Stripe is not configured (STRIPE_API_KEY); nothing to do")
+        return
+    run = await topups.run_auto_topups(context(), sdk)
+    log.info("auto_topup: %s", topups.summary(run))
+
+
+PERIODIC = (expire_holds, expire_credits, verify_ledger, reconcile_payments, reconcile_byok_fees, auto_topup)

@@ -40,6 +40,7 @@ def schedules(settings: Settings) -> list[Schedule]:
         actors.verify_ledger: settings.verify_every,
         actors.reconcile_payments: settings.reconcile_every,
         actors.reconcile_byok_fees: settings.byok_reconcile_every,
+        actors.auto_topup: settings.auto_topup_every,
     }
     return [Schedule(actor, seconds) for actor, seconds in every.items() if seconds > 0]
 

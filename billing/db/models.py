@@ -633,3 +633,43 @@ class ByokMonthClosingRow(Base):
     month: Mapped[date] = mapped_column(Date)
     closed_at: Mapped[datetime] = mapped_column(TS)
     entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
+
+
+class AutoTopupRow(Base):
+    """An account's auto top-up: when its balance is below `threshold`, buy `amount` off-session with the
+    saved card. `declines` counts consecutive declines; at 3 it is disabled with `disabled_reason`."""
+
+    __tablename__ = "auto_topups"
+
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    threshold: Mapped[Decimal] = mapped_column(MONEY)
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    stripe_customer: Mapped[str] = mapped_column(Text)
+    payment_method: Mapped[str] = mapped_column(Text)
+    monthly_cap: Mapped[Decimal | None] = mapped_column(MONEY)
+    cooldown_seconds: Mapped[int] = mapped_column(Integer)
+    declines: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
+
+
+class AutoTopupAttemptRow(Base):
+    """One auto top-up payment tried; the partial unique index keeps at most one `pending` per account."""
+
+    __tablename__ = "auto_topup_attempts"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'succeeded', 'declined', 'failed')", name="status"),
+        Index("uq_auto_topup_attempts_pending", "account_id", unique=True, postgresql_where=text("status = 'pending'")),
+        Index("ix_auto_topup_attempts_account_id", "account_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
+    status: Mapped[str] = mapped_column(Text)
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    purchase_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("purchases.id"))
+    payment_intent: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))

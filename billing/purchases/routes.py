@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
@@ -18,8 +18,8 @@ from billing.auth.principal import ACCOUNT, ADMIN, SUPPORT
 from billing.context import Context
 from billing.http import error_responses, money_response
 from billing.idempotency import HEADER, require_key
+from billing.purchases import auto_topup, service
 from billing.purchases import schemas as s
-from billing.purchases import service
 from billing.schemas import ListOf
 
 IdempotencyKey = Annotated[
@@ -84,6 +84,25 @@ class PurchasesController(Controller):
         self, account_id: FromPath[str], ctx: Ctx, request: Request, limit: Limit = 20, starting_after: Cursor = None
     ) -> ListOf[s.Purchase]:
         return await service.list_purchases(ctx, request.user, account_id, limit, starting_after)
+
+    @put(
+        "/auto_topup",
+        summary="Set auto top-up: below `threshold`, buy `amount` off-session with the saved card",
+        description="At most one payment in flight, a cooldown between attempts, an optional monthly cap; "
+        "3 declines in a row disable it (`disabled_reason`). Re-enabling clears the declines.",
+        responses=error_responses(400, 401, 403, 404),
+        status_code=200,
+    )
+    async def set_auto_topup(
+        self, account_id: FromPath[str], data: JSONBody[auto_topup.SetAutoTopup], ctx: Ctx, request: Request
+    ) -> auto_topup.AutoTopup:
+        return await auto_topup.set_auto_topup(ctx, request.user, account_id, data)
+
+    @get(
+        "/auto_topup", summary="The account's auto top-up settings and state", responses=error_responses(401, 403, 404)
+    )
+    async def get_auto_topup(self, account_id: FromPath[str], ctx: Ctx, request: Request) -> auto_topup.AutoTopup:
+        return await auto_topup.get_auto_topup(ctx, request.user, account_id)
 
 
 class PurchaseController(Controller):

@@ -230,6 +230,7 @@ async def test_the_scheduler_sends_the_reconciler_on_its_interval(recon_settings
         "BILLING_VERIFY_EVERY": "0",
         "BILLING_RECONCILE_EVERY": "1",
         "BILLING_BYOK_RECONCILE_EVERY": "0",
+        "BILLING_AUTO_TOPUP_EVERY": "0",
     }
     scheduler = billing("scheduler", env=worker_env(settings, **only_reconcile))
     try:

@@ -1,0 +1,370 @@
+"""Auto top-up (issue 5 item 6): when a charge takes an account's balance below its threshold, buy its
+amount off-session with the saved card, through an ordinary purchase.
+
+The gateway's hot path is not touched: the periodic job `run_auto_topups` (actor `auto_topup`) finds the
+accounts below their threshold. For each it first claims an attempt — a `pending` row that the partial
+unique index keeps to one per account, inserted under the settings row's lock with the cooldown and the
+monthly cap re-checked — and commits it; only the winner of that claim creates the purchase and its
+off-session PaymentIntent (confirmed at once, idempotency key per attempt). Credits arrive the normal
+way: `payment_intent.succeeded` → `fulfil_payment` (or the reconciler). Each run settles pending attempts
+from their purchases' status. A decline (at once as a card error, or later as `payment_intent.payment_failed`
+failing the purchase) counts: the next attempt waits `cooldown_seconds * 2^declines`; the third
+consecutive decline disables auto top-up and records why. A success resets the count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import stripe
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing import clock
+from billing.auth.principal import Principal
+from billing.context import Context
+from billing.errors import from_refusal, invalid, not_found
+from billing.ledger.money import format_money
+from billing.ledger.outcomes import Refused
+from billing.organizations.service import find_account_to_act_for
+from billing.purchases import fees
+from billing.purchases.service import fail_payment, pricing_in_force, trailing_volume
+from billing.schemas import money_field, money_or_none
+from billing.stripe_client import CURRENCY
+
+MAX_DECLINES = 3
+DEFAULT_COOLDOWN_SECONDS = 600
+
+
+class SetAutoTopup(msgspec.Struct, forbid_unknown_fields=True):
+    threshold: str
+    amount: str
+    stripe_customer: str
+    payment_method: str
+    enabled: bool = True
+    monthly_cap: str | None = None
+    cooldown_seconds: int = DEFAULT_COOLDOWN_SECONDS
+
+
+class AutoTopup(msgspec.Struct):
+    account: str
+    enabled: bool
+    threshold: str
+    amount: str
+    stripe_customer: str
+    payment_method: str
+    monthly_cap: str | None
+    cooldown_seconds: int
+    declines: int
+    disabled_reason: str | None
+    next_attempt_at: datetime | None
+
+
+def _view(account: str, r: Any) -> AutoTopup:
+    return AutoTopup(
+        account=account,
+        enabled=r.enabled,
+        threshold=format_money(r.threshold),
+        amount=format_money(r.amount),
+        stripe_customer=r.stripe_customer,
+        payment_method=r.payment_method,
+        monthly_cap=money_or_none(r.monthly_cap),
+        cooldown_seconds=r.cooldown_seconds,
+        declines=r.declines,
+        disabled_reason=r.disabled_reason,
+        next_attempt_at=r.next_attempt_at,
+    )
+
+
+async def set_auto_topup(ctx: Context, principal: Principal, account: str, data: SetAutoTopup) -> AutoTopup:
+    """Create or replace the account's auto top-up; (re-)enabling it clears the declines and the reason."""
+    threshold = money_field(data.threshold, "threshold")
+    amount = money_field(data.amount, "amount")
+    cap = money_field(data.monthly_cap, "monthly_cap")
+    assert threshold is not None and amount is not None
+    if not data.stripe_customer.startswith("cus_"):
+        raise invalid("invalid_stripe_customer", "`stripe_customer` must be a Stripe customer id.", "stripe_customer")
+    if not data.payment_method.startswith("pm_"):
+        raise invalid("invalid_payment_method", "`payment_method` must be a Stripe PaymentMethod id.", "payment_method")
+    if not 0 <= data.cooldown_seconds <= 30 * 86400:
+        raise invalid("invalid_cooldown", "`cooldown_seconds` must be 0 to 2592000.", "cooldown_seconds")
+    if cap is not None and cap < amount:
+        raise invalid("monthly_cap_below_amount", "`monthly_cap` must allow at least one top-up.", "monthly_cap")
+    async with ctx.db.begin() as conn:
+        row = await find_account_to_act_for(conn, principal, account)
+        try:
+            fees.quote(await pricing_in_force(conn, clock.now()), fees.Method.CARD, amount, Decimal(0))
+        except Refused as refused:
+            raise from_refusal(refused) from refused
+        saved = (
+            await conn.execute(
+                text(
+                    "INSERT INTO auto_topups (account_id, enabled, threshold, amount, stripe_customer, payment_method,"
+                    " monthly_cap, cooldown_seconds) VALUES (:a, :e, :t, :amt, :cus, :pm, :cap, :cd)"
+                    " ON CONFLICT (account_id) DO UPDATE SET enabled = EXCLUDED.enabled,"
+                    " threshold = EXCLUDED.threshold, amount = EXCLUDED.amount,"
+                    " stripe_customer = EXCLUDED.stripe_customer, payment_method = EXCLUDED.payment_method,"
+                    " monthly_cap = EXCLUDED.monthly_cap, cooldown_seconds = EXCLUDED.cooldown_seconds,"
+                    " declines = CASE WHEN EXCLUDED.enabled THEN 0 ELSE auto_topups.declines END,"
+                    " disabled_reason = CASE WHEN EXCLUDED.enabled THEN NULL ELSE auto_topups.disabled_reason END,"
+                    " next_attempt_at = CASE WHEN EXCLUDED.enabled THEN NULL ELSE auto_topups.next_attempt_at END,"
+                    " updated_at = now() RETURNING *"
+                ),
+                {
+                    "a": row.id,
+                    "e": data.enabled,
+                    "t": threshold,
+                    "amt": amount,
+                    "cus": data.stripe_customer,
+                    "pm": data.payment_method,
+                    "cap": cap,
+                    "cd": data.cooldown_seconds,
+                },
+            )
+        ).one()
+    return _view(account, saved)
+
+
+async def get_auto_topup(ctx: Context, principal: Principal, account: str) -> AutoTopup:
+    async with ctx.db.connect() as conn:
+        row = await find_account_to_act_for(conn, principal, account)
+        saved = (await conn.execute(text("SELECT * FROM auto_topups WHERE account_id = :a"), {"a": row.id})).first()
+    if saved is None:
+        raise not_found("auto_topup", account)
+    return _view(account, saved)
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    attempted: int = 0
+    succeeded: int = 0
+    declined: int = 0
+    disabled: int = 0
+    failed: int = 0
+
+
+def summary(run: Run) -> str:
+    return (
+        f"{run.attempted} attempted, {run.succeeded} succeeded, {run.declined} declined, {run.disabled} disabled,"
+        f" {run.failed} failed"
+    )
+
+
+async def _declined(conn: AsyncConnection, account_id: int, reason: str, now: datetime, run: Run) -> None:
+    """Count a decline: back off (cooldown doubled per consecutive decline), disable at MAX_DECLINES."""
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE auto_topups SET declines = declines + 1,"
+                " next_attempt_at = CAST(:now AS timestamptz)"
+                "   + make_interval(secs => cooldown_seconds * power(2, declines + 1)),"
+                " enabled = CASE WHEN declines + 1 >= :max THEN false ELSE enabled END,"
+                " disabled_reason = CASE WHEN declines + 1 >= :max THEN :why ELSE disabled_reason END,"
+                " updated_at = now() WHERE account_id = :a RETURNING enabled"
+            ),
+            {
+                "a": account_id,
+                "now": now,
+                "max": MAX_DECLINES,
+                "why": f"{MAX_DECLINES} declines in a row; last: {reason}",
+            },
+        )
+    ).first()
+    run.declined += 1
+    if row is not None and not row.enabled:
+        run.disabled += 1
+
+
+async def settle(ctx: Context, now: datetime, run: Run) -> None:
+    """Pending attempts whose purchase Stripe has since paid or failed (webhook or reconciler)."""
+    async with ctx.db.begin() as conn:
+        done = (
+            await conn.execute(
+                text(
+                    "UPDATE auto_topup_attempts a SET status = CASE p.status WHEN 'succeeded' THEN 'succeeded'"
+                    " ELSE 'declined' END,"
+                    " error = CASE WHEN p.status = 'succeeded' THEN NULL"
+                    " ELSE coalesce(p.failure_code, 'failed') || ': ' || coalesce(p.failure_message, '') END"
+                    " FROM purchases p WHERE a.purchase_id = p.id AND a.status = 'pending'"
+                    " AND p.status IN ('succeeded', 'failed') RETURNING a.account_id, a.status, a.error"
+                )
+            )
+        ).all()
+        for r in done:
+            if r.status == "succeeded":
+                run.succeeded += 1
+                await conn.execute(
+                    text("UPDATE auto_topups SET declines = 0, updated_at = now() WHERE account_id = :a"),
+                    {"a": r.account_id},
+                )
+            else:
+                await _declined(conn, r.account_id, r.error, now, run)
+
+
+_DUE = text(
+    "SELECT t.account_id FROM auto_topups t JOIN balances b ON b.account_id = t.account_id"
+    " WHERE t.enabled AND b.balance < t.threshold"
+    " AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= :now)"
+    " AND NOT EXISTS (SELECT 1 FROM auto_topup_attempts a WHERE a.account_id = t.account_id AND a.status = 'pending')"
+    " ORDER BY t.account_id LIMIT :n"
+)
+
+
+async def _claim(conn: AsyncConnection, account_id: int, now: datetime) -> Any:
+    """Under the settings row's lock, re-check everything and insert the one pending attempt (or None)."""
+    t = (
+        await conn.execute(
+            text(
+                "SELECT t.*, b.balance FROM auto_topups t JOIN balances b ON b.account_id = t.account_id"
+                " WHERE t.account_id = :a FOR UPDATE OF t"
+            ),
+            {"a": account_id},
+        )
+    ).first()
+    if t is None or not t.enabled or t.balance >= t.threshold:
+        return None
+    if t.next_attempt_at is not None and t.next_attempt_at > now:
+        return None
+    if t.monthly_cap is not None:
+        month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        spent = await conn.scalar(
+            text(
+                "SELECT coalesce(sum(amount), 0) FROM auto_topup_attempts WHERE account_id = :a"
+                " AND status IN ('pending', 'succeeded') AND created_at >= :m"
+            ),
+            {"a": account_id, "m": month},
+        )
+        if Decimal(spent) + t.amount > t.monthly_cap:
+            return None
+    attempt = await conn.scalar(
+        text(
+            "INSERT INTO auto_topup_attempts (account_id, status, amount, created_at) VALUES (:a, 'pending', :amt, :now)"
+            " ON CONFLICT (account_id) WHERE status = 'pending' DO NOTHING RETURNING id"
+        ),
+        {"a": account_id, "amt": t.amount, "now": now},
+    )
+    if attempt is None:
+        return None
+    await conn.execute(
+        text(
+            "UPDATE auto_topups SET next_attempt_at = CAST(:now AS timestamptz) + make_interval(secs => cooldown_seconds)"
+            " WHERE account_id = :a"
+        ),
+        {"a": account_id, "now": now},
+    )
+    return attempt, t
+
+
+async def _attempt(ctx: Context, sdk: stripe.StripeClient, account_id: int, now: datetime, run: Run) -> None:
+    async with ctx.db.begin() as conn:
+        claimed = await _claim(conn, account_id, now)
+    if claimed is None:
+        return
+    attempt, t = claimed
+    run.attempted += 1
+    purchase_id = "pur_" + hashlib.sha256(f"auto_topup\n{attempt}".encode()).hexdigest()[:24]
+    async with ctx.db.begin() as conn:
+        account = await conn.scalar(text("SELECT public_id FROM accounts WHERE id = :a"), {"a": account_id})
+        pricing = await pricing_in_force(conn, now)
+        volume = await trailing_volume(conn, account_id, pricing.volume_window_days, now)
+        q = fees.quote(pricing, fees.Method.CARD, t.amount, volume)
+        purchase = await conn.scalar(
+            text(
+                "INSERT INTO purchases (public_id, account_id, method, status, amount, fee, fee_before_discount,"
+                " discount_tier, fee_discount, total, pricing_version_id, created_by) VALUES (:pid, :a, 'card',"
+                " 'pending', :amount, :fee, :fee0, :tier, :disc, :total, :ver, 'auto_topup') RETURNING id"
+            ),
+            {
+                "pid": purchase_id,
+                "a": account_id,
+                "amount": q.credits,
+                "fee": q.fee,
+                "fee0": q.fee_before_discount,
+                "tier": q.tier.name if q.tier else None,
+                "disc": q.fee_discount,
+                "total": q.total,
+                "ver": q.pricing.version_id,
+            },
+        )
+        await conn.execute(
+            text("UPDATE auto_topup_attempts SET purchase_id = :p WHERE id = :id"), {"p": purchase, "id": attempt}
+        )
+    # The purchase is committed before the PaymentIntent exists, so its webhook always finds it (metadata).
+    try:
+        intent = await sdk.v1.payment_intents.create_async(
+            {
+                "amount": q.total_cents,
+                "currency": CURRENCY,
+                "customer": t.stripe_customer,
+                "payment_method": t.payment_method,
+                "off_session": True,
+                "confirm": True,
+                "metadata": {
+                    "purchase_id": purchase_id,
+                    "account": account,
+                    "credits": format_money(q.credits),
+                    "fee": format_money(q.fee),
+                    "auto_topup_attempt": str(attempt),
+                },
+            },
+            {"idempotency_key": f"billing-auto_topup-{attempt}"},
+        )
+    except stripe.CardError as exc:
+        error = exc.error
+        pi = getattr(error, "payment_intent", None) if error else None
+        pi_id = pi.get("id") if isinstance(pi, dict) else getattr(pi, "id", None)
+        code = (error.code if error else None) or "card_declined"
+        message = (error.message if error else None) or str(exc)
+        async with ctx.db.begin() as conn:
+            await fail_payment(conn, None, purchase_id, code, message)
+            await conn.execute(
+                text(
+                    "UPDATE auto_topup_attempts SET status = 'declined', payment_intent = :pi, error = :e"
+                    " WHERE id = :id AND status = 'pending'"
+                ),
+                {"id": attempt, "pi": pi_id, "e": f"{code}: {message}"},
+            )
+            await _declined(conn, account_id, f"{code}: {message}", now, run)
+        return
+    except stripe.StripeError as exc:
+        # Not a decline (Stripe unreachable, bad request): the attempt failed; the cooldown spaces retries.
+        async with ctx.db.begin() as conn:
+            await fail_payment(conn, None, purchase_id, "stripe_error", str(exc))
+            await conn.execute(
+                text(
+                    "UPDATE auto_topup_attempts SET status = 'failed', error = :e WHERE id = :id AND status = 'pending'"
+                ),
+                {"id": attempt, "e": str(exc)},
+            )
+        run.failed += 1
+        return
+    async with ctx.db.begin() as conn:
+        await conn.execute(
+            text("UPDATE purchases SET payment_intent = coalesce(payment_intent, :pi) WHERE id = :id"),
+            {"id": purchase, "pi": intent.id},
+        )
+        await conn.execute(
+            text("UPDATE auto_topup_attempts SET payment_intent = :pi WHERE id = :id"), {"id": attempt, "pi": intent.id}
+        )
+
+
+async def run_auto_topups(
+    ctx: Context, sdk: stripe.StripeClient, *, now: datetime | None = None, limit: int = 100
+) -> Run:
+    """One pass: settle pending attempts, then attempt one top-up for each account due (see the module)."""
+    now = now or clock.now()
+    run = Run()
+    await settle(ctx, now, run)
+    async with ctx.db.connect() as conn:
+        due = (await conn.execute(_DUE, {"now": now, "n": limit})).scalars().all()
+    for account_id in due:
+        await _attempt(ctx, sdk, account_id, now, run)
+    return run

@@ -1,0 +1,140 @@
+"""Auto top-up: below the threshold, one off-session PaymentIntent per trigger, however many charges cross
+it and however many job runs race; three declines disable it; the credits come through the webhook."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import stripe
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+
+from billing import clock
+from billing.purchases.auto_topup import run_auto_topups
+from billing.settings import Settings
+from billing.stripe_client import make_stripe
+from tests.conftest import ADMIN, Api
+from tests.gateway.conftest import Gateway
+from tests.stripe_helpers import event, signed_headers
+
+PRICES = {"prompt": "0", "completion": "0", "cache_read": "0", "request": "0.30"}
+
+
+async def saved_card(sdk: stripe.StripeClient, number: str) -> tuple[str, str]:
+    """A Stripe customer with a card saved for off-session use (what a SetupIntent leaves behind)."""
+    customer = await sdk.v1.customers.create_async()
+    card = {"number": number, "exp_month": 12, "exp_year": 2030, "cvc": "123"}
+    method = await sdk.v1.payment_methods.create_async({"type": "card", "card": card})  # type: ignore[typeddict-item]
+    await sdk.v1.payment_methods.attach_async(method.id, {"customer": customer.id})
+    return customer.id, method.id
+
+
+async def intents_of(sdk: stripe.StripeClient, customer: str) -> list[Any]:
+    page = await sdk.v1.payment_intents.list_async({"limit": 100})
+    return [pi async for pi in page.auto_paging_iter() if pi.customer == customer]
+
+
+async def setup(api: Api, client: AsyncTestClient, sdk: stripe.StripeClient, number: str, grant: str) -> dict[str, Any]:
+    account = (await api.account())["id"]
+    await api.grant(account, grant)
+    customer, method = await saved_card(sdk, number)
+    r = await client.put(
+        f"/v1/accounts/{account}/auto_topup",
+        json={
+            "threshold": "5.00",
+            "amount": "20.00",
+            "stripe_customer": customer,
+            "payment_method": method,
+            "monthly_cap": "100.00",
+            "cooldown_seconds": 60,
+        },
+        headers=ADMIN,
+    )
+    assert r.status_code == 200, r.text
+    return {"account": account, "customer": customer, "method": method, "settings": r.json()}
+
+
+async def test_concurrent_charges_crossing_the_threshold_make_exactly_one_payment_intent(
+    api: Api, client: AsyncTestClient, gw: Gateway, client_ctx: Any, settings: Settings
+) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    acct = await setup(api, client, sdk, "4242424242424242", "10.00")
+    account = acct["account"]
+    assert acct["settings"]["enabled"] is True
+
+    # 20 charges of 0.30 at once take the balance from 10.00 to 4.00, below the 5.00 threshold.
+    await asyncio.gather(
+        *(
+            gw.charge(account=account, usage={"prompt_tokens": 1}, prices=PRICES, finish_reason="stop")
+            for _ in range(20)
+        )
+    )
+    assert (await api.balance(account))["balance"] == "4.00"
+
+    # Four job runs race (as concurrent workers would): exactly one attempt, one PaymentIntent.
+    runs = await asyncio.gather(*(run_auto_topups(client_ctx, sdk) for _ in range(4)))
+    assert sum(r.attempted for r in runs) == 1
+    intents = await intents_of(sdk, acct["customer"])
+    assert len(intents) == 1
+    pi = intents[0]
+    assert pi.status == "succeeded" and pi.payment_method == acct["method"]
+    async with client_ctx.db.connect() as conn:
+        attempts = (
+            await conn.execute(
+                text(
+                    "SELECT a.status, a.payment_intent FROM auto_topup_attempts a JOIN accounts c ON c.id = a.account_id"
+                    " WHERE c.public_id = :p"
+                ),
+                {"p": account},
+            )
+        ).all()
+    assert [(a.status, a.payment_intent) for a in attempts] == [("pending", pi.id)]
+
+    # While it is in flight, another run attempts nothing more.
+    assert (await run_auto_topups(client_ctx, sdk)).attempted == 0
+
+    # The webhook credits it through the normal fulfilment path; the next run marks the attempt succeeded.
+    payload = event("payment_intent.succeeded", pi.to_dict())
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.status_code == 200, r.text
+    assert (await api.balance(account))["balance"] == "24.00"
+    run = await run_auto_topups(client_ctx, sdk, now=clock.now() + timedelta(hours=1))
+    assert run.succeeded >= 1
+    async with client_ctx.db.connect() as conn:
+        status = await conn.scalar(
+            text(
+                "SELECT a.status FROM auto_topup_attempts a JOIN accounts c ON c.id = a.account_id"
+                " WHERE c.public_id = :p"
+            ),
+            {"p": account},
+        )
+    assert status == "succeeded"
+    assert len(await intents_of(sdk, acct["customer"])) == 1  # above the threshold again: nothing new
+
+
+async def test_three_declines_disable_auto_topup(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
+) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    # This card attaches but every charge on it is declined (localstripe: 4000000000000341).
+    acct = await setup(api, client, sdk, "4000000000000341", "1.00")
+    account = acct["account"]
+    now = clock.now()
+    for i in range(3):
+        run = await run_auto_topups(client_ctx, sdk, now=now)
+        assert run.attempted == 1 and run.declined == 1, (i, run)
+        # Backed off: an immediate re-run attempts nothing.
+        assert (await run_auto_topups(client_ctx, sdk, now=now + timedelta(seconds=1))).attempted == 0
+        now += timedelta(seconds=60 * 2 ** (i + 1) + 1)
+    r = await client.get(f"/v1/accounts/{account}/auto_topup", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    state = r.json()
+    assert state["enabled"] is False and state["declines"] == 3
+    assert state["disabled_reason"].startswith("3 declines in a row; last: card_declined")
+    assert (await run_auto_topups(client_ctx, sdk, now=now + timedelta(days=1))).attempted == 0
+    assert len(await intents_of(sdk, acct["customer"])) == 3
+    assert (await api.balance(account))["balance"] == "1.00"
