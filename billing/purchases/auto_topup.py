@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -38,6 +38,8 @@ from billing.schemas import money_field, money_or_none
 from billing.stripe_client import CURRENCY
 
 MAX_DECLINES = 3
+# A pending attempt with no PaymentIntent this old was abandoned (its run died before Stripe answered).
+STALE_AFTER = timedelta(minutes=10)
 DEFAULT_COOLDOWN_SECONDS = 600
 
 
@@ -186,6 +188,31 @@ async def _declined(conn: AsyncConnection, account_id: int, reason: str, now: da
 async def settle(ctx: Context, now: datetime, run: Run) -> None:
     """Pending attempts whose purchase Stripe has since paid or failed (webhook or reconciler)."""
     async with ctx.db.begin() as conn:
+        # Abandoned attempts would block the account forever: failed (not a decline). Should Stripe have made
+        # the payment after all, its webhook (or the reconciler) still credits the purchase.
+        abandoned = (
+            (
+                await conn.execute(
+                    text(
+                        "UPDATE auto_topup_attempts SET status = 'failed', error = 'abandoned: no PaymentIntent recorded'"
+                        " WHERE status = 'pending' AND payment_intent IS NULL AND created_at < :cutoff RETURNING purchase_id"
+                    ),
+                    {"cutoff": now - STALE_AFTER},
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for purchase in abandoned:
+            if purchase is not None:
+                await conn.execute(
+                    text(
+                        "UPDATE purchases SET status = 'failed', failure_code = 'abandoned', updated_at = now()"
+                        " WHERE id = :id AND status = 'pending'"
+                    ),
+                    {"id": purchase},
+                )
+        run.failed += len(abandoned)
         done = (
             await conn.execute(
                 text(

@@ -138,3 +138,25 @@ async def test_three_declines_disable_auto_topup(
     assert (await run_auto_topups(client_ctx, sdk, now=now + timedelta(days=1))).attempted == 0
     assert len(await intents_of(sdk, acct["customer"])) == 3
     assert (await api.balance(account))["balance"] == "1.00"
+
+
+async def test_an_abandoned_attempt_does_not_block_auto_topup_forever(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
+) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
+    now = clock.now()
+    async with client_ctx.db.begin() as conn:
+        # A run that died after claiming, before Stripe answered: pending, no PaymentIntent.
+        await conn.execute(
+            text(
+                "INSERT INTO auto_topup_attempts (account_id, status, amount, created_at)"
+                " SELECT id, 'pending', 20, :at FROM accounts WHERE public_id = :p"
+            ),
+            {"p": acct["account"], "at": now - timedelta(minutes=5)},
+        )
+    assert (await run_auto_topups(client_ctx, sdk, now=now)).attempted == 0  # still in flight
+    run = await run_auto_topups(client_ctx, sdk, now=now + timedelta(minutes=6))
+    assert run.failed == 1 and run.attempted == 1
+    assert len(await intents_of(sdk, acct["customer"])) == 1
