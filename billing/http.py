@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Response
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import HeaderParameter
 
 from billing.errors import ErrorBody
-from billing.idempotency import Outcome
+from billing.idempotency import HEADER, Outcome
+
+# The header on every money-moving POST (SPEC §7).
+IdempotencyKey = Annotated[
+    str | None,
+    HeaderParameter(name=HEADER, required=False, description="Required: a retry with the same key is safe."),
+]
 
 _DESCRIPTIONS = {
     400: "Invalid request (bad JSON, field, money format, missing Idempotency-Key)",

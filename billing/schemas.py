@@ -63,5 +63,17 @@ def money_field(
     return value
 
 
+def rate_field(raw: str, field: str, *, upto_one: bool) -> Decimal:
+    """A fraction with at most 6 decimals (the rate columns' scale: a finer rate would be rounded by the
+    database, silently), from 0 to 1 (or below 1)."""
+    value = money_field(raw, field, negative=None)
+    assert value is not None
+    if value != value.quantize(Decimal("0.000001")):
+        raise invalid("too_precise", f"`{field}` has more than 6 decimal places.", field)
+    if value < 0 or value > 1 or (value == 1 and not upto_one):
+        raise invalid("invalid_rate", f"`{field}` is a fraction from 0 to {'1' if upto_one else 'below 1'}.", field)
+    return value
+
+
 def money_or_none(value: Decimal | None) -> str | None:
     return format_money(value) if value is not None else None

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from billing.accounts import schemas as s
 from billing.accounts import service
@@ -15,14 +15,10 @@ from billing.auth.middleware import requires
 from billing.auth.principal import ACCOUNT, GATEWAY, SUPPORT, Principal
 from billing.context import Context
 from billing.errors import invalid
-from billing.http import error_responses, money_response
-from billing.idempotency import HEADER, require_key
+from billing.http import IdempotencyKey, error_responses, money_response
+from billing.idempotency import require_key
 from billing.schemas import ListOf
 
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(name=HEADER, required=False, description="Required: a retry with the same key is safe."),
-]
 Limit = Annotated[int, QueryParameter(ge=1, le=service.MAX_PAGE, description="Page size, 1-100.")]
 Cursor = Annotated[str | None, QueryParameter(description="Return entries older than this entry id (cursor).")]
 Ctx = NamedDependency[Context]

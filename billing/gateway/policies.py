@@ -18,7 +18,7 @@ from billing.auth.principal import ADMIN
 from billing.context import Context
 from billing.errors import invalid
 from billing.http import error_responses
-from billing.schemas import ListOf, MoneyStr, money_field, money_or_none, public_id
+from billing.schemas import ListOf, MoneyStr, money_field, money_or_none, public_id, rate_field
 
 Ctx = NamedDependency[Context]
 
@@ -50,9 +50,7 @@ class ByokPoliciesController(Controller):
 
     @post("/", summary="Add a BYOK fee policy version", responses=error_responses(400, 401, 403), status_code=201)
     async def create_policy(self, data: JSONBody[CreatePolicy], ctx: Ctx) -> Policy:
-        rate = money_field(data.rate, "rate")
-        if rate is None or rate > 1:  # type: ignore[operator]
-            raise invalid("invalid_rate", "`rate` is a fraction between 0 and 1.", "rate")
+        rate = rate_field(data.rate, "rate", upto_one=True)
         if data.effective_from.tzinfo is None:
             raise invalid("timezone_required", "`effective_from` must carry a UTC offset.", "effective_from")
         if data.kind == "allowance_usd" and data.allowance_usd is None:

@@ -16,15 +16,15 @@ from billing.context import Context
 from billing.gateway import schemas as s
 from billing.gateway import service
 from billing.gateway.batch import ChargeBatcher
-from billing.http import error_responses
+from billing.http import error_responses, money_response
+from billing.idempotency import Outcome
 
 Ctx = NamedDependency[Context]
 SPENDERS = requires(GATEWAY)
 
 
 def _answer(status: int, body: Any, replayed: bool) -> Response[Any]:
-    headers = {"Idempotent-Replayed": "true"} if replayed else {}
-    return Response(body, status_code=status, headers=headers)
+    return money_response(Outcome(status, body, replayed))
 
 
 class ChargesController(Controller):

@@ -11,21 +11,17 @@ from typing import Annotated
 
 from litestar import Controller, Request, Response, get, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from billing.auth.middleware import requires
 from billing.auth.principal import ACCOUNT, ADMIN, SUPPORT
 from billing.context import Context
-from billing.http import error_responses, money_response
-from billing.idempotency import HEADER, require_key
+from billing.http import IdempotencyKey, error_responses, money_response
+from billing.idempotency import require_key
 from billing.purchases import auto_topup, service
 from billing.purchases import schemas as s
 from billing.schemas import ListOf
 
-IdempotencyKey = Annotated[
-    str | None,
-    HeaderParameter(name=HEADER, required=False, description="Required: a retry with the same key is safe."),
-]
 Limit = Annotated[int, QueryParameter(ge=1, le=service.MAX_PAGE, description="Page size, 1-100.")]
 Cursor = Annotated[str | None, QueryParameter(description="Return purchases older than this purchase id (cursor).")]
 Ctx = NamedDependency[Context]

@@ -34,7 +34,7 @@ from billing.ledger.outcomes import Refused
 from billing.organizations.service import authorize, find_account_to_act_for
 from billing.purchases import fees, refunds
 from billing.purchases import schemas as s
-from billing.schemas import ListOf, money_field, public_id
+from billing.schemas import ListOf, money_field, public_id, rate_field
 from billing.stripe_client import CURRENCY, payment_method_params
 
 MAX_PAGE = 100
@@ -518,17 +518,6 @@ async def bind_checkout_session(conn: AsyncConnection, purchase: int, session: s
 # --- pricing versions (admin) ----------------------------------------------------------------------
 
 
-def _parse_rate(raw: str, field: str, *, upto_one: bool) -> Decimal:
-    """A fraction with at most 6 decimals (the column's scale: never rounded silently)."""
-    value = money_field(raw, field, negative=None)
-    assert value is not None
-    if value != value.quantize(Decimal("0.000001")):
-        raise invalid("too_precise", f"`{field}` has more than 6 decimal places.", field)
-    if value < 0 or value > 1 or (value == 1 and not upto_one):
-        raise invalid("invalid_rate", f"`{field}` is a fraction from 0 to {'1' if upto_one else 'below 1'}.", field)
-    return value
-
-
 def _parse_amount(raw: str, field: str) -> Decimal:
     value = money_field(raw, field)
     assert value is not None
@@ -566,9 +555,9 @@ async def create_pricing_version(ctx: Context, principal: Principal, data: s.Cre
     low, high = amounts["min_purchase"], amounts["max_purchase"]
     values = {
         "t": data.effective_from,
-        "cr": _parse_rate(data.card_rate, "card_rate", upto_one=False),
+        "cr": rate_field(data.card_rate, "card_rate", upto_one=False),
         "cm": amounts["card_minimum"],
-        "xr": _parse_rate(data.crypto_rate, "crypto_rate", upto_one=False),
+        "xr": rate_field(data.crypto_rate, "crypto_rate", upto_one=False),
         "xm": amounts["crypto_minimum"],
         "lo": low,
         "hi": high,
@@ -581,7 +570,7 @@ async def create_pricing_version(ctx: Context, principal: Principal, data: s.Cre
         (
             t.name,
             _parse_amount(t.min_volume, "tiers.min_volume"),
-            _parse_rate(t.fee_discount, "tiers.fee_discount", upto_one=True),
+            rate_field(t.fee_discount, "tiers.fee_discount", upto_one=True),
         )
         for t in data.tiers
     ]

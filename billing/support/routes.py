@@ -11,9 +11,8 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from billing.auth.middleware import requires
 from billing.auth.principal import SUPPORT
 from billing.context import Context
-from billing.http import error_responses, money_response
+from billing.http import IdempotencyKey, error_responses, money_response
 from billing.idempotency import require_key
-from billing.purchases.routes import IdempotencyKey
 from billing.schemas import ListOf
 from billing.support import schemas as s
 from billing.support import service
