@@ -59,6 +59,10 @@ class Journal:
             async with engine.connect() as conn:
                 await self.load_platform(conn)
 
+    def account_id(self, account: Customer | Platform) -> int:
+        """The `accounts.id` a posting names (platform ids once `load_platform` has run)."""
+        return account.id if isinstance(account, Customer) else self._platform[account]
+
     async def lock_customer(self, conn: AsyncConnection, customer: Customer) -> CustomerState:
         balance = await conn.scalar(
             text("SELECT balance FROM balances WHERE account_id = :id FOR UPDATE"), {"id": customer.id}
@@ -119,7 +123,7 @@ class Journal:
                 accounts.append(p.account.id)
                 after.append(running)
             else:
-                accounts.append(self._platform[p.account])
+                accounts.append(self.account_id(p.account))
                 after.append(None)
             lots.append(p.lot if isinstance(p.lot, int) else None)
             new_lot.append(p.lot is NEW_LOT)

@@ -3,19 +3,21 @@
 Each worker process keeps a queue. While a batch is in flight, new charges wait in memory (holding no
 database lock); the next batch takes them all. A batch locks its accounts' balance rows in id order (so
 batches in different processes never deadlock), reads every account's state in one statement, decides
-each charge in arrival order with the same pure rules and SQL as a single charge — carrying balance, lots,
-key counters and BYOK month usage forward in memory from one charge to the next — writes each charge's
-statement, and commits once. Every charge is answered only after that commit. If the batch fails as a
+each charge in arrival order with the same pure rules as a single charge — carrying balance, lots, key
+counters and BYOK month usage forward in memory from one charge to the next — and writes the whole batch
+with one set-based statement (journal entries, postings, generations, balances, lots, keys, BYOK months as
+arrays), then commits once. Every charge is answered only after that commit. If the batch fails as a
 whole, each of its charges is retried on its own, so one bad charge never costs the others their answer.
 
 On the hot account this turns N lock-hold-commit cycles into one; across accounts it shares BEGIN, lock,
-read and COMMIT (and the WAL flush) among the batch.
+read, write and COMMIT (and the WAL flush) among the batch: four statements whatever its size.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import date
 from decimal import Decimal
 from typing import Any
 
@@ -23,11 +25,12 @@ from billing import clock
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.db import pipeline
+from billing.db.journal import Journal
 from billing.errors import ApiError, from_refusal, not_found
 from billing.gateway import schemas as s
 from billing.gateway import service
 from billing.keys.service import key_usage
-from billing.ledger.model import Customer, LotBalance
+from billing.ledger.model import Customer, Entry, LotBalance
 from billing.ledger.money import ZERO
 from billing.ledger.outcomes import Refused
 from billing.ledger.usage import KeyUsage, usage_entry
@@ -39,12 +42,162 @@ CONCURRENT_BATCHES = 2
 _ITEMS = """unnest(CAST(:accounts AS text[]), CAST(:keys AS text[]), CAST(:generations AS text[]))
     WITH ORDINALITY AS x(account, key, generation, n)"""
 PAYER = service.PAYER.replace(":key", "x.key").replace(":account", "x.account")
+# `= ANY(ARRAY(...))`, not `IN (SELECT ...)`: the planner hash-joins an IN against every balance row
+# (a sequential scan of all accounts per batch); an array is probed through the primary key.
 LOCK_BATCH = f"""SELECT account_id FROM balances
-WHERE account_id IN (SELECT {PAYER} FROM {_ITEMS})
+WHERE account_id = ANY(ARRAY(SELECT {PAYER} FROM {_ITEMS}))
 ORDER BY account_id FOR UPDATE"""
 STATE_BATCH = f"""SELECT x.n, st.* FROM {_ITEMS}
 JOIN LATERAL ({service.CHARGE_BYOK_SQL.replace(":key", "x.key").replace(":account", "x.account").replace(":generation", "x.generation")}) st
 ON true ORDER BY x.n"""
+
+
+_COLUMNS = ", ".join(service.GENERATION_COLUMNS)
+_ARRAY_TYPES = {
+    "generation_id": "text", "account_id": "bigint", "key_id": "bigint", "member_id": "bigint", "hold_id": "bigint",
+    "status": "text", "fingerprint": "text", "model": "text", "provider": "text", "total_cost": "numeric",
+    "upstream_inference_cost": "numeric", "cache_discount": "numeric", "is_byok": "boolean",
+    "byok_list_cost": "numeric", "byok_fee": "numeric", "byok_policy_id": "bigint", "usage": "text",
+    "finish_reason": "text", "cancelled": "boolean", "streamed": "boolean", "refusal": "text",
+    "created_at": "timestamptz",
+}  # fmt: skip
+_SELECTED = ", ".join(
+    f"CAST(x.{c} AS jsonb)" if c in ("usage", "refusal") else f"x.{c}" for c in service.GENERATION_COLUMNS
+)
+_KEY_COUNTERS = KeyUsage.__slots__  # type: ignore[attr-defined]
+_KEY_TYPES = {name: "date" if name.endswith("_start") else "numeric" for name in _KEY_COUNTERS}
+
+# The whole batch in one statement. Entry ids are drawn first (in batch order), so postings and generations
+# name their entry by its position in the batch; rows go in in batch order, so an account's running
+# balances follow posting ids. Per-account totals, lots and keys arrive already summed: an UPDATE ... FROM
+# applies one source row per target row.
+WRITE_BATCH = f"""WITH ids AS MATERIALIZED (
+    SELECT n, nextval(pg_get_serial_sequence('journal_entries', 'id')) AS id
+    FROM generate_series(1, CAST(:e_count AS integer)) AS n),
+e AS (
+    INSERT INTO journal_entries (id, kind, account_id, description, actor, reason, reverses_entry_id)
+    SELECT ids.id, x.kind, x.account_id, x.description, x.actor, x.reason, x.reverses
+    FROM unnest(CAST(:e_kind AS text[]), CAST(:e_account AS bigint[]), CAST(:e_description AS text[]),
+                CAST(:e_actor AS text[]), CAST(:e_reason AS text[]), CAST(:e_reverses AS bigint[]))
+         WITH ORDINALITY AS x(kind, account_id, description, actor, reason, reverses, n)
+    JOIN ids ON ids.n = x.n ORDER BY x.n
+    RETURNING id, posted_at),
+p AS (
+    INSERT INTO postings (entry_id, account_id, lot_id, amount, balance_after, posted_at)
+    SELECT e.id, x.account_id, x.lot_id, x.amount, x.balance_after, e.posted_at
+    FROM unnest(CAST(:p_entry AS integer[]), CAST(:p_account AS bigint[]), CAST(:p_lot AS bigint[]),
+                CAST(:p_amount AS numeric[]), CAST(:p_after AS numeric[]))
+         WITH ORDINALITY AS x(entry_n, account_id, lot_id, amount, balance_after, n)
+    JOIN ids ON ids.n = x.entry_n JOIN e ON e.id = ids.id
+    ORDER BY x.n),
+b AS (
+    UPDATE balances SET balance = balance + x.delta, total_credits = total_credits + x.credits,
+           total_usage = total_usage + x.usage, updated_at = now()
+    FROM unnest(CAST(:b_account AS bigint[]), CAST(:b_delta AS numeric[]), CAST(:b_credits AS numeric[]),
+                CAST(:b_usage AS numeric[])) AS x(account_id, delta, credits, usage)
+    WHERE balances.account_id = x.account_id),
+u AS (
+    UPDATE lots SET remaining = remaining + x.delta
+    FROM unnest(CAST(:u_ids AS bigint[]), CAST(:u_deltas AS numeric[])) AS x(id, delta)
+    WHERE lots.id = x.id),
+g AS (
+    INSERT INTO generations (entry_id, {_COLUMNS})
+    SELECT ids.id, {_SELECTED}
+    FROM unnest(CAST(:g_entry AS integer[]), {", ".join(f"CAST(:g_{c} AS {_ARRAY_TYPES[c]}[])" for c in service.GENERATION_COLUMNS)})
+         WITH ORDINALITY AS x(entry_n, {_COLUMNS}, n)
+    LEFT JOIN ids ON ids.n = x.entry_n
+    ORDER BY x.n),
+k AS (
+    UPDATE api_keys SET {", ".join(f"{c} = x.{c}" for c in _KEY_COUNTERS)}
+    FROM unnest(CAST(:k_id AS bigint[]), {", ".join(f"CAST(:k_{c} AS {_KEY_TYPES[c]}[])" for c in _KEY_COUNTERS)})
+         AS x(id, {", ".join(_KEY_COUNTERS)})
+    WHERE api_keys.id = x.id),
+bm AS (
+    INSERT INTO byok_months (account_id, month, list_usage, requests, fees)
+    SELECT x.account_id, CAST(:month AS date), x.list_usage, x.requests, x.fees
+    FROM unnest(CAST(:m_account AS bigint[]), CAST(:m_list AS numeric[]), CAST(:m_requests AS integer[]),
+                CAST(:m_fees AS numeric[])) AS x(account_id, list_usage, requests, fees)
+    ON CONFLICT (account_id, month) DO UPDATE SET list_usage = byok_months.list_usage + EXCLUDED.list_usage,
+        requests = byok_months.requests + EXCLUDED.requests, fees = byok_months.fees + EXCLUDED.fees)
+SELECT id FROM ids ORDER BY n"""
+
+
+class _Writes:
+    """What a batch writes, gathered as columns for WRITE_BATCH."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.entries: list[Entry] = []
+        self.postings: dict[str, list[Any]] = {"entry": [], "account": [], "lot": [], "amount": [], "after": []}
+        self.balances: dict[int, list[Decimal]] = {}  # account -> [delta, credits, usage]
+        self.lots: dict[int, Decimal] = {}
+        self.generations: list[tuple[int | None, dict[str, Any]]] = []  # (entry number, row)
+        self.keys: dict[int, KeyUsage] = {}
+        self.months: dict[int, list[Any]] = {}  # account -> [list usage, requests, fees]
+
+    def entry(self, entry: Entry, balance_before: Decimal) -> tuple[int, Decimal]:
+        """Add an entry on a customer; its number in the batch (1-based) and the balance after it."""
+        assert entry.customer is not None and entry.new_lot is None, "a batch writes spending entries only"
+        self.entries.append(entry)
+        n = len(self.entries)
+        running = balance_before
+        for posting in entry.postings:
+            after = None
+            if isinstance(posting.account, Customer):
+                running += posting.amount
+                after = running
+            lot = posting.lot if isinstance(posting.lot, int) else None
+            if lot is not None:
+                self.lots[lot] = self.lots.get(lot, ZERO) + posting.amount
+            for column, value in zip(
+                ("entry", "account", "lot", "amount", "after"),
+                (n, self.journal.account_id(posting.account), lot, posting.amount, after),
+                strict=True,
+            ):
+                self.postings[column].append(value)
+        totals = self.balances.setdefault(entry.customer.id, [ZERO, ZERO, ZERO])
+        totals[0] += entry.balance_delta
+        totals[1] += entry.credits_delta
+        totals[2] += entry.usage_delta
+        return n, running
+
+    def generation(self, entry_n: int | None, row: dict[str, Any]) -> None:
+        self.generations.append((entry_n, row))
+
+    def byok(self, account_id: int, list_usage: Decimal, fee: Decimal) -> None:
+        month = self.months.setdefault(account_id, [ZERO, 0, ZERO])
+        month[0] += list_usage
+        month[1] += 1
+        month[2] += fee
+
+    def statement(self, month: date) -> tuple[str, dict[str, Any]]:
+        entries = self.entries
+        params: dict[str, Any] = {
+            "e_count": len(entries),
+            "e_kind": [e.kind.value for e in entries],
+            "e_account": [e.customer.id if e.customer else None for e in entries],
+            "e_description": [e.description for e in entries],
+            "e_actor": [e.actor for e in entries],
+            "e_reason": [e.reason for e in entries],
+            "e_reverses": [e.reverses for e in entries],
+            **{f"p_{column}": values for column, values in self.postings.items()},
+            "b_account": list(self.balances),
+            "b_delta": [t[0] for t in self.balances.values()],
+            "b_credits": [t[1] for t in self.balances.values()],
+            "b_usage": [t[2] for t in self.balances.values()],
+            "u_ids": list(self.lots),
+            "u_deltas": list(self.lots.values()),
+            "g_entry": [n for n, _ in self.generations],
+            **{f"g_{c}": [row[c] for _, row in self.generations] for c in service.GENERATION_COLUMNS},
+            "k_id": list(self.keys),
+            **{f"k_{c}": [getattr(k, c) for k in self.keys.values()] for c in _KEY_COUNTERS},
+            "m_account": list(self.months),
+            "m_list": [m[0] for m in self.months.values()],
+            "m_requests": [m[1] for m in self.months.values()],
+            "m_fees": [m[2] for m in self.months.values()],
+            "month": month,
+        }
+        return WRITE_BATCH, params
 
 
 @dataclass
@@ -59,6 +212,7 @@ class _Item:
 class _Written:
     row: Any
     spend: service.Spend
+    entry_n: int | None  # its journal entry's number in the batch
 
 
 @dataclass
@@ -132,7 +286,7 @@ class ChargeBatcher:
             by_n = {row.n: row for row in rows}
             live: dict[int, _Live] = {}
             seen: set[str] = set()
-            writes: list[tuple[str, dict[str, Any]]] = []
+            writes = _Writes(ctx.journal)
             for n, item in enumerate(batch, start=1):
                 data = item.data
                 row = by_n.get(n)
@@ -163,40 +317,36 @@ class ChargeBatcher:
                     continue
                 except Refused as refused:
                     refusal = from_refusal(refused)
-                    riders = service.riders_for(row, data, item.priced, spend, now, has_entry=False, hold_id=None,
-                                                status="refused", refusal=refusal.body())  # fmt: skip
-                    statement = ctx.journal.riders_statement(riders)
-                    writes.append((statement.sql, statement.params))
+                    writes.generation(
+                        None,
+                        service.generation_row(row, data, item.priced, spend, now, hold_id=None, status="refused",
+                                               refusal=refusal.body()),
+                    )  # fmt: skip
                     answers[n] = (refusal.status, refusal.body(), False)
                     continue
-                riders = service.riders_for(
-                    row, data, item.priced, spend, now, has_entry=spend.amount > 0, hold_id=None
-                )
+                entry_n = None
                 if spend.amount > 0:
                     entry = usage_entry(
                         Customer(row.account_id), spend.amount, lots=tuple(state.lots), now=now, kind=spend.kind,
                         revenue=spend.revenue, description=f"{spend.kind.value} for generation {data.generation_id}",
                     )  # fmt: skip
-                    statement = ctx.journal.entry_statement(entry, balance_before=state.balance, riders=riders)
-                    assert statement.balance_after is not None
-                    state.balance = statement.balance_after
+                    entry_n, state.balance = writes.entry(entry, state.balance)
                     taken = {p.lot: -p.amount for p in entry.postings if isinstance(p.lot, int)}
                     state.lots = [LotBalance(lot.id, lot.remaining - taken.get(lot.id, ZERO), lot.expires_at)
                                   for lot in state.lots]  # fmt: skip
-                else:
-                    statement = ctx.journal.riders_statement(riders)
+                writes.generation(entry_n, service.generation_row(row, data, item.priced, spend, now, hold_id=None))
+                byok = item.priced.byok_list_cost or ZERO
                 if row.key_id is not None:
-                    byok = item.priced.byok_list_cost or ZERO
                     state.keys[row.key_id] = state.keys[row.key_id].plus(
                         now, ZERO if data.is_byok else spend.amount, byok
                     )
+                    writes.keys[row.key_id] = state.keys[row.key_id]
                 if data.is_byok:
-                    state.month_list_usage += item.priced.byok_list_cost or ZERO
+                    state.month_list_usage += byok
                     state.month_requests += 1
-                writes.append((statement.sql, statement.params))
-                answers[n] = _Written(row, spend)
-            results = await tx.run(*writes, commit=True)
-        entry_ids = iter(results)
+                    writes.byok(row.account_id, byok, spend.amount)
+                answers[n] = _Written(row, spend, entry_n)
+            (entry_ids,) = await tx.run(writes.statement(now.date().replace(day=1)), commit=True)
         for n, item in enumerate(batch, start=1):
             answer = answers.get(n)
             if answer is None:
@@ -204,12 +354,10 @@ class ChargeBatcher:
             if isinstance(answer, BaseException):
                 _settle(item.future, answer)
             elif isinstance(answer, _Written):
-                written = next(entry_ids)
-                entry_id = int(written[0][0]) if answer.spend.amount > 0 else None
+                entry_id = entry_ids[answer.entry_n - 1].id if answer.entry_n else None
                 out = service.generation_out(answer.row, item.data, item.priced, answer.spend, now, entry_id, None)
                 _settle(item.future, (201, out, False))
             else:
-                next(entry_ids)
                 _settle(item.future, answer)
         await self._one_by_one(later)
 

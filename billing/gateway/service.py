@@ -138,12 +138,17 @@ LEFT JOIN api_keys k ON k.id = g.key_id LEFT JOIN accounts m ON m.id = g.member_
 LEFT JOIN journal_entries e ON e.id = g.entry_id
 WHERE g.generation_id = :generation""")
 
-INSERT_GENERATION = """INSERT INTO generations (generation_id, account_id, key_id, member_id, hold_id, entry_id,
-    status, fingerprint, model, provider, total_cost, upstream_inference_cost, cache_discount, is_byok,
-    byok_list_cost, byok_fee, byok_policy_id, usage, finish_reason, cancelled, streamed, refusal, created_at)
-VALUES (:g_generation, :g_account, :g_key, :g_member, :g_hold, {entry}, :g_status, :g_fingerprint, :g_model,
-    :g_provider, :g_total_cost, :g_upstream, :g_cache_discount, :g_is_byok, :g_byok_list_cost, :g_byok_fee,
-    :g_policy, CAST(:g_usage AS jsonb), :g_finish_reason, :g_cancelled, :g_streamed, CAST(:g_refusal AS jsonb), :g_created)"""
+GENERATION_COLUMNS = (
+    "generation_id", "account_id", "key_id", "member_id", "hold_id", "status", "fingerprint", "model", "provider",
+    "total_cost", "upstream_inference_cost", "cache_discount", "is_byok", "byok_list_cost", "byok_fee",
+    "byok_policy_id", "usage", "finish_reason", "cancelled", "streamed", "refusal", "created_at",
+)  # fmt: skip
+_JSONB = {"usage", "refusal"}
+INSERT_GENERATION = (
+    f"INSERT INTO generations (entry_id, {', '.join(GENERATION_COLUMNS)})\nVALUES ({{entry}}, "
+    + ", ".join(f"CAST(:g_{c} AS jsonb)" if c in _JSONB else f":g_{c}" for c in GENERATION_COLUMNS)
+    + ")"
+)
 UPDATE_KEY = """UPDATE api_keys SET usage_total = :k_usage_total, byok_total = :k_byok_total,
     day_start = :k_day_start, usage_day = :k_usage_day, byok_day = :k_byok_day,
     week_start = :k_week_start, usage_week = :k_usage_week, byok_week = :k_byok_week,
@@ -286,6 +291,44 @@ def spend_for(row: Any, priced: Priced) -> Spend:
     return Spend(fee, fee, policy.id, EntryKind.BYOK_FEE, Platform.BYOK_FEE_REVENUE)
 
 
+def generation_row(
+    row: Any,
+    g: s.Generation,
+    priced: Priced,
+    spend: Spend,
+    now: datetime,
+    *,
+    hold_id: int | None,
+    status: str = "charged",
+    refusal: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `generations` row of a charge or capture (its `entry_id` aside), keyed by column name."""
+    return {
+        "generation_id": g.generation_id,
+        "account_id": row.account_id,
+        "key_id": row.key_id,
+        "member_id": row.member_id,
+        "hold_id": hold_id,
+        "status": status,
+        "fingerprint": fingerprint(g),
+        "model": g.model,
+        "provider": g.provider,
+        "total_cost": spend.amount if status == "charged" else ZERO,
+        "upstream_inference_cost": priced.upstream,
+        "cache_discount": priced.cache_discount,
+        "is_byok": g.is_byok,
+        "byok_list_cost": priced.byok_list_cost,
+        "byok_fee": spend.byok_fee,
+        "byok_policy_id": spend.policy_id,
+        "usage": msgspec.json.encode({**_tokens(priced.usage), "insured": priced.insured}).decode(),
+        "finish_reason": g.finish_reason,
+        "cancelled": g.cancelled,
+        "streamed": g.streamed,
+        "refusal": msgspec.json.encode(refusal).decode() if refusal else None,
+        "created_at": now,
+    }
+
+
 def riders_for(
     row: Any,
     g: s.Generation,
@@ -298,34 +341,12 @@ def riders_for(
     status: str = "charged",
     refusal: dict[str, Any] | None = None,
 ) -> list[Rider]:
+    generation = generation_row(row, g, priced, spend, now, hold_id=hold_id, status=status, refusal=refusal)
     riders = [
         Rider(
             "g",
             INSERT_GENERATION.format(entry="(SELECT id FROM e)" if has_entry else "NULL"),
-            {
-                "g_generation": g.generation_id,
-                "g_account": row.account_id,
-                "g_key": row.key_id,
-                "g_member": row.member_id,
-                "g_hold": hold_id,
-                "g_status": status,
-                "g_fingerprint": fingerprint(g),
-                "g_model": g.model,
-                "g_provider": g.provider,
-                "g_total_cost": spend.amount if status == "charged" else ZERO,
-                "g_upstream": priced.upstream,
-                "g_cache_discount": priced.cache_discount,
-                "g_is_byok": g.is_byok,
-                "g_byok_list_cost": priced.byok_list_cost,
-                "g_byok_fee": spend.byok_fee,
-                "g_policy": spend.policy_id,
-                "g_usage": msgspec.json.encode({**_tokens(priced.usage), "insured": priced.insured}).decode(),
-                "g_finish_reason": g.finish_reason,
-                "g_cancelled": g.cancelled,
-                "g_streamed": g.streamed,
-                "g_refusal": msgspec.json.encode(refusal).decode() if refusal else None,
-                "g_created": now,
-            },
+            {f"g_{name}": value for name, value in generation.items()},
         )
     ]
     if status != "charged":
