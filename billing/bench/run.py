@@ -6,7 +6,7 @@ What one run does, in order:
    migrated; 10,000 accounts plus one hot account seeded in one SQL transaction that writes what a staff
    grant writes (account, balance row, a balanced `grant` entry with its lot, postings with running
    balance, audit record), then `verify_ledger` proves the seed consistent.
-2. `billing serve` (granian, the production server) as a subprocess on that database; a gateway token.
+2. `billing serve` (uvicorn, the production server) as a subprocess on that database; a gateway token.
 3. Closed-loop runs (as fast as it goes) at 32 and 64 connections: `GET /healthz` (the load generator's
    ceiling in this very run), (a) one-shot charges on random accounts of the 10,000, (b) charges all on
    the hot account, (c) hold + capture pairs. Then each of (a), (b), (c) in open loop at half its
@@ -16,7 +16,8 @@ What one run does, in order:
    lots, running balances), and every acknowledged generation is in `generations` exactly once, with
    nothing else there.
 5. pgbench on the same server, own database (scale 10): built-in TPC-B-like at 32 and 64 clients, and
-   a single-row UPDATE script (the hot-account analogue) at 32 and 64.
+   a single-row UPDATE script (the hot-account analogue) at 32 and 64; then each in open loop at half
+   its own best rate (PostgreSQL's own latency at that load: the floor under the service's).
 6. Both databases are dropped. The last line on stdout is one JSON object with every figure; progress
    goes to stderr.
 """
@@ -101,6 +102,8 @@ CONNECTIONS = (32, 64)
 OPEN_LOOP_CONNECTIONS = 64
 OPEN_LOOP_FRACTION = 0.5  # of the scenario's measured maximum
 P99_TARGET_MS = 10.0
+# Which pgbench script, offered at half its own maximum, is the latency reference of each open-loop scenario
+PGBENCH_OPEN_LOOP = {"charge_spread": "tpcb", "charge_hot": "hot_update", "hold_capture": "tpcb"}
 RSS_LIMIT_MB = 250.0
 PGBENCH_SCALE = 10
 PGBENCH_THREADS = 2
@@ -759,9 +762,63 @@ def run_pgbench(server: str, timing: Timing, workdir: Path) -> dict[str, Any]:
                 if run.returncode != 0 or tps is None:
                     results[key]["error"] = (run.stderr or run.stdout).strip()[-500:]
                 log(f"pgbench {key}: {tps} tps, latency avg {latency} ms")
+            # The same script offered at a fixed rate of half its own maximum, as the service's open-loop
+            # scenarios are: PostgreSQL's latency at that load is a floor under any service built on it.
+            best = max((results[f"{name}_{c}"].get("tps") or 0.0) for c in CONNECTIONS)
+            if best > 0:
+                key = f"{name}_open_loop"
+                results[key] = pgbench_open_loop(
+                    [pgbench, *extra], env, best * OPEN_LOOP_FRACTION, timing, workdir / f"{name}_log"
+                )
+                log(f"pgbench {key}: {results[key]}")
     finally:
         drop_database(server, url)
     return results
+
+
+def pgbench_open_loop(
+    argv: list[str], env: dict[str, str], rate: float, timing: Timing, prefix: Path
+) -> dict[str, Any]:
+    """pgbench throttled to `rate` (`-R`, its own open loop) with a per-transaction log: p50/p99 counted
+    from each transaction's scheduled start (its `time` plus its `schedule_lag`), as our load generator
+    counts ours."""
+    run = subprocess.run(
+        [
+            *argv,
+            "-c",
+            str(OPEN_LOOP_CONNECTIONS),
+            "-j",
+            str(PGBENCH_THREADS),
+            "-T",
+            str(max(1, round(timing.pgbench))),
+            "-R",
+            f"{rate:.1f}",
+            "-l",
+            f"--log-prefix={prefix}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=prefix.parent,
+    )
+    latencies_ns: list[int] = []
+    for log_file in prefix.parent.glob(f"{prefix.name}.*"):
+        for line in log_file.read_text().splitlines():
+            fields = line.split()
+            # client, transaction, time (µs), script, epoch s, epoch µs, schedule lag (µs)
+            if len(fields) >= 7 and fields[2].isdigit():
+                latencies_ns.append((int(fields[2]) + int(fields[6])) * 1000)
+        log_file.unlink()
+    out: dict[str, Any] = {
+        "offered_rate": round(rate, 1),
+        "transactions": len(latencies_ns),
+        "p50_ms": _ms(percentile_ms(latencies_ns, 50)),
+        "p99_ms": _ms(percentile_ms(latencies_ns, 99)),
+        "max_ms": _ms(percentile_ms(latencies_ns, 100)),
+    }
+    if run.returncode != 0 or not latencies_ns:
+        out["error"] = (run.stderr or run.stdout).strip()[-500:]
+    return out
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -851,13 +908,18 @@ async def drive(
 
 
 def attach_pgbench(scenarios: dict[str, dict[str, Any]], pgbench: dict[str, Any]) -> None:
-    for summary in scenarios.values():
+    for key, summary in scenarios.items():
         figure = summary.pop("pgbench", None)
         tps = (pgbench.get(figure) or {}).get("tps") if figure else None
         if figure:
             summary["pgbench_figure"] = figure
         summary["pgbench_tps"] = tps
         summary["ratio"] = round(summary["ops_per_s"] / tps, 3) if tps and "ops_per_s" in summary else None
+        if key.endswith("_open_loop"):
+            reference = PGBENCH_OPEN_LOOP.get(key.removesuffix("_open_loop"))
+            floor = (pgbench.get(f"{reference}_open_loop") or {}) if reference else {}
+            summary["pgbench_open_loop"] = f"{reference}_open_loop" if reference else None
+            summary["pgbench_open_loop_p99_ms"] = floor.get("p99_ms")
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:

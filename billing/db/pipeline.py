@@ -49,7 +49,8 @@ class Pipe:
                 await self.pg.execute(b"COMMIT")
         if commit:
             self.begun = False
-        return [await c.fetchall() if c.description else [] for c in cursors]
+        # (`pgresult.nfields`, not `description`: that builds a Column object per column on every call)
+        return [await c.fetchall() if c.pgresult is not None and c.pgresult.nfields else [] for c in cursors]
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""The service as it runs in production: `billing serve` (granian) in its own process, driven over HTTP."""
+"""The service as it runs in production: `billing serve` (uvicorn) in its own process, driven over HTTP."""
 
 from __future__ import annotations
 
