@@ -302,7 +302,8 @@ def generation_row(
     status: str = "charged",
     refusal: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `generations` row of a charge or capture (its `entry_id` aside), keyed by column name."""
+    """The `generations` row of a charge or capture (its `entry_id` aside), keyed by column name; the
+    jsonb columns (`usage`, `refusal`) as Python values."""
     return {
         "generation_id": g.generation_id,
         "account_id": row.account_id,
@@ -320,11 +321,11 @@ def generation_row(
         "byok_list_cost": priced.byok_list_cost,
         "byok_fee": spend.byok_fee,
         "byok_policy_id": spend.policy_id,
-        "usage": msgspec.json.encode({**_tokens(priced.usage), "insured": priced.insured}).decode(),
+        "usage": {**_tokens(priced.usage), "insured": priced.insured},
         "finish_reason": g.finish_reason,
         "cancelled": g.cancelled,
         "streamed": g.streamed,
-        "refusal": msgspec.json.encode(refusal).decode() if refusal else None,
+        "refusal": refusal or None,
         "created_at": now,
     }
 
@@ -346,7 +347,10 @@ def riders_for(
         Rider(
             "g",
             INSERT_GENERATION.format(entry="(SELECT id FROM e)" if has_entry else "NULL"),
-            {f"g_{name}": value for name, value in generation.items()},
+            {
+                f"g_{name}": msgspec.json.encode(value).decode() if name in _JSONB and value is not None else value
+                for name, value in generation.items()
+            },
         )
     ]
     if status != "charged":
