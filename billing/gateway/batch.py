@@ -47,6 +47,13 @@ def _rows(param: str, columns: dict[str, str]) -> str:
     return f"json_to_recordset(CAST(:{param} AS json)) AS x({', '.join(f'{c} {t}' for c, t in columns.items())})"
 
 
+def _keys(param: str, column: str) -> str:
+    """The bigint `column` of the JSON array parameter `param` as an array. An UPDATE ... FROM a JSON row
+    set also names its targets through this: the planner guesses 100 rows for `json_to_recordset` and
+    hash-joins them against a sequential scan of the whole table; an array is probed through the index."""
+    return f"ARRAY(SELECT CAST(j ->> '{column}' AS bigint) FROM json_array_elements(CAST(:{param} AS json)) AS j)"
+
+
 _ITEMS = _rows("items", {"n": "int", "account": "text", "key": "text", "generation": "text"})
 PAYER = service.PAYER.replace(":key", "x.key").replace(":account", "x.account")
 # `= ANY(ARRAY(...))`, not `IN (SELECT ...)`: the planner hash-joins an IN against every balance row
@@ -77,55 +84,57 @@ _KEY_COUNTERS: tuple[str, ...] = KeyUsage.__slots__  # type: ignore[attr-defined
 # in the batch (`e`); rows go in in batch order, so an account's running balances follow posting ids.
 # Per-account totals, lots and keys arrive already summed: an UPDATE ... FROM applies one source row per
 # target row.
-WRITE_BATCH = f"""WITH ids AS MATERIALIZED (
+# (Whitespace collapsed: psycopg caches the parsing of queries up to 4,096 characters.)
+WRITE_BATCH = " ".join(
+    f"""WITH ids AS MATERIALIZED (
     SELECT n, nextval(pg_get_serial_sequence('journal_entries', 'id')) AS id
     FROM generate_series(1, json_array_length(CAST(:entries AS json))) AS n),
 e AS (
     INSERT INTO journal_entries (id, kind, account_id, description, actor, reason, reverses_entry_id)
     SELECT ids.id, x.kind, x.account_id, x.description, x.actor, x.reason, x.reverses
     FROM {
-    _rows(
-        "entries",
-        {
-            "n": "int",
-            "kind": "text",
-            "account_id": "bigint",
-            "description": "text",
-            "actor": "text",
-            "reason": "text",
-            "reverses": "bigint",
-        },
-    )
-}
+        _rows(
+            "entries",
+            {
+                "n": "int",
+                "kind": "text",
+                "account_id": "bigint",
+                "description": "text",
+                "actor": "text",
+                "reason": "text",
+                "reverses": "bigint",
+            },
+        )
+    }
     JOIN ids ON ids.n = x.n ORDER BY x.n
     RETURNING id, posted_at),
 p AS (
     INSERT INTO postings (entry_id, account_id, lot_id, amount, balance_after, posted_at)
     SELECT e.id, x.account_id, x.lot_id, x.amount, x.balance_after, e.posted_at
     FROM {
-    _rows(
-        "postings",
-        {
-            "n": "int",
-            "e": "int",
-            "account_id": "bigint",
-            "lot_id": "bigint",
-            "amount": "numeric",
-            "balance_after": "numeric",
-        },
-    )
-}
+        _rows(
+            "postings",
+            {
+                "n": "int",
+                "e": "int",
+                "account_id": "bigint",
+                "lot_id": "bigint",
+                "amount": "numeric",
+                "balance_after": "numeric",
+            },
+        )
+    }
     JOIN ids ON ids.n = x.e JOIN e ON e.id = ids.id
     ORDER BY x.n),
 b AS (
     UPDATE balances SET balance = balance + x.delta, total_credits = total_credits + x.credits,
            total_usage = total_usage + x.usage, updated_at = now()
     FROM {_rows("balances", {"account_id": "bigint", "delta": "numeric", "credits": "numeric", "usage": "numeric"})}
-    WHERE balances.account_id = x.account_id),
+    WHERE balances.account_id = x.account_id AND balances.account_id = ANY({_keys("balances", "account_id")})),
 u AS (
     UPDATE lots SET remaining = remaining + x.delta
     FROM {_rows("lots", {"id": "bigint", "delta": "numeric"})}
-    WHERE lots.id = x.id),
+    WHERE lots.id = x.id AND lots.id = ANY({_keys("lots", "id")})),
 g AS (
     INSERT INTO generations (entry_id, {_COLUMNS})
     SELECT ids.id, {", ".join(f"x.{c}" for c in service.GENERATION_COLUMNS)}
@@ -135,14 +144,15 @@ g AS (
 k AS (
     UPDATE api_keys SET {", ".join(f"{c} = x.{c}" for c in _KEY_COUNTERS)}
     FROM {_rows("keys", {"id": "bigint", **{c: "date" if c.endswith("_start") else "numeric" for c in _KEY_COUNTERS}})}
-    WHERE api_keys.id = x.id),
+    WHERE api_keys.id = x.id AND api_keys.id = ANY({_keys("keys", "id")})),
 bm AS (
     INSERT INTO byok_months (account_id, month, list_usage, requests, fees)
     SELECT x.account_id, CAST(:month AS date), x.list_usage, x.requests, x.fees
     FROM {_rows("months", {"account_id": "bigint", "list_usage": "numeric", "requests": "int", "fees": "numeric"})}
     ON CONFLICT (account_id, month) DO UPDATE SET list_usage = byok_months.list_usage + EXCLUDED.list_usage,
         requests = byok_months.requests + EXCLUDED.requests, fees = byok_months.fees + EXCLUDED.fees)
-SELECT id FROM ids ORDER BY n"""
+SELECT id FROM ids ORDER BY n""".split()
+)
 
 
 class _Writes:
@@ -284,9 +294,6 @@ class ChargeBatcher:
                 _settle(item.future, exc)
 
     async def _run(self, batch: list[_Item]) -> None:
-        if len(batch) == 1:
-            await self._one_by_one(batch)
-            return
         ctx = self.ctx
         await ctx.journal.ensure_loaded(ctx.db)
         now = clock.now()
