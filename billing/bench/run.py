@@ -721,7 +721,12 @@ def _tps(output: str) -> tuple[float | None, float | None]:
     return tps, latency
 
 
-def run_pgbench(server: str, timing: Timing, workdir: Path) -> dict[str, Any]:
+def run_pgbench(
+    server: str, timing: Timing, workdir: Path, same_rate: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """pgbench's figures; `same_rate` (open-loop scenario → the rate it was offered) adds, per scenario, its
+    reference script offered at that very rate (`<scenario>_same_rate`; hold + capture is two
+    transactions per operation, so its script runs at twice the rate)."""
     import psycopg
 
     pgbench = find_pgbench()
@@ -771,6 +776,18 @@ def run_pgbench(server: str, timing: Timing, workdir: Path) -> dict[str, Any]:
                     [pgbench, *extra], env, best * OPEN_LOOP_FRACTION, timing, workdir / f"{name}_log"
                 )
                 log(f"pgbench {key}: {results[key]}")
+        scripts = {"tpcb": [pgbench], "hot_update": [pgbench, "-n", "-f", str(script)]}
+        for scenario, rate in (same_rate or {}).items():
+            reference = PGBENCH_OPEN_LOOP.get(scenario)
+            if reference is None or rate <= 0:
+                continue
+            tps = rate * (2 if scenario == "hold_capture" else 1)
+            key = f"{scenario}_same_rate"
+            results[key] = {
+                "script": reference,
+                **pgbench_open_loop(scripts[reference], env, tps, timing, workdir / key),
+            }
+            log(f"pgbench {key}: {results[key]}")
     finally:
         drop_database(server, url)
     return results
@@ -920,6 +937,8 @@ def attach_pgbench(scenarios: dict[str, dict[str, Any]], pgbench: dict[str, Any]
             floor = (pgbench.get(f"{reference}_open_loop") or {}) if reference else {}
             summary["pgbench_open_loop"] = f"{reference}_open_loop" if reference else None
             summary["pgbench_open_loop_p99_ms"] = floor.get("p99_ms")
+            same = pgbench.get(f"{key.removesuffix('_open_loop')}_same_rate") or {}
+            summary["pgbench_same_rate_p99_ms"] = same.get("p99_ms")
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -981,7 +1000,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
     log(f"pgbench, scale {PGBENCH_SCALE}")
     try:
-        pgbench = run_pgbench(server, timing, workdir)
+        offered = {
+            k.removesuffix("_open_loop"): float(v.get("offered_rate") or 0.0)
+            for k, v in scenarios.items()
+            if k.endswith("_open_loop")
+        }
+        pgbench = run_pgbench(server, timing, workdir, offered)
     except Exception as exc:  # the service's figures stand on their own
         pgbench = {"error": f"{type(exc).__name__}: {exc}"}
     attach_pgbench(scenarios, pgbench)
