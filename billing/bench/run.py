@@ -109,8 +109,9 @@ PGBENCH_SCALE = 10
 PGBENCH_THREADS = 2
 SAMPLE_INTERVAL_S = 0.2
 # API processes unless --workers or BILLING_SERVER_WORKERS say otherwise. Measured on 2 cores shared with
-# PostgreSQL and the load generator: 2 beat 1 by 10-30% on spread charges and hold+capture (one process
-# is CPU-bound at ~1 core), and tie on the hot account.
+# PostgreSQL and the load generator (uvicorn, set-based group commit): 2 beat 1 on spread charges (1,273 /
+# 1,455 against 1,184 / 1,104 ops/s at 32 / 64 connections) and on hold + capture; 1 beat 2 on the hot
+# account at 32 connections (1,093 against 800), where two processes' batches queue on one row lock.
 DEFAULT_WORKERS = 2
 
 
