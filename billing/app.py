@@ -27,6 +27,7 @@ from billing.errors import API, INVALID_REQUEST, ApiError
 from billing.free.quota import FreeLimiter
 from billing.free.routes import FreeRequestsController
 from billing.gateway.batch import ChargeBatcher
+from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.gateway.policies import ByokPoliciesController
 from billing.gateway.routes import ChargesController, GenerationsController, HoldsController
 from billing.http import error_responses
@@ -181,6 +182,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app.state.context = context
     app.state.charge_batcher = ChargeBatcher(context) if settings.charge_batching else None
+    app.state.hold_batcher = HoldBatcher(context) if settings.charge_batching else None
+    app.state.capture_batcher = CaptureBatcher(context) if settings.charge_batching else None
     app.state.tokens = TokenResolver(engine, settings.admin_token, settings.token_cache_seconds)
     app.state.redis = redis
     app.state.free_limiter = FreeLimiter(redis)

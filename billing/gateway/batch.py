@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -42,19 +42,19 @@ MAX_BATCH = 64
 CONCURRENT_BATCHES = 2
 
 
-def _rows(param: str, columns: dict[str, str]) -> str:
+def json_rows(param: str, columns: dict[str, str]) -> str:
     """The JSON array parameter `param` as rows of `columns` (name → type)."""
     return f"json_to_recordset(CAST(:{param} AS json)) AS x({', '.join(f'{c} {t}' for c, t in columns.items())})"
 
 
-def _keys(param: str, column: str) -> str:
+def json_ids(param: str, column: str) -> str:
     """The bigint `column` of the JSON array parameter `param` as an array. An UPDATE ... FROM a JSON row
     set also names its targets through this: the planner guesses 100 rows for `json_to_recordset` and
     hash-joins them against a sequential scan of the whole table; an array is probed through the index."""
     return f"ARRAY(SELECT CAST(j ->> '{column}' AS bigint) FROM json_array_elements(CAST(:{param} AS json)) AS j)"
 
 
-_ITEMS = _rows("items", {"n": "int", "account": "text", "key": "text", "generation": "text"})
+_ITEMS = json_rows("items", {"n": "int", "account": "text", "key": "text", "generation": "text"})
 PAYER = service.PAYER.replace(":key", "x.key").replace(":account", "x.account")
 # `= ANY(ARRAY(...))`, not `IN (SELECT ...)`: the planner hash-joins an IN against every balance row
 # (a sequential scan of all accounts per batch); an array is probed through the primary key.
@@ -93,7 +93,7 @@ e AS (
     INSERT INTO journal_entries (id, kind, account_id, description, actor, reason, reverses_entry_id)
     SELECT ids.id, x.kind, x.account_id, x.description, x.actor, x.reason, x.reverses
     FROM {
-        _rows(
+        json_rows(
             "entries",
             {
                 "n": "int",
@@ -112,7 +112,7 @@ p AS (
     INSERT INTO postings (entry_id, account_id, lot_id, amount, balance_after, posted_at)
     SELECT e.id, x.account_id, x.lot_id, x.amount, x.balance_after, e.posted_at
     FROM {
-        _rows(
+        json_rows(
             "postings",
             {
                 "n": "int",
@@ -129,33 +129,35 @@ p AS (
 b AS (
     UPDATE balances SET balance = balance + x.delta, total_credits = total_credits + x.credits,
            total_usage = total_usage + x.usage, updated_at = now()
-    FROM {_rows("balances", {"account_id": "bigint", "delta": "numeric", "credits": "numeric", "usage": "numeric"})}
-    WHERE balances.account_id = x.account_id AND balances.account_id = ANY({_keys("balances", "account_id")})),
+    FROM {json_rows("balances", {"account_id": "bigint", "delta": "numeric", "credits": "numeric", "usage": "numeric"})}
+    WHERE balances.account_id = x.account_id AND balances.account_id = ANY({json_ids("balances", "account_id")})),
 u AS (
     UPDATE lots SET remaining = remaining + x.delta
-    FROM {_rows("lots", {"id": "bigint", "delta": "numeric"})}
-    WHERE lots.id = x.id AND lots.id = ANY({_keys("lots", "id")})),
+    FROM {json_rows("lots", {"id": "bigint", "delta": "numeric"})}
+    WHERE lots.id = x.id AND lots.id = ANY({json_ids("lots", "id")})),
 g AS (
     INSERT INTO generations (entry_id, {_COLUMNS})
     SELECT ids.id, {", ".join(f"x.{c}" for c in service.GENERATION_COLUMNS)}
-    FROM {_rows("generations", {"n": "int", "e": "int", **_GENERATION_TYPES})}
+    FROM {json_rows("generations", {"n": "int", "e": "int", **_GENERATION_TYPES})}
     LEFT JOIN ids ON ids.n = x.e
     ORDER BY x.n),
 k AS (
     UPDATE api_keys SET {", ".join(f"{c} = x.{c}" for c in _KEY_COUNTERS)}
-    FROM {_rows("keys", {"id": "bigint", **{c: "date" if c.endswith("_start") else "numeric" for c in _KEY_COUNTERS}})}
-    WHERE api_keys.id = x.id AND api_keys.id = ANY({_keys("keys", "id")})),
+    FROM {
+        json_rows("keys", {"id": "bigint", **{c: "date" if c.endswith("_start") else "numeric" for c in _KEY_COUNTERS}})
+    }
+    WHERE api_keys.id = x.id AND api_keys.id = ANY({json_ids("keys", "id")})),
 bm AS (
     INSERT INTO byok_months (account_id, month, list_usage, requests, fees)
     SELECT x.account_id, CAST(:month AS date), x.list_usage, x.requests, x.fees
-    FROM {_rows("months", {"account_id": "bigint", "list_usage": "numeric", "requests": "int", "fees": "numeric"})}
+    FROM {json_rows("months", {"account_id": "bigint", "list_usage": "numeric", "requests": "int", "fees": "numeric"})}
     ON CONFLICT (account_id, month) DO UPDATE SET list_usage = byok_months.list_usage + EXCLUDED.list_usage,
         requests = byok_months.requests + EXCLUDED.requests, fees = byok_months.fees + EXCLUDED.fees)
 SELECT id FROM ids ORDER BY n""".split()
 )
 
 
-class _Writes:
+class BatchWrites:
     """What a batch writes, gathered as rows for WRITE_BATCH."""
 
     def __init__(self, journal: Journal) -> None:
@@ -195,6 +197,40 @@ class _Writes:
         totals[2] += entry.usage_delta
         return n, running
 
+    def spend(
+        self,
+        state: LiveAccount,
+        row: Any,
+        g: s.Generation,
+        priced: service.Priced,
+        spend: service.Spend,
+        now: datetime,
+        *,
+        hold_id: int | None,
+    ) -> int | None:
+        """Add what one generation spends — its entry, its generation record, the key's counters and the
+        BYOK month — and move the account's `state` past it. Its entry's number in the batch, if any."""
+        entry_n = None
+        if spend.amount > 0:
+            entry = usage_entry(
+                Customer(row.account_id), spend.amount, lots=tuple(state.lots), now=now, kind=spend.kind,
+                revenue=spend.revenue, description=f"{spend.kind.value} for generation {g.generation_id}",
+            )  # fmt: skip
+            entry_n, state.balance = self.entry(entry, state.balance)
+            taken = {p.lot: -p.amount for p in entry.postings if isinstance(p.lot, int)}
+            state.lots = [LotBalance(lot.id, lot.remaining - taken.get(lot.id, ZERO), lot.expires_at)
+                          for lot in state.lots]  # fmt: skip
+        self.generation(entry_n, service.generation_row(row, g, priced, spend, now, hold_id=hold_id))
+        byok = priced.byok_list_cost or ZERO
+        if row.key_id is not None:
+            state.keys[row.key_id] = state.keys[row.key_id].plus(now, ZERO if g.is_byok else spend.amount, byok)
+            self.keys[row.key_id] = state.keys[row.key_id]
+        if g.is_byok:
+            state.month_list_usage += byok
+            state.month_requests += 1
+            self.byok(row.account_id, byok, spend.amount)
+        return entry_n
+
     def generation(self, entry_n: int | None, row: dict[str, Any]) -> None:
         self.generations.append({"n": len(self.generations) + 1, "e": entry_n, **row})
 
@@ -205,7 +241,7 @@ class _Writes:
         month[2] += fee
 
     def statement(self, month: date) -> tuple[str, dict[str, Any]]:
-        encode = _JSON.encode
+        encode = JSON.encode
         params: dict[str, Any] = {
             "entries": encode(self.entries).decode(),
             "postings": encode(self.postings).decode(),
@@ -226,15 +262,21 @@ class _Writes:
 
 
 # Decimals as JSON strings (exact: PostgreSQL reads them with numeric's own input function)
-_JSON = msgspec.json.Encoder(decimal_format="string")
+JSON = msgspec.json.Encoder(decimal_format="string")
 
 
 @dataclass
-class _Item:
+class Queued:
+    """A request waiting for its batch; `future` receives (status, body, replayed) or an exception."""
+
     principal: Principal
+    future: asyncio.Future[tuple[int, Any, bool]]
+
+
+@dataclass
+class _Item(Queued):
     data: s.CreateCharge
     priced: service.Priced
-    future: asyncio.Future[tuple[int, Any, bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +287,7 @@ class _Written:
 
 
 @dataclass
-class _Live:
+class LiveAccount:
     """An account's state as the batch has moved it so far."""
 
     balance: Decimal
@@ -255,25 +297,29 @@ class _Live:
     keys: dict[int, KeyUsage] = field(default_factory=dict)
 
 
-class ChargeBatcher:
+ItemT = TypeVar("ItemT", bound=Queued)
+
+
+class Batcher(Generic[ItemT]):
+    """Requests that arrive while a batch is in flight wait in memory (holding no database lock); the next
+    batch takes them all. Subclasses decide and write a batch in one transaction (`_run`) and know how to
+    serve one request on its own (`_single`): the fallback when a batch fails as a whole, so one bad
+    request never costs the others their answer."""
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.pending: list[_Item] = []
+        self.pending: list[ItemT] = []
         self.running = 0
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
-    async def charge(self, principal: Principal, data: s.CreateCharge) -> tuple[int, Any, bool]:
-        if data.account is None and data.key is None:
-            return await service.charge(self.ctx, principal, data)  # answers the 400
-        priced = service.price(data)  # bad input is refused before it joins a batch
-        future: asyncio.Future[tuple[int, Any, bool]] = asyncio.get_running_loop().create_future()
-        self.pending.append(_Item(principal, data, priced, future))
+    async def submit(self, item: ItemT) -> tuple[int, Any, bool]:
+        self.pending.append(item)
         if self.running < CONCURRENT_BATCHES:
             self.running += 1
             task = asyncio.get_running_loop().create_task(self._drain())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+        return await item.future
 
     async def _drain(self) -> None:
         try:
@@ -286,12 +332,33 @@ class ChargeBatcher:
         finally:
             self.running -= 1
 
-    async def _one_by_one(self, items: list[_Item]) -> None:
+    async def _one_by_one(self, items: list[ItemT]) -> None:
         for item in items:
             try:
-                _settle(item.future, await service.charge(self.ctx, item.principal, item.data))
+                settle(item.future, await self._single(item))
             except Exception as exc:
-                _settle(item.future, exc)
+                settle(item.future, exc)
+
+    async def _single(self, item: ItemT) -> tuple[int, Any, bool]:
+        raise NotImplementedError
+
+    async def _run(self, batch: list[ItemT]) -> None:
+        raise NotImplementedError
+
+
+def new_future() -> asyncio.Future[tuple[int, Any, bool]]:
+    return asyncio.get_running_loop().create_future()
+
+
+class ChargeBatcher(Batcher[_Item]):
+    async def charge(self, principal: Principal, data: s.CreateCharge) -> tuple[int, Any, bool]:
+        if data.account is None and data.key is None:
+            return await service.charge(self.ctx, principal, data)  # answers the 400
+        priced = service.price(data)  # bad input is refused before it joins a batch
+        return await self.submit(_Item(principal, new_future(), data, priced))
+
+    async def _single(self, item: _Item) -> tuple[int, Any, bool]:
+        return await service.charge(self.ctx, item.principal, item.data)
 
     async def _run(self, batch: list[_Item]) -> None:
         ctx = self.ctx
@@ -302,7 +369,7 @@ class ChargeBatcher:
             for n, i in enumerate(batch, start=1)
         ]
         params = {
-            "items": _JSON.encode(items).decode(),
+            "items": JSON.encode(items).decode(),
             "now": now,
             "month": now.date().replace(day=1),
         }
@@ -312,9 +379,9 @@ class ChargeBatcher:
         async with pipeline.transaction(ctx.db) as tx:
             _, rows = await tx.run((LOCK_BATCH, params), (STATE_BATCH, params))
             by_n = {row.n: row for row in rows}
-            live: dict[int, _Live] = {}
+            live: dict[int, LiveAccount] = {}
             seen: set[str] = set()
-            writes = _Writes(ctx.journal)
+            writes = BatchWrites(ctx.journal)
             for n, item in enumerate(batch, start=1):
                 data = item.data
                 row = by_n.get(n)
@@ -330,11 +397,11 @@ class ChargeBatcher:
                 seen.add(data.generation_id)
                 state = live.setdefault(
                     row.account_id,
-                    _Live(row.balance, list(service.lots_of(row)), row.month_list_usage, row.month_requests),
+                    LiveAccount(row.balance, list(service.lots_of(row)), row.month_list_usage, row.month_requests),
                 )
                 if row.key_id is not None:
                     state.keys.setdefault(row.key_id, key_usage(row))
-                row = _moved(row, state)
+                row = moved(row, state)
                 try:
                     key = service.check_key(row, data.key, now)
                     spend = service.spend_for(row, item.priced)
@@ -352,27 +419,7 @@ class ChargeBatcher:
                     )  # fmt: skip
                     answers[n] = (refusal.status, refusal.body(), False)
                     continue
-                entry_n = None
-                if spend.amount > 0:
-                    entry = usage_entry(
-                        Customer(row.account_id), spend.amount, lots=tuple(state.lots), now=now, kind=spend.kind,
-                        revenue=spend.revenue, description=f"{spend.kind.value} for generation {data.generation_id}",
-                    )  # fmt: skip
-                    entry_n, state.balance = writes.entry(entry, state.balance)
-                    taken = {p.lot: -p.amount for p in entry.postings if isinstance(p.lot, int)}
-                    state.lots = [LotBalance(lot.id, lot.remaining - taken.get(lot.id, ZERO), lot.expires_at)
-                                  for lot in state.lots]  # fmt: skip
-                writes.generation(entry_n, service.generation_row(row, data, item.priced, spend, now, hold_id=None))
-                byok = item.priced.byok_list_cost or ZERO
-                if row.key_id is not None:
-                    state.keys[row.key_id] = state.keys[row.key_id].plus(
-                        now, ZERO if data.is_byok else spend.amount, byok
-                    )
-                    writes.keys[row.key_id] = state.keys[row.key_id]
-                if data.is_byok:
-                    state.month_list_usage += byok
-                    state.month_requests += 1
-                    writes.byok(row.account_id, byok, spend.amount)
+                entry_n = writes.spend(state, row, data, item.priced, spend, now, hold_id=None)
                 answers[n] = _Written(row, spend, entry_n)
             (entry_ids,) = await tx.run(writes.statement(now.date().replace(day=1)), commit=True)
         for n, item in enumerate(batch, start=1):
@@ -380,17 +427,17 @@ class ChargeBatcher:
             if answer is None:
                 continue
             if isinstance(answer, BaseException):
-                _settle(item.future, answer)
+                settle(item.future, answer)
             elif isinstance(answer, _Written):
                 entry_id = entry_ids[answer.entry_n - 1].id if answer.entry_n else None
                 out = service.generation_out(answer.row, item.data, item.priced, answer.spend, now, entry_id, None)
-                _settle(item.future, (201, out, False))
+                settle(item.future, (201, out, False))
             else:
-                _settle(item.future, answer)
+                settle(item.future, answer)
         await self._one_by_one(later)
 
 
-def _settle(future: asyncio.Future[tuple[int, Any, bool]], outcome: tuple[int, Any, bool] | BaseException) -> None:
+def settle(future: asyncio.Future[tuple[int, Any, bool]], outcome: tuple[int, Any, bool] | BaseException) -> None:
     """Answer a waiting request. Its client may have hung up (the future was cancelled): the charge stands,
     committed or not as the batch went, and a retry with the same generation id finds it."""
     if future.done():
@@ -401,7 +448,7 @@ def _settle(future: asyncio.Future[tuple[int, Any, bool]], outcome: tuple[int, A
         future.set_result(outcome)
 
 
-def _moved(row: Any, state: _Live) -> Any:
+def moved(row: Any, state: LiveAccount) -> Any:
     """The state row as of this point in the batch."""
     key = state.keys.get(row.key_id) if row.key_id is not None else None
     changes: dict[str, Any] = {

@@ -16,6 +16,7 @@ from billing.context import Context
 from billing.gateway import schemas as s
 from billing.gateway import service
 from billing.gateway.batch import ChargeBatcher
+from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.http import error_responses, money_response
 from billing.idempotency import Outcome
 
@@ -59,7 +60,10 @@ class HoldsController(Controller):
         status_code=201,
     )
     async def create_hold(self, data: JSONBody[s.CreateHold], ctx: Ctx, request: Request) -> Response[s.HoldOut]:
-        return _answer(*await service.create_hold(ctx, request.user, data))
+        batcher: HoldBatcher | None = request.app.state.hold_batcher
+        if batcher is None:
+            return _answer(*await service.create_hold(ctx, request.user, data))
+        return _answer(*await batcher.hold(request.user, data))
 
     @post(
         "/{hold_id:str}/capture",
@@ -70,7 +74,10 @@ class HoldsController(Controller):
     async def capture_hold(
         self, hold_id: FromPath[str], data: JSONBody[s.Capture], ctx: Ctx, request: Request
     ) -> Response[s.CaptureOut]:
-        return _answer(*await service.resolve_hold(ctx, request.user, hold_id, data))
+        batcher: CaptureBatcher | None = request.app.state.capture_batcher
+        if batcher is None:
+            return _answer(*await service.resolve_hold(ctx, request.user, hold_id, data))
+        return _answer(*await batcher.capture(request.user, hold_id, data))
 
     @post(
         "/{hold_id:str}/release",

@@ -9,7 +9,7 @@ transaction by billing/gateway/batch.py, which reuses these same pieces.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -543,14 +543,26 @@ VALUES (:h_account, :h_key, :h_request, :h_amount, :h_status, :h_fp, :h_created,
 RETURNING id"""
 
 
-async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) -> tuple[int, Any, bool]:
-    """Reserve up to `amount` for one request, idempotent on (account, `request_id`)."""
+def hold_amount(data: s.CreateHold) -> Decimal:
+    """Validate a hold request (400 on anything wrong, before any lock is taken); the amount to hold."""
     if data.account is None and data.key is None:
         raise invalid("payer_required", "Send `account` or `key`.", "account")
     amount = _money(data.amount, "amount")
     assert amount is not None
     if amount == 0:
         raise invalid("amount_must_be_positive", "A hold must be a positive amount.", "amount")
+    return amount
+
+
+def hold_out(hold_id: int, data: s.CreateHold, amount: Decimal, now: datetime, row: Any) -> s.HoldOut:
+    """A hold just opened, as the API shows it."""
+    expires_at = now + timedelta(seconds=data.timeout_seconds)
+    return _hold_view(_HoldRow(hold_id, data.request_id, amount, "open", expires_at, now), row.account, row.key)
+
+
+async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) -> tuple[int, Any, bool]:
+    """Reserve up to `amount` for one request, idempotent on (account, `request_id`)."""
+    amount = hold_amount(data)
     now = clock.now()
     fp = fingerprint(data)
     params = {"account": data.account, "key": data.key, "now": now, "request_id": data.request_id}
@@ -589,7 +601,7 @@ async def create_hold(ctx: Context, principal: Principal, data: s.CreateHold) ->
         )  # fmt: skip
     if refusal is not None:
         return refusal.status, refusal.body(), False
-    return 201, _hold_view(_HoldRow(inserted[0][0], *astuple(hold)[1:]), row.account, row.key), False
+    return 201, hold_out(inserted[0][0], data, amount, now, row), False
 
 
 def _hold_outcome(hold: Any, fp: str, request_id: str, *, replayed: bool) -> tuple[int, Any, bool]:
@@ -620,15 +632,9 @@ async def resolve_hold(
             raise not_found("hold", hold)
         if row.hx_status == "refused":
             raise not_found("hold", hold)
-        resolved = _HoldRow(
-            row.hx_id, row.hx_request_id, row.hx_amount, "captured" if capture else "released",
-            row.hx_expires_at, row.hx_created_at,
-        )  # fmt: skip
-        hold_out = _hold_view(resolved, row.account, row.key)
-        if row.hx_status == "expired" or (row.hx_status == "open" and row.hx_expires_at <= now):
-            raise ApiError(
-                409, INVALID_REQUEST, "hold_expired", f"Hold {hold!r} expired at {row.hx_expires_at.isoformat()}."
-            )
+        hold_out = resolved_view(row, "captured" if capture else "released")
+        if expired(row, now):
+            raise hold_expired(hold, row)
         if row.hx_status != "open":
             previous = row.hx_resolution or {}
             if previous.get("fingerprint") != fp:
@@ -653,6 +659,26 @@ async def resolve_hold(
         return 200, hold_out, False
 
 
+def resolved_view(row: Any, status: str) -> s.HoldOut:
+    """The hold of a RESOLVE_SQL state row, as the API shows it once it is `status`."""
+    resolved = _HoldRow(row.hx_id, row.hx_request_id, row.hx_amount, status, row.hx_expires_at, row.hx_created_at)
+    return _hold_view(resolved, row.account, row.key)
+
+
+def expired(row: Any, now: datetime) -> bool:
+    """The hold of a RESOLVE_SQL state row can no longer resolve: expired by the job, or past its expiry."""
+    return bool(row.hx_status == "expired" or (row.hx_status == "open" and row.hx_expires_at <= now))
+
+
+def hold_expired(hold: str, row: Any) -> ApiError:
+    return ApiError(409, INVALID_REQUEST, "hold_expired", f"Hold {hold!r} expired at {row.hx_expires_at.isoformat()}.")
+
+
+def resolution(fp: str, generation_id: str | None) -> dict[str, Any]:
+    """What a resolved hold keeps, so the same request replays (the generation holds the rest)."""
+    return {"fingerprint": fp, "generation_id": generation_id}
+
+
 @dataclass(frozen=True, slots=True)
 class _HoldRow:
     id: int
@@ -665,12 +691,15 @@ class _HoldRow:
 
 def _resolution_rider(hold_id: int, status: str, fp: str, generation_id: str | None) -> Rider:
     """Resolve the hold; what is kept lets the same request replay (the generation holds the rest)."""
-    resolution = {"fingerprint": fp, "generation_id": generation_id}
     return Rider(
         "hr",
         "UPDATE holds SET status = :hr_status, resolved_at = now(), resolution = CAST(:hr_resolution AS jsonb)"
         " WHERE id = :hr_id AND status = 'open'",
-        {"hr_status": status, "hr_id": hold_id, "hr_resolution": msgspec.json.encode(resolution).decode()},
+        {
+            "hr_status": status,
+            "hr_id": hold_id,
+            "hr_resolution": msgspec.json.encode(resolution(fp, generation_id)).decode(),
+        },
     )
 
 

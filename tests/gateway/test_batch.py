@@ -1,5 +1,5 @@
-"""Group commit: one batch of concurrent charges, written by one set-based statement in one transaction,
-leaves exactly what the same charges one by one would have left."""
+"""Group commit: one batch of concurrent charges (or holds), written by one set-based statement in one
+transaction, leaves exactly what the same requests one by one would have left."""
 
 import asyncio
 import uuid
@@ -16,9 +16,10 @@ from billing.auth.principal import Principal
 from billing.errors import ApiError
 from billing.gateway import schemas as s
 from billing.gateway.batch import ChargeBatcher
+from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.verify import verify_ledger
 from tests.conftest import ADMIN, Api
-from tests.gateway.conftest import funded
+from tests.gateway.conftest import Gateway, funded
 
 GATEWAY = Principal("tok_batch", "batch test", frozenset({"gateway"}))
 
@@ -128,3 +129,116 @@ async def test_one_batch_of_mixed_charges_writes_what_single_charges_would(
     assert lots == [Decimal("0"), Decimal("0")]
     assert month == (Decimal("25010"), 4, Decimal("0.5"))
     assert generations == 1
+
+
+async def test_one_batch_of_holds_admits_in_arrival_order_against_credits_and_key_limits(
+    api: Api, client: AsyncTestClient, client_ctx: Any, engine: AsyncEngine
+) -> None:
+    account = await funded(api, "1.00")
+    keyed = await funded(api, "10.00")
+    key = (await client.post(f"/v1/accounts/{keyed}/keys", json={"name": "k", "limit": "0.50"}, headers=ADMIN)).json()
+    repeated = msgspec.convert({"account": account, "request_id": "req-repeated", "amount": "0.40"}, s.CreateHold)
+    holds = [
+        repeated,
+        msgspec.convert({"account": account, "request_id": "req-2", "amount": "0.40"}, s.CreateHold),
+        msgspec.convert({"account": account, "request_id": "req-3", "amount": "0.40"}, s.CreateHold),  # 0.20 left
+        repeated,  # the same request again, inside the same batch: one hold
+        msgspec.convert({"account": account, "request_id": "req-4", "amount": "0.20"}, s.CreateHold),  # exactly
+        msgspec.convert({"key": key["id"], "request_id": "req-k1", "amount": "0.30"}, s.CreateHold),
+        msgspec.convert({"key": key["id"], "request_id": "req-k2", "amount": "0.30"}, s.CreateHold),  # over limit
+        msgspec.convert({"account": "acct_does_not_exist", "request_id": "req-x", "amount": "0.01"}, s.CreateHold),
+    ]
+    batcher = HoldBatcher(client_ctx)
+    outcomes = [
+        _answer(o) for o in await asyncio.gather(*(batcher.hold(GATEWAY, h) for h in holds), return_exceptions=True)
+    ]
+
+    assert [o[0] for o in outcomes] == [201, 201, 402, 201, 201, 201, 402, 404]
+    assert outcomes[2][1]["error"]["limit_source"] == "credits"
+    assert outcomes[6][1]["error"]["limit_source"] == "key_limit"
+    assert outcomes[3][2] is True and outcomes[3][1].id == outcomes[0][1].id  # the repeat replays the first
+    balance = await api.balance(account)
+    assert (balance["held"], balance["available"]) == ("1.00", "0.00")
+    view = (await client.get(f"/v1/keys/{key['id']}", headers=ADMIN)).json()
+    assert view["limit_remaining"] == "0.20"  # an open hold counts against the key's limit
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT h.request_id, h.status, h.amount, h.xmin::text AS tx FROM holds h"
+                    " JOIN accounts a ON a.id = h.account_id WHERE a.public_id IN (:a, :k) ORDER BY h.id"
+                ),
+                {"a": account, "k": keyed},
+            )
+        ).all()
+    assert [(r.request_id, r.status, r.amount) for r in rows] == [
+        ("req-repeated", "open", Decimal("0.4")),
+        ("req-2", "open", Decimal("0.4")),
+        ("req-3", "refused", Decimal("0.4")),
+        ("req-4", "open", Decimal("0.2")),
+        ("req-k1", "open", Decimal("0.3")),
+        ("req-k2", "refused", Decimal("0.3")),
+    ]
+    assert len({r.tx for r in rows}) == 1  # one transaction wrote them all
+
+
+async def test_one_batch_of_captures_charges_each_once_and_closes_its_holds(
+    api: Api, gw: Gateway, client: AsyncTestClient, client_ctx: Any, engine: AsyncEngine, clock_at: Any
+) -> None:
+    clock_at(datetime(2026, 11, 20, 12, tzinfo=UTC))
+    account = await funded(api, "1.00")
+    keyed = await funded(api, "10.00")
+    key = (await client.post(f"/v1/accounts/{keyed}/keys", json={"name": "k", "limit": "1.00"}, headers=ADMIN)).json()
+    h1, h2, h3 = [(await gw.hold(account=account, amount=a)).json()["id"] for a in ("0.40", "0.40", "0.10")]
+    short = (await gw.hold(account=account, amount="0.05", timeout_seconds=60)).json()["id"]
+    by_key = (await gw.hold(key=key["id"], amount="0.20")).json()["id"]
+    clock_at(datetime(2026, 11, 20, 12, 2, tzinfo=UTC))  # `short` expired a minute ago; the others run 10 min
+
+    tag = uuid.uuid4().hex
+
+    def capture(cost: str, generation_id: str) -> s.Capture:
+        return msgspec.convert({"generation_id": f"{tag}-{generation_id}", "cost": cost}, s.Capture)
+
+    first = capture("0.50", "gen-c1")  # more than held: charged anyway
+    captures = [
+        (h1, first),
+        (h2, capture("0.30", "gen-c2")),  # less than held: the rest is released
+        (h1, first),  # the same capture again, inside the same batch: charged once
+        (h3, capture("0.30", "gen-c3")),  # beyond the balance: a capture still charges (into debt)
+        (short, capture("0.01", "gen-c4")),  # expired: 409
+        (by_key, capture("0.25", "gen-c5")),
+        ("hold_999999999", capture("0.01", "gen-c6")),  # unknown: 404
+    ]
+    batcher = CaptureBatcher(client_ctx)
+    outcomes = [
+        _answer(o)
+        for o in await asyncio.gather(*(batcher.capture(GATEWAY, h, c) for h, c in captures), return_exceptions=True)
+    ]
+
+    assert [o[0] for o in outcomes] == [200, 200, 200, 200, 409, 200, 404]
+    assert outcomes[4][1]["error"]["code"] == "hold_expired"
+    assert outcomes[2][2] is True and outcomes[2][1].generation.id == f"{tag}-gen-c1"  # replayed from the record
+    assert [outcomes[i][1].generation.total_cost for i in (0, 1, 3, 5)] == ["0.50", "0.30", "0.30", "0.25"]
+    assert {outcomes[i][1].hold.status for i in (0, 1, 3, 5)} == {"captured"}
+    balance = await api.balance(account)
+    assert (balance["balance"], balance["held"]) == ("-0.10", "0.00")  # `short` expired: no longer held
+    view = (await client.get(f"/v1/keys/{key['id']}", headers=ADMIN)).json()
+    assert (view["usage"], view["limit_remaining"]) == ("0.25", "0.75")
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT g.generation_id, h.status, g.xmin::text AS tx FROM generations g"
+                    " JOIN holds h ON h.id = g.hold_id WHERE g.generation_id LIKE :tagged ORDER BY g.id"
+                ),
+                {"tagged": f"{tag}-%"},
+            )
+        ).all()
+        assert await verify_ledger(conn) == {}
+    assert [(r.generation_id.removeprefix(f"{tag}-"), r.status) for r in rows] == [
+        ("gen-c1", "captured"),
+        ("gen-c2", "captured"),
+        ("gen-c3", "captured"),
+        ("gen-c5", "captured"),
+    ]
+    assert len({r.tx for r in rows}) == 1  # one transaction captured them all
