@@ -1,13 +1,15 @@
-"""Group commit for one-shot charges: concurrent charges in one process share one transaction.
+"""Group commit: concurrent gateway calls in one process share one transaction. The queue and its
+fallback are `Batcher`; charges are `ChargeBatcher`, here; holds and captures are in hold_batch.py.
 
-Each worker process keeps a queue. While a batch is in flight, new charges wait in memory (holding no
-database lock); the next batch takes them all. A batch locks its accounts' balance rows in id order (so
-batches in different processes never deadlock), reads every account's state in one statement, decides
-each charge in arrival order with the same pure rules as a single charge — carrying balance, lots, key
-counters and BYOK month usage forward in memory from one charge to the next — and writes the whole batch
-with one set-based statement (journal entries, postings, generations, balances, lots, keys, BYOK months as
-arrays), then commits once. Every charge is answered only after that commit. If the batch fails as a
-whole, each of its charges is retried on its own, so one bad charge never costs the others their answer.
+Each worker process keeps a queue per kind. While a batch is in flight, new requests wait in memory
+(holding no database lock); the next batch takes them all. A charge batch locks its accounts' balance
+rows in id order (so batches in different processes never deadlock), reads every account's state in one
+statement, decides each charge in arrival order with the same pure rules as a single charge — carrying
+balance, lots, key counters and BYOK month usage forward in memory from one charge to the next — and
+writes the whole batch with one set-based statement (journal entries, postings, generations, balances,
+lots, keys, BYOK months as JSON rows), then commits once. Every charge is answered only after that
+commit. If the batch fails as a whole, each of its charges is retried on its own, so one bad charge
+never costs the others their answer.
 
 On the hot account this turns N lock-hold-commit cycles into one; across accounts it shares BEGIN, lock,
 read, write and COMMIT (and the WAL flush) among the batch: four statements whatever its size.
