@@ -273,6 +273,7 @@ class Queued:
 
     principal: Principal
     future: asyncio.Future[tuple[int, Any, bool]]
+    payer: str | None  # the account or key the request names (None: not known before the state read)
 
 
 @dataclass
@@ -312,6 +313,7 @@ class Batcher(Generic[ItemT]):
         self.ctx = ctx
         self.pending: list[ItemT] = []
         self.running = 0
+        self.busy: set[str | None] = set()  # payers of the batches in flight
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
     async def submit(self, item: ItemT) -> tuple[int, Any, bool]:
@@ -326,13 +328,34 @@ class Batcher(Generic[ItemT]):
     async def _drain(self) -> None:
         try:
             while self.pending:
-                batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+                batch = self._next_batch()
+                if not batch:
+                    break  # all of it waits for a batch in flight; that batch's drain takes it next
+                payers = {item.payer for item in batch}
+                self.busy |= payers
                 try:
                     await self._run(batch)
                 except Exception:
                     await self._one_by_one([item for item in batch if not item.future.done()])
+                finally:
+                    self.busy -= payers
         finally:
             self.running -= 1
+
+    def _next_batch(self) -> list[ItemT]:
+        """Up to MAX_BATCH waiting requests, in arrival order, leaving those whose payer a batch in flight
+        already has: a second transaction on that account would only queue on its row lock, and waiting
+        here instead lets the next batch take every request that came meanwhile (on a hot account this
+        makes one large batch instead of two that take turns)."""
+        batch: list[ItemT] = []
+        rest: list[ItemT] = []
+        for item in self.pending:
+            if len(batch) < MAX_BATCH and (item.payer is None or item.payer not in self.busy):
+                batch.append(item)
+            else:
+                rest.append(item)
+        self.pending = rest
+        return batch
 
     async def _one_by_one(self, items: list[ItemT]) -> None:
         for item in items:
@@ -357,7 +380,7 @@ class ChargeBatcher(Batcher[_Item]):
         if data.account is None and data.key is None:
             return await service.charge(self.ctx, principal, data)  # answers the 400
         priced = service.price(data)  # bad input is refused before it joins a batch
-        return await self.submit(_Item(principal, new_future(), data, priced))
+        return await self.submit(_Item(principal, new_future(), data.account or data.key, data, priced))
 
     async def _single(self, item: _Item) -> tuple[int, Any, bool]:
         return await service.charge(self.ctx, item.principal, item.data)

@@ -75,7 +75,7 @@ class _Opened:
 class HoldBatcher(Batcher[_Hold]):
     async def hold(self, principal: Principal, data: s.CreateHold) -> tuple[int, Any, bool]:
         amount = service.hold_amount(data)  # bad input is refused before it joins a batch
-        return await self.submit(_Hold(principal, new_future(), data, amount))
+        return await self.submit(_Hold(principal, new_future(), data.account or data.key, data, amount))
 
     async def _single(self, item: _Hold) -> tuple[int, Any, bool]:
         return await service.create_hold(self.ctx, item.principal, item.data)
@@ -178,7 +178,7 @@ class CaptureBatcher(Batcher[_Capture]):
     async def capture(self, principal: Principal, hold: str, data: s.Capture) -> tuple[int, Any, bool]:
         hold_id = internal_id("hold", hold, "hold")
         priced = service.price(data)  # bad input is refused before it joins a batch
-        return await self.submit(_Capture(principal, new_future(), hold, hold_id, data, priced))
+        return await self.submit(_Capture(principal, new_future(), None, hold, hold_id, data, priced))
 
     async def _single(self, item: _Capture) -> tuple[int, Any, bool]:
         return await service.resolve_hold(self.ctx, item.principal, item.hold, item.data)

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.auth.principal import Principal
 from billing.errors import ApiError
 from billing.gateway import schemas as s
-from billing.gateway.batch import ChargeBatcher
+from billing.gateway.batch import Batcher, ChargeBatcher, Queued, new_future
 from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.verify import verify_ledger
 from tests.conftest import ADMIN, Api
@@ -242,3 +242,31 @@ async def test_one_batch_of_captures_charges_each_once_and_closes_its_holds(
         ("gen-c5", "captured"),
     ]
     assert len({r.tx for r in rows}) == 1  # one transaction captured them all
+
+
+async def test_a_payer_with_a_batch_in_flight_waits_for_the_next_batch(client_ctx: Any) -> None:
+    """Two batches in flight never name the same payer: the later requests of a busy payer wait and go
+    together into the batch after it, while other payers' requests go ahead."""
+    release = asyncio.Event()
+    batches: list[list[str]] = []
+
+    class Recording(Batcher[Queued]):
+        async def _run(self, batch: list[Queued]) -> None:
+            batches.append([str(item.payer) for item in batch])
+            if len(batches) == 1:
+                await release.wait()  # the first batch stays in flight
+            for item in batch:
+                item.future.set_result((200, item.payer, False))
+
+    batcher = Recording(client_ctx)
+    first = asyncio.ensure_future(batcher.submit(Queued(GATEWAY, new_future(), "hot")))
+    await asyncio.sleep(0)  # the first batch starts and waits
+    await asyncio.sleep(0)
+    later = [asyncio.ensure_future(batcher.submit(Queued(GATEWAY, new_future(), p))) for p in ("hot", "other", "hot")]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert batches == [["hot"], ["other"]]  # "other" went ahead; both "hot" requests wait
+    release.set()
+    answers = await asyncio.gather(first, *later)
+    assert batches == [["hot"], ["other"], ["hot", "hot"]]
+    assert [a[1] for a in answers] == ["hot", "hot", "other", "hot"]
