@@ -18,6 +18,7 @@ read, write and COMMIT (and the WAL flush) among the batch: four statements what
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -364,11 +365,37 @@ class Batcher(Generic[ItemT]):
             except Exception as exc:
                 settle(item.future, exc)
 
+    async def _answer(
+        self,
+        batch: list[ItemT],
+        answers: dict[int, Any],
+        written: Callable[[ItemT, Any], tuple[int, Any, bool]],
+        later: list[ItemT],
+    ) -> None:
+        """Once the batch has committed: answer each request (by its number in the batch) with the outcome
+        decided for it — an error, a refusal, or `written(item, what)` for what the batch wrote for it —
+        then the requests left for later, each on its own."""
+        for n, item in enumerate(batch, start=1):
+            answer = answers.get(n)
+            if answer is not None:
+                settle(item.future, answer if isinstance(answer, tuple | BaseException) else written(item, answer))
+        await self._one_by_one(later)
+
     async def _single(self, item: ItemT) -> tuple[int, Any, bool]:
         raise NotImplementedError
 
     async def _run(self, batch: list[ItemT]) -> None:
         raise NotImplementedError
+
+
+def payer_missing(row: Any, principal: Principal, account: str | None, key: str | None) -> ApiError | None:
+    """404 when the payer a request names has no state row, is not the caller's to see, or is a key of
+    another account than the one named."""
+    if row is None or not principal.may_see(row.account_id):
+        return not_found("account", account or key or "")
+    if account is not None and row.account != account:
+        return not_found("key", key or "")
+    return None
 
 
 def new_future() -> asyncio.Future[tuple[int, Any, bool]]:
@@ -409,24 +436,16 @@ class ChargeBatcher(Batcher[_Item]):
             writes = BatchWrites(ctx.journal)
             for n, item in enumerate(batch, start=1):
                 data = item.data
-                row = by_n.get(n)
-                if row is None or not item.principal.may_see(row.account_id):
-                    answers[n] = not_found("account", data.account or data.key or "")
-                    continue
-                if data.account is not None and row.account != data.account:
-                    answers[n] = not_found("key", data.key or "")
+                row: Any = by_n.get(n)
+                missing = payer_missing(row, item.principal, data.account, data.key)
+                if missing is not None:
+                    answers[n] = missing
                     continue
                 if row.g_id is not None or data.generation_id in seen:
                     later.append(item)
                     continue
                 seen.add(data.generation_id)
-                state = live.setdefault(
-                    row.account_id,
-                    LiveAccount(row.balance, list(service.lots_of(row)), row.month_list_usage, row.month_requests),
-                )
-                if row.key_id is not None:
-                    state.keys.setdefault(row.key_id, key_usage(row))
-                row = moved(row, state)
+                state, row = live_row(live, row)
                 try:
                     key = service.check_key(row, data.key, now)
                     spend = service.spend_for(row, item.priced)
@@ -447,19 +466,12 @@ class ChargeBatcher(Batcher[_Item]):
                 entry_n = writes.spend(state, row, data, item.priced, spend, now, hold_id=None)
                 answers[n] = _Written(row, spend, entry_n)
             (entry_ids,) = await tx.run(writes.statement(now.date().replace(day=1)), commit=True)
-        for n, item in enumerate(batch, start=1):
-            answer = answers.get(n)
-            if answer is None:
-                continue
-            if isinstance(answer, BaseException):
-                settle(item.future, answer)
-            elif isinstance(answer, _Written):
-                entry_id = entry_ids[answer.entry_n - 1].id if answer.entry_n else None
-                out = service.generation_out(answer.row, item.data, item.priced, answer.spend, now, entry_id, None)
-                settle(item.future, (201, out, False))
-            else:
-                settle(item.future, answer)
-        await self._one_by_one(later)
+
+        def charged(item: _Item, done: _Written) -> tuple[int, Any, bool]:
+            entry_id = entry_ids[done.entry_n - 1].id if done.entry_n else None
+            return 201, service.generation_out(done.row, item.data, item.priced, done.spend, now, entry_id, None), False
+
+        await self._answer(batch, answers, charged, later)
 
 
 def settle(future: asyncio.Future[tuple[int, Any, bool]], outcome: tuple[int, Any, bool] | BaseException) -> None:
@@ -471,6 +483,19 @@ def settle(future: asyncio.Future[tuple[int, Any, bool]], outcome: tuple[int, An
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def live_row(live: dict[int, LiveAccount], row: Any) -> tuple[LiveAccount, Any]:
+    """The state of `row`'s account as the batch has moved it so far (as read, the first time), and the
+    row moved to it."""
+    state = live.get(row.account_id)
+    if state is None:
+        state = live[row.account_id] = LiveAccount(
+            row.balance, list(service.lots_of(row)), row.month_list_usage, row.month_requests
+        )
+    if row.key_id is not None:
+        state.keys.setdefault(row.key_id, key_usage(row))
+    return state, moved(row, state)
 
 
 def moved(row: Any, state: LiveAccount) -> Any:

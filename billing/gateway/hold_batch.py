@@ -33,11 +33,10 @@ from billing.gateway.batch import (
     Queued,
     json_ids,
     json_rows,
-    moved,
+    live_row,
     new_future,
-    settle,
+    payer_missing,
 )
-from billing.keys.service import key_usage
 from billing.ledger.money import ZERO
 from billing.ledger.outcomes import Refused
 from billing.schemas import internal_id
@@ -98,12 +97,10 @@ class HoldBatcher(Batcher[_Hold]):
             inserts: list[dict[str, Any]] = []
             for n, item in enumerate(batch, start=1):
                 data = item.data
-                row = by_n.get(n)
-                if row is None or not item.principal.may_see(row.account_id):
-                    answers[n] = not_found("account", data.account or data.key or "")
-                    continue
-                if data.account is not None and row.account != data.account:
-                    answers[n] = not_found("key", data.key or "")
+                row: Any = by_n.get(n)
+                missing = payer_missing(row, item.principal, data.account, data.key)
+                if missing is not None:
+                    answers[n] = missing
                     continue
                 if row.hx_id is not None or (row.account_id, data.request_id) in seen:
                     later.append(item)
@@ -135,15 +132,12 @@ class HoldBatcher(Batcher[_Hold]):
                 answers[n] = (refusal.status, refusal.body(), False) if refusal else _Opened(row)
             (inserted,) = await tx.run((INSERT_HOLDS, {"holds": JSON.encode(inserts).decode()}), commit=True)
         ids = {(r.account_id, r.request_id): r.id for r in inserted}
-        for n, item in enumerate(batch, start=1):
-            answer = answers.get(n)
-            if answer is None:
-                continue
-            if isinstance(answer, _Opened):
-                hold_id = ids[(answer.row.account_id, item.data.request_id)]
-                answer = (201, service.hold_out(hold_id, item.data, item.amount, now, answer.row), False)
-            settle(item.future, answer)
-        await self._one_by_one(later)
+
+        def opened(item: _Hold, done: _Opened) -> tuple[int, Any, bool]:
+            hold_id = ids[(done.row.account_id, item.data.request_id)]
+            return 201, service.hold_out(hold_id, item.data, item.amount, now, done.row), False
+
+        await self._answer(batch, answers, opened, later)
 
 
 _CAPTURES = json_rows("items", {"n": "int", "hold": "bigint"})
@@ -202,7 +196,7 @@ class CaptureBatcher(Batcher[_Capture]):
             resolutions: list[dict[str, Any]] = []
             for n, item in enumerate(batch, start=1):
                 data = item.data
-                row = by_n.get(n)
+                row: Any = by_n.get(n)
                 if (
                     row is None
                     or not item.principal.may_see(row.account_id)
@@ -219,13 +213,7 @@ class CaptureBatcher(Batcher[_Capture]):
                     continue
                 holds.add(row.hx_id)
                 generations.add(data.generation_id)
-                state = live.setdefault(
-                    row.account_id,
-                    LiveAccount(row.balance, list(service.lots_of(row)), row.month_list_usage, row.month_requests),
-                )
-                if row.key_id is not None:
-                    state.keys.setdefault(row.key_id, key_usage(row))
-                row = moved(row, state)
+                state, row = live_row(live, row)
                 spend = service.spend_for(row, item.priced)  # captured even beyond the hold or the balance
                 entry_n = writes.spend(state, row, data, item.priced, spend, now, hold_id=row.hx_id)
                 fp = service.fingerprint(data)
@@ -237,16 +225,12 @@ class CaptureBatcher(Batcher[_Capture]):
                 (CAPTURE_HOLDS, {"resolutions": JSON.encode(resolutions).decode()}),
                 commit=True,
             )
-        for n, item in enumerate(batch, start=1):
-            answer = answers.get(n)
-            if answer is None:
-                continue
-            if isinstance(answer, _Captured):
-                entry_id = entry_ids[answer.entry_n - 1].id if answer.entry_n else None
-                generation = service.generation_out(
-                    answer.row, item.data, item.priced, answer.spend, now, entry_id, answer.row.hx_id
-                )
-                hold = service.resolved_view(answer.row, "captured")
-                answer = (200, s.CaptureOut(hold=hold, generation=generation), False)
-            settle(item.future, answer)
-        await self._one_by_one(later)
+
+        def captured(item: _Capture, done: _Captured) -> tuple[int, Any, bool]:
+            entry_id = entry_ids[done.entry_n - 1].id if done.entry_n else None
+            generation = service.generation_out(
+                done.row, item.data, item.priced, done.spend, now, entry_id, done.row.hx_id
+            )
+            return 200, s.CaptureOut(hold=service.resolved_view(done.row, "captured"), generation=generation), False
+
+        await self._answer(batch, answers, captured, later)
