@@ -2,8 +2,10 @@
 (1) BEGIN, lock the account's balance row, read everything the rules need (balance, open holds, live lots,
 the key, the idempotency record); (2) write everything the outcome needs (entry, postings, lots, totals,
 key counters, generation, hold) in one statement, and COMMIT. Rules are decided in Python, between the
-two, by the pure functions of billing/ledger/usage.py. Concurrent one-shot charges are grouped into one
-transaction by billing/gateway/batch.py, which reuses these same pieces.
+two, by the pure functions of billing/ledger/usage.py. Concurrent charges, holds and captures are grouped
+into one transaction per batch by billing/gateway/batch.py and hold_batch.py, which reuse these same
+rules and records; the functions here serve a request on its own (batching off, a replay, or the retry of
+a batch that failed as a whole) and releases.
 """
 
 from __future__ import annotations
