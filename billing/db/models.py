@@ -311,6 +311,14 @@ class GenerationRow(Base):
     __table_args__ = (
         CheckConstraint("status IN ('charged', 'refused')", name="status"),
         Index("ix_generations_account_id_id", "account_id", "id"),
+        # the BYOK fee reconciliation's month scans (billing/jobs/byok.py); only BYOK rows are indexed
+        Index("ix_generations_byok_created_at", "created_at", postgresql_where=text("is_byok AND status = 'charged'")),
+        Index(
+            "ix_generations_byok_account_created_at",
+            "account_id",
+            "created_at",
+            postgresql_where=text("is_byok AND status = 'charged'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
