@@ -6,6 +6,7 @@ and `Connection: close` are handled without crashing. No assertion depends on ho
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -123,6 +124,38 @@ async def test_open_loop_sends_exactly_the_scheduled_operations(tiny: TinyServer
     assert len(result.calls["ok"].latencies_ns) == 100
     assert all(lag >= 0 for lag in result.send_lag_ns)
     assert result.ops_per_s == 200
+
+
+async def test_no_full_collection_runs_inside_a_run(tiny: TinyServer) -> None:
+    """A full pass of the collector inside a run would pause every connection at once, and open loop
+    would count the pause as the server's latency."""
+    full_passes: list[int] = []
+    thresholds = gc.get_threshold()
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full_passes.append(1)
+
+    def op(seq: int) -> Op:
+        # garbage in cycles, enough to trigger many young collections and, unchecked, full ones
+        for _ in range(200):
+            a: list[object] = []
+            a.append(a)
+        if seq == 0:
+            assert gc.get_freeze_count() > 0  # what was alive before the run is out of the collector's way
+        yield Call("ok", "GET", "/ok")
+
+    gc.set_threshold(100, 2, 2)  # unchecked, a full pass every few hundred allocations
+    gc.callbacks.append(watch)
+    try:
+        result = await LoadGenerator("127.0.0.1", tiny.port).run(op, connections=2, duration=0.3, rate=200)
+        assert gc.get_threshold() == (100, 2, 2)  # restored after the run
+    finally:
+        gc.callbacks.remove(watch)
+        gc.set_threshold(*thresholds)
+    assert result.ops == 60
+    assert full_passes == [1]  # the one before the run starts, none inside it
+    assert gc.get_freeze_count() == 0
 
 
 async def test_dependent_calls_get_the_previous_response(tiny: TinyServer) -> None:
