@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="the benchmark: the service under load next to pgbench (README)")
     p.add_argument("--quick", action="store_true", help="short runs: the whole benchmark in under 90 s")
-    p.add_argument("--workers", type=int, help="API processes (default: BILLING_SERVER_WORKERS or 2)")
+    p.add_argument("--workers", type=int, help="API processes (default: BILLING_SERVER_WORKERS or 1)")
     p.add_argument("--duration", type=float, help="measured seconds per run (default: 20; --quick: 3)")
     p.set_defaults(func=cmd_bench)
 

@@ -109,10 +109,12 @@ PGBENCH_SCALE = 10
 PGBENCH_THREADS = 2
 SAMPLE_INTERVAL_S = 0.2
 # API processes unless --workers or BILLING_SERVER_WORKERS say otherwise. Measured on 2 cores shared with
-# PostgreSQL and the load generator (uvicorn, set-based group commit): 2 beat 1 on spread charges (1,273 /
-# 1,455 against 1,184 / 1,104 ops/s at 32 / 64 connections) and on hold + capture; 1 beat 2 on the hot
-# account at 32 connections (1,093 against 800), where two processes' batches queue on one row lock.
-DEFAULT_WORKERS = 2
+# PostgreSQL and the load generator, once each round trip left in one send() (`billing bench --quick`, the
+# same machine, back to back): 1 process beat 2 on every scenario — spread charges 3,720 / 3,965 against
+# 3,220 / 3,345 ops/s at 32 / 64 connections, the hot account 3,944 / 4,055 against 2,806 / 3,507, hold +
+# capture 1,887 / 2,242 against 1,778 / 2,100 pairs/s — and with one process the machine keeps a core's
+# share for PostgreSQL: at half the maximum the open-loop median was 4.2–4.6 ms against 6.1–6.6 ms.
+DEFAULT_WORKERS = 1
 
 
 @dataclass(frozen=True)
