@@ -39,7 +39,7 @@ from billing.settings import Settings
 if TYPE_CHECKING:
     from billing.context import Context
 
-APP_FACTORY = "billing.app:create_app"
+APP_FACTORY = "billing.app:create_asgi"
 T = TypeVar("T")
 
 

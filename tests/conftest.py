@@ -116,10 +116,19 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture(scope="session")
 async def client(settings: Settings, engine: AsyncEngine) -> AsyncIterator[AsyncTestClient]:
-    from billing.app import create_app
+    from billing.app import create_asgi
 
-    async with AsyncTestClient(app=create_app(settings)) as c:
+    async with served(create_asgi(settings)) as c:
         yield c
+
+
+def served(asgi: Any) -> AsyncTestClient:
+    """A test client of what the server runs (`create_asgi`: the gateway's fast path in front of the app).
+    Made on the Litestar app (the client wraps any other ASGI app and would hide its `state`), then pointed
+    at the whole."""
+    client = AsyncTestClient(app=asgi.app)
+    client.app = asgi
+    return client
 
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

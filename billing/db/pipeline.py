@@ -19,14 +19,15 @@ import functools
 import itertools
 import re
 from collections import namedtuple
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from weakref import WeakKeyDictionary
 
 from psycopg import AsyncConnection, errors
 from psycopg.adapt import PyFormat, Transformer
-from psycopg.pq import DiagnosticField, ExecStatus, PGconn, PGresult, TransactionStatus
+from psycopg.pq import DiagnosticField, ExecStatus, TransactionStatus
+from psycopg.pq.abc import PGconn, PGresult
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -46,9 +47,10 @@ def compiled(sql: str) -> tuple[bytes, tuple[str, ...]]:
 
 
 @functools.lru_cache(maxsize=256)
-def _row_type(names: tuple[str, ...]) -> Callable[[list[Any]], Any]:
+def _row_type(names: tuple[str, ...]) -> Callable[[Sequence[Any]], Any]:
     # (rename: a column with no usable name, like `?column?`, is reached by position)
-    return namedtuple("Row", names, rename=True)._make  # type: ignore[misc]  # noqa: PYI024
+    row: Any = namedtuple("Row", names, rename=True)  # type: ignore[misc]
+    return row._make  # type: ignore[no-any-return]
 
 
 # Statements prepared on each connection: (query, parameter types) → statement name. A name is never
@@ -80,7 +82,8 @@ class Pipe:
         """Send all statements (after BEGIN, the first time; then COMMIT, if asked) in one go; the rows of
         each, as named tuples."""
         opening = not self.begun
-        commands = [(BEGIN, {})] * opening + list(statements) + [(COMMIT, {})] * commit
+        commands: list[tuple[str, dict[str, Any]]] = [(BEGIN, {})] * opening + list(statements)
+        commands += [(COMMIT, {})] * commit
         try:
             results = await self._exchange(commands)
         except _Deallocated:
@@ -117,17 +120,21 @@ class Pipe:
 
         rows: list[list[Any]] = []
         failure: PGresult | None = None
-        for key, answers in zip(sent, results, strict=True):
+        for prepare, answers in zip(sent, results, strict=True):
             failed = next((r for r in answers if r.status in _FAILED), None)
             if failed is not None:
-                if key is not None:
-                    self._prepared.pop(key, None)
+                if prepare is not None:
+                    self._prepared.pop(prepare, None)
                 if failure is None or failure.status == ExecStatus.PIPELINE_ABORTED:
                     failure = failed
-            elif key is None:
+            elif prepare is None:
                 rows.append(self._rows(answers[-1]) if answers else [])
         if failure is not None:
-            if commands[0][0] == BEGIN and not rows and failure.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_STATEMENT:
+            if (
+                commands[0][0] == BEGIN
+                and not rows
+                and failure.error_field(DiagnosticField.SQLSTATE) == _NO_SUCH_STATEMENT
+            ):
                 raise _Deallocated
             raise errors.error_from_result(failure, encoding=self.pg.info.encoding)
         return rows

@@ -7,7 +7,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tests.conftest import Api
 
-
 POSTING = (
     "INSERT INTO postings (entry_id, account_id, amount)"
     " SELECT :e, id, CAST(:a AS numeric) FROM accounts WHERE public_id = 'manual_adjustments'"

@@ -58,7 +58,9 @@ async def test_statements_answer_in_order_as_named_rows_and_commit_once(
         assert [r.id for r in inserted] == [1]
         assert [(r.id, r.amount, r.at, r.next, r[4]) for r in read] == [(1, Decimal("0.000000000001"), at, 2, 1)]
         assert await rows_of(engine, probe) == []  # nothing visible elsewhere before COMMIT
-        (written,) = await tx.run((f"INSERT INTO {probe} VALUES (2, 2.5, :at) RETURNING amount", {"at": at}), commit=True)
+        (written,) = await tx.run(
+            (f"INSERT INTO {probe} VALUES (2, 2.5, :at) RETURNING amount", {"at": at}), commit=True
+        )
         assert [r.amount for r in written] == [Decimal("2.5")]
     assert await rows_of(one_connection, probe) == [(1, Decimal("0.000000000001")), (2, Decimal("2.5"))]
 

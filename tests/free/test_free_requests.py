@@ -25,12 +25,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import clock
-from billing.app import create_app
+from billing.app import create_asgi
 from billing.db.journal import Journal
 from billing.free.quota import FreeLimiter, MemoryCounter, windows
 from billing.ledger.model import Customer, Entry, EntryKind, Platform, Posting
 from billing.settings import Settings
-from tests.conftest import ADMIN, ROOT, Api
+from tests.conftest import ADMIN, ROOT, Api, served
 
 MODEL = "meta-llama/llama-3.3-70b-instruct:free"
 T0 = datetime(2031, 5, 14, 10, 0, 5, tzinfo=UTC)  # 5 s into a minute: 55 s of real time to spare
@@ -289,7 +289,7 @@ async def test_redis_unreachable_falls_back_to_per_process_limits(
 ):
     account = await fresh()
     at(T0)
-    async with AsyncTestClient(app=create_app(replace(settings, redis_url=url))) as degraded:
+    async with served(create_asgi(replace(settings, redis_url=url))) as degraded:
         answers = [await free(degraded, account) for _ in range(21)]
         at(T0 + timedelta(minutes=1))
         next_minute = await free(degraded, account)

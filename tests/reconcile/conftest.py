@@ -72,9 +72,10 @@ def sdk(recon_settings: Settings) -> stripe.StripeClient:
 
 @pytest.fixture(scope="session")
 async def recon_client(recon_settings: Settings, recon_engine: AsyncEngine) -> AsyncIterator[AsyncTestClient]:
-    from billing.app import create_app
+    from billing.app import create_asgi
+    from tests.conftest import served
 
-    async with AsyncTestClient(app=create_app(recon_settings)) as c:
+    async with served(create_asgi(recon_settings)) as c:
         yield c
 
 

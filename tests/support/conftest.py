@@ -28,7 +28,8 @@ def support_settings(settings: Settings, support_stripe: str) -> Settings:
 
 @pytest.fixture(scope="session")
 async def client(support_settings: Settings, engine: AsyncEngine) -> AsyncIterator[AsyncTestClient]:
-    from billing.app import create_app
+    from billing.app import create_asgi
+    from tests.conftest import served
 
-    async with AsyncTestClient(app=create_app(support_settings)) as c:
+    async with served(create_asgi(support_settings)) as c:
         yield c

@@ -92,9 +92,10 @@ def ctx(jobs_engine: AsyncEngine, jobs_settings: Settings) -> Context:
 
 @pytest.fixture(scope="session")
 async def jobs_client(jobs_settings: Settings, jobs_engine: AsyncEngine) -> AsyncIterator[AsyncTestClient]:
-    from billing.app import create_app
+    from billing.app import create_asgi
+    from tests.conftest import served
 
-    async with AsyncTestClient(app=create_app(jobs_settings)) as c:
+    async with served(create_asgi(jobs_settings)) as c:
         yield c
 
 
