@@ -23,7 +23,7 @@ from billing.auth.tokens import TokenResolver
 from billing.context import Context
 from billing.db.engine import make_engine
 from billing.db.journal import Journal
-from billing.errors import API, INVALID_REQUEST, ApiError
+from billing.errors import API, INVALID_REQUEST, ApiError, internal_error
 from billing.free.quota import FreeLimiter
 from billing.free.routes import FreeRequestsController
 from billing.gateway.batch import ChargeBatcher
@@ -113,7 +113,7 @@ def handle_not_found(_: Request, exc: NotFoundException) -> Response[Any]:
 
 def handle_internal(_: Request, exc: Exception) -> Response[Any]:
     log.exception("unhandled error", exc_info=exc)
-    return _error(500, API, "internal_error", "Something went wrong on our side; nothing was half-done.")
+    return handle_api_error(_, internal_error())
 
 
 def create_asgi(settings: Settings | None = None) -> GatewayFastPath:

@@ -73,6 +73,11 @@ def invalid(code: str, message: str, param: str | None = None) -> ApiError:
     return ApiError(400, INVALID_REQUEST, code, message, param)
 
 
+def internal_error() -> ApiError:
+    """The answer to an unhandled error: the transaction it happened in was rolled back whole."""
+    return ApiError(500, API, "internal_error", "Something went wrong on our side; nothing was half-done.")
+
+
 def not_found(what: str, ident: str) -> ApiError:
     return ApiError(404, INVALID_REQUEST, f"{what}_not_found", f"No {what.replace('_', ' ')} {ident!r}.")
 

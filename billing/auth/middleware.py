@@ -13,11 +13,17 @@ from billing.errors import AUTHENTICATION, PERMISSION, ApiError
 PUBLIC_PATHS = ["^/healthz$", "^/readyz$", "^/schema", "^/v1/stripe/webhooks"]
 
 
+def bearer_secret(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value; None when it is not one."""
+    scheme, _, secret = header.partition(" ")
+    secret = secret.strip()
+    return secret if scheme.lower() == "bearer" and secret else None
+
+
 class BearerAuth(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
-        header = connection.headers.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
+        secret = bearer_secret(connection.headers.get("authorization", ""))
+        if secret is None:
             raise ApiError(
                 401,
                 AUTHENTICATION,
@@ -25,7 +31,7 @@ class BearerAuth(AbstractAuthenticationMiddleware):
                 "Send `Authorization: Bearer <token>` with every request.",
             )
         resolver: TokenResolver = connection.app.state.tokens
-        principal = await resolver.resolve(secret.strip())
+        principal = await resolver.resolve(secret)
         if principal is None:
             raise ApiError(401, AUTHENTICATION, "invalid_token", "The bearer token is unknown, revoked or expired.")
         return AuthenticationResult(user=principal, auth=secret)

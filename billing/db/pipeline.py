@@ -95,29 +95,25 @@ class Pipe:
         return results[opening : opening + len(statements)]
 
     async def _exchange(self, commands: list[tuple[str, dict[str, Any]]]) -> list[list[Any]]:
-        pgconn = self.pg.pgconn
-        self.broken = True
-        pgconn.enter_pipeline_mode()
         sent: list[tuple[bytes, tuple[int, ...]] | None] = []  # per command sent: the prepare's key, or None
-        for sql, params in commands:
-            query, names = compiled(sql)
-            values = self._adapt.dump_sequence([params[n] for n in names], [PyFormat.AUTO] * len(names))
-            types = tuple(self._adapt.types or ()) if names else ()
-            key = (query, types)
-            name = self._prepared.get(key)
-            if name is None:
-                name = b"_billing_%d" % next(_names)
-                pgconn.send_prepare(name, query, param_types=types)
-                sent.append(key)
-                self._prepared[key] = name  # forgotten again below if the prepare fails
-            pgconn.send_query_prepared(name, values, param_formats=self._adapt.formats if names else None)
-            sent.append(None)
-        pgconn.pipeline_sync()
-        await _flush(pgconn)
-        results = await _collect(pgconn, len(sent))
-        pgconn.exit_pipeline_mode()
-        self.broken = False
 
+        def send(pgconn: PGconn) -> int:
+            for sql, params in commands:
+                query, names = compiled(sql)
+                values = self._adapt.dump_sequence([params[n] for n in names], [PyFormat.AUTO] * len(names))
+                types = tuple(self._adapt.types or ()) if names else ()
+                key = (query, types)
+                name = self._prepared.get(key)
+                if name is None:
+                    name = b"_billing_%d" % next(_names)
+                    pgconn.send_prepare(name, query, param_types=types)
+                    sent.append(key)
+                    self._prepared[key] = name  # forgotten again below if the prepare fails
+                pgconn.send_query_prepared(name, values, param_formats=self._adapt.formats if names else None)
+                sent.append(None)
+            return len(sent)
+
+        results = await self._round_trip(send)
         rows: list[list[Any]] = []
         failure: PGresult | None = None
         for prepare, answers in zip(sent, results, strict=True):
@@ -141,18 +137,29 @@ class Pipe:
 
     async def rollback(self) -> None:
         """ROLLBACK, unprepared (psycopg's own rollback would deallocate every prepared statement)."""
-        pgconn = self.pg.pgconn
-        self.broken = True
-        pgconn.enter_pipeline_mode()
-        pgconn.send_query_params(b"ROLLBACK", None)
-        pgconn.pipeline_sync()
-        await _flush(pgconn)
-        (answers,) = await _collect(pgconn, 1)
-        pgconn.exit_pipeline_mode()
-        self.broken = False
+
+        def send(pgconn: PGconn) -> int:
+            pgconn.send_query_params(b"ROLLBACK", None)
+            return 1
+
+        (answers,) = await self._round_trip(send)
         if answers and answers[-1].status == ExecStatus.FATAL_ERROR:
             raise errors.error_from_result(answers[-1], encoding=self.pg.info.encoding)
         self.begun = False
+
+    async def _round_trip(self, send: Callable[[PGconn], int]) -> list[list[PGresult]]:
+        """Queue commands in pipeline mode (`send` queues them and says how many), then one flush, one
+        wait, and every command's results up to the sync point."""
+        pgconn = self.pg.pgconn
+        self.broken = True
+        pgconn.enter_pipeline_mode()
+        commands = send(pgconn)
+        pgconn.pipeline_sync()
+        await _flush(pgconn)
+        results = await _collect(pgconn, commands)
+        pgconn.exit_pipeline_mode()
+        self.broken = False
+        return results
 
     def _rows(self, result: PGresult) -> list[Any]:
         if result.status != ExecStatus.TUPLES_OK or not result.nfields:

@@ -22,8 +22,9 @@ import msgspec
 from litestar import Litestar
 from litestar.serialization import encode_json
 
+from billing.auth.middleware import bearer_secret
 from billing.auth.principal import GATEWAY, Principal
-from billing.errors import API, ApiError
+from billing.errors import ApiError, internal_error
 from billing.gateway import schemas as s
 
 log = logging.getLogger("billing")
@@ -35,7 +36,6 @@ Send = Callable[[Message], Awaitable[None]]
 
 _CAPTURE = re.compile(r"/v1/holds/([^/]+)/capture")
 _JSON = b"application/json"
-_INTERNAL = ApiError(500, API, "internal_error", "Something went wrong on our side; nothing was half-done.")
 
 
 class GatewayFastPath:
@@ -97,7 +97,8 @@ class GatewayFastPath:
             status, out, replayed = error.status, error.body(), False
         except Exception:
             log.exception("unhandled error")
-            status, out, replayed = _INTERNAL.status, _INTERNAL.body(), False
+            internal = internal_error()
+            status, out, replayed = internal.status, internal.body(), False
         self.served += 1
         payload = encode_json(out)
         headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(payload))]
@@ -110,10 +111,10 @@ class GatewayFastPath:
         """The bearer token's principal, the way BearerAuth finds it; None when there is none."""
         for name, value in scope["headers"]:
             if name == b"authorization":
-                scheme, _, secret = value.decode("latin-1").partition(" ")
-                if scheme.lower() != "bearer" or not secret.strip():
+                secret = bearer_secret(value.decode("latin-1"))
+                if secret is None:
                     return None
-                principal: Principal | None = await self.app.state.tokens.resolve(secret.strip())
+                principal: Principal | None = await self.app.state.tokens.resolve(secret)
                 return principal
         return None
 
