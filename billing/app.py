@@ -21,6 +21,7 @@ from billing.auth.middleware import PUBLIC_PATHS, BearerAuth
 from billing.auth.routes import TokensController
 from billing.auth.tokens import TokenResolver
 from billing.context import Context
+from billing.db import pipeline
 from billing.db.engine import make_engine
 from billing.db.journal import Journal
 from billing.errors import API, INVALID_REQUEST, ApiError, internal_error
@@ -138,7 +139,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
-            await engine.dispose()
+            await pipeline.dispose(engine)
             if redis is not None:
                 await redis.aclose()
 

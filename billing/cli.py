@@ -374,6 +374,7 @@ def _run_job(job: Callable[[Context], Awaitable[T]]) -> T:
     from dataclasses import replace
 
     from billing.context import Context
+    from billing.db import pipeline
     from billing.db.engine import make_engine
     from billing.db.journal import Journal
 
@@ -386,7 +387,7 @@ def _run_job(job: Callable[[Context], Awaitable[T]]) -> T:
         try:
             return await job(Context(db=engine, journal=Journal(), settings=settings))
         finally:
-            await engine.dispose()
+            await pipeline.dispose(engine)
 
     return asyncio.run(main())
 

@@ -25,6 +25,7 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from billing.db import pipeline
 from billing.settings import Settings, libpq_url, sqlalchemy_url
 
 ADMIN_TOKEN = "test-admin-" + secrets.token_hex(8)
@@ -110,7 +111,7 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         from billing.verify import verify_ledger
 
         problems = await verify_ledger(conn)
-    await eng.dispose()
+    await pipeline.dispose(eng)
     assert problems == {}, f"ledger invariants broken after the test run: {problems}"
 
 

@@ -8,6 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from billing.settings import Settings, sqlalchemy_url
 
+# Every statement here looks rows up by key, so one generic plan per prepared statement is right, and
+# re-planning on each execution was a measurable share of the hot path's database time.
+SESSION_OPTIONS = "-c timezone=UTC -c plan_cache_mode=force_generic_plan"
+APPLICATION_NAME = "billing"
+
 
 def make_engine(settings: Settings) -> AsyncEngine:
     return create_async_engine(
@@ -18,13 +23,11 @@ def make_engine(settings: Settings) -> AsyncEngine:
         # that died is discarded by SQLAlchemy on the error, and the request fails before anything commits.
         pool_pre_ping=False,
         pool_recycle=1800,
-        # Every statement here looks rows up by key, so one generic plan per prepared statement is right,
-        # and re-planning on each execution was a measurable share of the hot path's database time.
         connect_args={
             # Prepare every statement on first use: the hot path's statements are few and fixed, and
             # planning the state read costs several milliseconds each time it is not prepared.
             "prepare_threshold": 0,
-            "application_name": "billing",
-            "options": "-c timezone=UTC -c plan_cache_mode=force_generic_plan",
+            "application_name": APPLICATION_NAME,
+            "options": SESSION_OPTIONS,
         },
     )

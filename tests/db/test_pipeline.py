@@ -25,7 +25,7 @@ async def one_connection(settings: Settings) -> AsyncIterator[AsyncEngine]:
     """The production engine with a single pooled connection, so every block below reuses it."""
     engine = make_engine(dataclasses.replace(settings, db_pool_size=1, db_max_overflow=0))
     yield engine
-    await engine.dispose()
+    await pipeline.dispose(engine)
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ async def probe(one_connection: AsyncEngine) -> AsyncIterator[str]:
         await conn.execute(text(f"DROP TABLE {table}"))
 
 
-PREPARED_HERE = text("SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, '_billing_')")
+PREPARED_HERE = "SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, '_billing_')"
 
 
 async def rows_of(engine: AsyncEngine, table: str) -> list[tuple[int, Decimal]]:
@@ -87,13 +87,43 @@ async def test_statements_deallocated_behind_its_back_are_prepared_again(
     insert = f"INSERT INTO {probe} (id, amount) VALUES (:id, :amount) RETURNING amount"
     async with pipeline.transaction(one_connection) as tx:
         await tx.run((insert, {"id": 1, "amount": Decimal(1)}), commit=True)
-    async with one_connection.connect() as conn:  # the same connection, through SQLAlchemy
-        assert await conn.scalar(PREPARED_HERE) == 3  # BEGIN, the insert, COMMIT
-        await conn.execute(text("DEALLOCATE ALL"))  # what psycopg runs after a ROLLBACK of its own
-        assert await conn.scalar(PREPARED_HERE) == 0
+    async with pipeline.transaction(one_connection) as tx:  # the same connection: its pool holds one
+        (prepared,) = await tx.run((PREPARED_HERE, {}))
+        assert prepared[0].count == 4  # BEGIN, the insert, COMMIT, and this count
+        await tx.run(("DEALLOCATE ALL", {}))  # what psycopg runs after a ROLLBACK of its own
     async with pipeline.transaction(one_connection) as tx:
         (written,) = await tx.run((insert, {"id": 2, "amount": Decimal(2)}), commit=True)
     assert [r.amount for r in written] == [Decimal(2)]
-    async with one_connection.connect() as conn:
-        assert await conn.scalar(PREPARED_HERE) == 3
+    async with pipeline.transaction(one_connection) as tx:
+        (prepared,) = await tx.run((PREPARED_HERE, {}))
+        assert prepared[0].count == 4
     assert await rows_of(one_connection, probe) == [(1, Decimal(1)), (2, Decimal(2))]
+
+
+async def test_the_hot_path_keeps_its_connections_and_gives_back_only_clean_ones(
+    one_connection: AsyncEngine, probe: str
+) -> None:
+    backend = "SELECT pg_backend_pid() AS pid"
+    async with pipeline.transaction(one_connection) as tx:
+        (first,) = await tx.run((backend, {}))
+    async with pipeline.transaction(one_connection) as tx:
+        (again,) = await tx.run((backend, {}))
+    assert again[0].pid == first[0].pid  # reused, not opened again
+    hot = pipeline.connections(one_connection)
+    assert len(hot.idle) == 1 and hot.idle[0].autocommit
+
+    async with pipeline.transaction(one_connection) as tx:
+        await tx.run((f"INSERT INTO {probe} (id, amount) VALUES (1, 1)", {}))  # left open: rolled back
+    async with pipeline.transaction(one_connection) as tx:
+        (same,) = await tx.run((backend, {}))
+    assert same[0].pid == first[0].pid
+    assert await rows_of(one_connection, probe) == []
+
+    with pytest.raises(RuntimeError):
+        async with pipeline.transaction(one_connection) as tx:
+            tx.broken = True  # as if an exchange had been cut off halfway
+            raise RuntimeError
+    assert hot.idle == []  # closed, not given back
+    async with pipeline.transaction(one_connection) as tx:
+        (fresh,) = await tx.run((backend, {}))
+    assert fresh[0].pid != first[0].pid

@@ -16,6 +16,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from billing.context import Context
+from billing.db import pipeline
 from billing.db.journal import Journal
 from billing.settings import Settings, sqlalchemy_url
 from billing.stripe_client import make_stripe
@@ -54,7 +55,7 @@ async def recon_engine(recon_settings: Settings) -> AsyncIterator[AsyncEngine]:
         from billing.verify import verify_ledger
 
         problems = await verify_ledger(conn)
-    await eng.dispose()
+    await pipeline.dispose(eng)
     assert problems == {}, f"ledger invariants broken after the reconciler's tests: {problems}"
 
 

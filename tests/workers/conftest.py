@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from billing import clock
 from billing.context import Context
+from billing.db import pipeline
 from billing.db.journal import Journal
 from billing.settings import Settings, sqlalchemy_url
 from tests.conftest import ROOT, Api, create_database, drop_database
@@ -81,7 +82,7 @@ async def jobs_engine(jobs_database_url: str) -> AsyncIterator[AsyncEngine]:
         from billing.verify import verify_ledger
 
         problems = await verify_ledger(conn)
-    await eng.dispose()
+    await pipeline.dispose(eng)
     assert problems == {}, f"ledger invariants broken after the jobs' tests: {problems}"
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from billing.context import Context
+from billing.db import pipeline
 from billing.db.journal import Journal
 from billing.jobs.verify import LAST_RESULT_KEY, verify
 from billing.ledger import entries
@@ -53,7 +54,7 @@ async def throwaway(jobs_settings: Settings) -> AsyncIterator[Context]:
             await ctx.journal.post(conn, entry, balance_before=state.balance)
         yield ctx
     finally:
-        await engine.dispose()
+        await pipeline.dispose(engine)
         drop_database(url)
 
 
