@@ -10,11 +10,20 @@ way: `payment_intent.succeeded` → `fulfil_payment` (or the reconciler). Each r
 from their purchases' status. A decline (at once as a card error, or later as `payment_intent.payment_failed`
 failing the purchase) counts: the next attempt waits `cooldown_seconds * 2^declines`; the third
 consecutive decline disables auto top-up and records why. A success resets the count.
+
+A run can die after asking Stripe for the payment and before saving what Stripe answered. Stripe may then
+have charged the card, so such an attempt is never given up and tried afresh (that could charge twice):
+once it is `STALE_AFTER` old, a later run asks again with the same idempotency key, and Stripe answers
+with the same PaymentIntent (or makes it now, if the first request never arrived). Only an attempt that
+died before its purchase existed, when no request can have reached Stripe, or one older than Stripe keeps
+idempotency keys (`IDEMPOTENCY_WINDOW`), is marked failed; should Stripe have made the latter's payment,
+its webhook (or the reconciler) still credits the purchase.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -33,13 +42,21 @@ from billing.ledger.money import format_money
 from billing.ledger.outcomes import Refused
 from billing.organizations.service import find_account_to_act_for
 from billing.purchases import fees
+from billing.purchases.fees import to_cents
 from billing.purchases.service import fail_payment, pricing_in_force, trailing_volume
 from billing.schemas import money_field, money_or_none
 from billing.stripe_client import CURRENCY
 
+log = logging.getLogger("billing.auto_topup")
+
 MAX_DECLINES = 3
-# A pending attempt with no PaymentIntent this old was abandoned (its run died before Stripe answered).
+# A pending attempt with no PaymentIntent this old was abandoned (its run died before Stripe answered):
+# well past a Stripe call's own limit (30 s timeout, two retries).
 STALE_AFTER = timedelta(minutes=10)
+# Stripe keeps an idempotency key's answer for 24 hours; asking again is safe well inside that.
+IDEMPOTENCY_WINDOW = timedelta(hours=23)
+# Stripe's answers that say it did nothing; any other error leaves the outcome unknown.
+REFUSED = (stripe.InvalidRequestError, stripe.AuthenticationError, stripe.PermissionError)
 DEFAULT_COOLDOWN_SECONDS = 600
 
 
@@ -151,12 +168,14 @@ class Run:
     declined: int = 0
     disabled: int = 0
     failed: int = 0
+    resumed: int = 0  # abandoned after asking Stripe: asked again with the same idempotency key
+    unanswered: int = 0  # Stripe's answer did not arrive: left pending, to be asked again
 
 
 def summary(run: Run) -> str:
     return (
         f"{run.attempted} attempted, {run.succeeded} succeeded, {run.declined} declined, {run.disabled} disabled,"
-        f" {run.failed} failed"
+        f" {run.failed} failed, {run.resumed} resumed, {run.unanswered} unanswered"
     )
 
 
@@ -195,9 +214,10 @@ async def settle(ctx: Context, now: datetime, run: Run) -> None:
                 await conn.execute(
                     text(
                         "UPDATE auto_topup_attempts SET status = 'failed', error = 'abandoned: no PaymentIntent recorded'"
-                        " WHERE status = 'pending' AND payment_intent IS NULL AND created_at < :cutoff RETURNING purchase_id"
+                        " WHERE status = 'pending' AND payment_intent IS NULL AND created_at < :cutoff"
+                        " AND (purchase_id IS NULL OR created_at < :expired) RETURNING purchase_id"
                     ),
-                    {"cutoff": now - STALE_AFTER},
+                    {"cutoff": now - STALE_AFTER, "expired": now - IDEMPOTENCY_WINDOW},
                 )
             )
             .scalars()
@@ -325,24 +345,47 @@ async def _attempt(ctx: Context, sdk: stripe.StripeClient, account_id: int, now:
             text("UPDATE auto_topup_attempts SET purchase_id = :p WHERE id = :id"), {"p": purchase, "id": attempt}
         )
     # The purchase is committed before the PaymentIntent exists, so its webhook always finds it (metadata).
+    payment = Payment(attempt, purchase, purchase_id, account_id, account, q.total_cents, q.credits, q.fee,
+                      t.stripe_customer, t.payment_method)  # fmt: skip
+    await _pay(ctx, sdk, payment, now, run)
+
+
+@dataclass(frozen=True)
+class Payment:
+    """What an attempt asks Stripe for: the same every time it is asked (the idempotency key's rule)."""
+
+    attempt: int
+    purchase: int
+    purchase_id: str
+    account_id: int
+    account: str
+    total_cents: int
+    credits: Decimal
+    fee: Decimal
+    stripe_customer: str
+    payment_method: str
+
+
+async def _pay(ctx: Context, sdk: stripe.StripeClient, p: Payment, now: datetime, run: Run) -> None:
+    """Ask Stripe for the attempt's off-session payment and record what it answered."""
     try:
         intent = await sdk.v1.payment_intents.create_async(
             {
-                "amount": q.total_cents,
+                "amount": p.total_cents,
                 "currency": CURRENCY,
-                "customer": t.stripe_customer,
-                "payment_method": t.payment_method,
+                "customer": p.stripe_customer,
+                "payment_method": p.payment_method,
                 "off_session": True,
                 "confirm": True,
                 "metadata": {
-                    "purchase_id": purchase_id,
-                    "account": account,
-                    "credits": format_money(q.credits),
-                    "fee": format_money(q.fee),
-                    "auto_topup_attempt": str(attempt),
+                    "purchase_id": p.purchase_id,
+                    "account": p.account,
+                    "credits": format_money(p.credits),
+                    "fee": format_money(p.fee),
+                    "auto_topup_attempt": str(p.attempt),
                 },
             },
-            {"idempotency_key": f"billing-auto_topup-{attempt}"},
+            {"idempotency_key": f"billing-auto_topup-{p.attempt}"},
         )
     except stripe.CardError as exc:
         error = exc.error
@@ -351,36 +394,71 @@ async def _attempt(ctx: Context, sdk: stripe.StripeClient, account_id: int, now:
         code = (error.code if error else None) or "card_declined"
         message = (error.message if error else None) or str(exc)
         async with ctx.db.begin() as conn:
-            await fail_payment(conn, None, purchase_id, code, message)
+            await fail_payment(conn, None, p.purchase_id, code, message)
             await conn.execute(
                 text(
                     "UPDATE auto_topup_attempts SET status = 'declined', payment_intent = :pi, error = :e"
                     " WHERE id = :id AND status = 'pending'"
                 ),
-                {"id": attempt, "pi": pi_id, "e": f"{code}: {message}"},
+                {"id": p.attempt, "pi": pi_id, "e": f"{code}: {message}"},
             )
-            await _declined(conn, account_id, f"{code}: {message}", now, run)
+            await _declined(conn, p.account_id, f"{code}: {message}", now, run)
         return
-    except stripe.StripeError as exc:
-        # Not a decline (Stripe unreachable, bad request): the attempt failed; the cooldown spaces retries.
+    except REFUSED as exc:
+        # Not a decline, and Stripe did nothing (a bad request, a bad key): the attempt failed; the cooldown
+        # spaces retries.
         async with ctx.db.begin() as conn:
-            await fail_payment(conn, None, purchase_id, "stripe_error", str(exc))
+            await fail_payment(conn, None, p.purchase_id, "stripe_error", str(exc))
             await conn.execute(
                 text(
                     "UPDATE auto_topup_attempts SET status = 'failed', error = :e WHERE id = :id AND status = 'pending'"
                 ),
-                {"id": attempt, "e": str(exc)},
+                {"id": p.attempt, "e": str(exc)},
             )
         run.failed += 1
+        return
+    except stripe.StripeError as exc:
+        # No answer (a timeout, a lost connection, Stripe's own 5xx, a key in use): Stripe may have charged the
+        # card. The attempt stays pending, so no other one starts; once STALE_AFTER old it is asked again with
+        # the same idempotency key (`resume`).
+        log.warning("auto top-up attempt %s: no answer from Stripe (%s); asked again later", p.attempt, exc)
+        run.unanswered += 1
         return
     async with ctx.db.begin() as conn:
         await conn.execute(
             text("UPDATE purchases SET payment_intent = coalesce(payment_intent, :pi) WHERE id = :id"),
-            {"id": purchase, "pi": intent.id},
+            {"id": p.purchase, "pi": intent.id},
         )
         await conn.execute(
-            text("UPDATE auto_topup_attempts SET payment_intent = :pi WHERE id = :id"), {"id": attempt, "pi": intent.id}
+            text("UPDATE auto_topup_attempts SET payment_intent = :pi WHERE id = :id"),
+            {"id": p.attempt, "pi": intent.id},
         )
+
+
+_ABANDONED_AFTER_ASKING = text(
+    "SELECT a.id AS attempt, a.account_id, p.id AS purchase, p.public_id AS purchase_id, p.amount, p.fee, p.total,"
+    " acc.public_id AS account, t.stripe_customer, t.payment_method"
+    " FROM auto_topup_attempts a JOIN purchases p ON p.id = a.purchase_id JOIN accounts acc ON acc.id = a.account_id"
+    " JOIN auto_topups t ON t.account_id = a.account_id"
+    " WHERE a.status = 'pending' AND a.payment_intent IS NULL AND a.created_at < :cutoff AND a.created_at >= :expired"
+    " ORDER BY a.id LIMIT :n"
+)
+
+
+async def resume(ctx: Context, sdk: stripe.StripeClient, now: datetime, run: Run, limit: int) -> None:
+    """Attempts whose run died after asking Stripe (their purchase exists, no PaymentIntent recorded): ask
+    again with the same idempotency key and record the answer — the first payment, never a second."""
+    async with ctx.db.connect() as conn:
+        rows = (
+            await conn.execute(
+                _ABANDONED_AFTER_ASKING, {"cutoff": now - STALE_AFTER, "expired": now - IDEMPOTENCY_WINDOW, "n": limit}
+            )
+        ).all()
+    for r in rows:
+        run.resumed += 1
+        payment = Payment(r.attempt, r.purchase, r.purchase_id, r.account_id, r.account, to_cents(r.total), r.amount,
+                          r.fee, r.stripe_customer, r.payment_method)  # fmt: skip
+        await _pay(ctx, sdk, payment, now, run)
 
 
 async def run_auto_topups(
@@ -390,6 +468,7 @@ async def run_auto_topups(
     now = now or clock.now()
     run = Run()
     await settle(ctx, now, run)
+    await resume(ctx, sdk, now, run, limit)
     async with ctx.db.connect() as conn:
         due = (await conn.execute(_DUE, {"now": now, "n": limit})).scalars().all()
     for account_id in due:

@@ -160,3 +160,115 @@ async def test_an_abandoned_attempt_does_not_block_auto_topup_forever(
     run = await run_auto_topups(client_ctx, sdk, now=now + timedelta(minutes=6))
     assert run.failed == 1 and run.attempted == 1
     assert len(await intents_of(sdk, acct["customer"])) == 1
+
+
+async def attempts_of(ctx: Any, account: str) -> list[Any]:
+    async with ctx.db.connect() as conn:
+        return (
+            await conn.execute(
+                text(
+                    "SELECT a.id, a.status, a.payment_intent, p.status AS purchase_status, p.payment_intent AS purchase_pi"
+                    " FROM auto_topup_attempts a JOIN accounts c ON c.id = a.account_id"
+                    " LEFT JOIN purchases p ON p.id = a.purchase_id WHERE c.public_id = :p ORDER BY a.id"
+                ),
+                {"p": account},
+            )
+        ).all()
+
+
+async def test_the_emulator_answers_a_repeated_idempotency_key_with_the_first_answer(settings: Settings) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    customer, method = await saved_card(sdk, "4242424242424242")
+    params: Any = {"amount": 500, "currency": "usd", "customer": customer, "payment_method": method,
+                   "off_session": True, "confirm": True}  # fmt: skip
+    key = {"idempotency_key": f"test-{customer}"}
+    first, again = [await sdk.v1.payment_intents.create_async(params, key) for _ in range(2)]
+    assert again.id == first.id and first.status == "succeeded"
+    other = await sdk.v1.payment_intents.create_async(params, {"idempotency_key": f"test-{customer}-2"})
+    assert other.id != first.id
+    assert sorted(pi.id for pi in await intents_of(sdk, customer)) == sorted([first.id, other.id])
+
+
+async def test_a_run_that_died_after_stripe_charged_is_finished_with_the_same_payment_intent(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
+) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
+    now = clock.now()
+    assert (await run_auto_topups(client_ctx, sdk, now=now)).attempted == 1
+    (pi,) = await intents_of(sdk, acct["customer"])
+    (attempt,) = await attempts_of(client_ctx, acct["account"])
+    async with client_ctx.db.begin() as conn:
+        # What a run that died after Stripe charged the card, before it saved the answer, leaves behind.
+        await conn.execute(
+            text("UPDATE auto_topup_attempts SET payment_intent = NULL WHERE id = :id"), {"id": attempt.id}
+        )
+        await conn.execute(
+            text("UPDATE purchases SET payment_intent = NULL WHERE id = (SELECT purchase_id FROM auto_topup_attempts"
+                 " WHERE id = :id)"),
+            {"id": attempt.id},
+        )  # fmt: skip
+
+    assert (await run_auto_topups(client_ctx, sdk, now=now + timedelta(minutes=1))).resumed == 0  # maybe in flight
+    run = await run_auto_topups(client_ctx, sdk, now=now + timedelta(minutes=11))
+    assert (run.resumed, run.attempted, run.failed) == (1, 0, 0)
+    assert [(a.status, a.payment_intent, a.purchase_status, a.purchase_pi) for a in await attempts_of(
+        client_ctx, acct["account"])] == [("pending", pi.id, "pending", pi.id)]  # fmt: skip
+    assert [p.id for p in await intents_of(sdk, acct["customer"])] == [pi.id]  # charged once, not twice
+
+    payload = event("payment_intent.succeeded", pi.to_dict())
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.status_code == 200, r.text
+    assert (await api.balance(acct["account"]))["balance"] == "21.00"
+    assert (await run_auto_topups(client_ctx, sdk, now=now + timedelta(minutes=12))).succeeded == 1
+
+
+async def test_an_unanswered_stripe_call_leaves_the_attempt_pending_and_is_asked_again(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
+) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
+    unreachable = stripe.StripeClient(
+        "sk_test_unreachable", base_addresses={"api": "http://127.0.0.1:9"}, max_network_retries=0
+    )
+    now = clock.now()
+    run = await run_auto_topups(client_ctx, unreachable, now=now)
+    assert (run.attempted, run.unanswered, run.failed) == (1, 1, 0)
+    assert [
+        (a.status, a.payment_intent, a.purchase_status) for a in await attempts_of(client_ctx, acct["account"])
+    ] == [("pending", None, "pending")]
+    # No second attempt while the first one's outcome is unknown, however long the cooldown has run.
+    assert (await run_auto_topups(client_ctx, sdk, now=now + timedelta(minutes=5))).attempted == 0
+
+    run = await run_auto_topups(client_ctx, sdk, now=now + timedelta(minutes=11))
+    assert (run.resumed, run.attempted) == (1, 0)
+    (pi,) = await intents_of(sdk, acct["customer"])
+    assert [(a.status, a.payment_intent) for a in await attempts_of(client_ctx, acct["account"])] == [
+        ("pending", pi.id)
+    ]
+
+
+async def test_an_attempt_older_than_stripes_idempotency_window_is_given_up(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
+) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
+    unreachable = stripe.StripeClient(
+        "sk_test_unreachable", base_addresses={"api": "http://127.0.0.1:9"}, max_network_retries=0
+    )
+    now = clock.now()
+    assert (await run_auto_topups(client_ctx, unreachable, now=now)).unanswered == 1
+    # Stripe no longer knows the key: asking again could charge a second time. Failed; should Stripe have
+    # made that payment, its webhook still credits the purchase.
+    run = await run_auto_topups(client_ctx, unreachable, now=now + timedelta(hours=24))
+    assert (run.failed, run.resumed) == (1, 0)
+    # ... and, the balance still below the threshold, a new attempt with a key of its own.
+    assert run.attempted == 1
+    assert [(a.status, a.purchase_status) for a in await attempts_of(client_ctx, acct["account"])] == [
+        ("failed", "failed"),
+        ("pending", "pending"),
+    ]

@@ -115,9 +115,9 @@ async def test_test_card_payment_arrives_as_credits_once(
     assert (balance["balance"], balance["total_credits"]) == ("14.55", "14.55")
 
     # the emulator's own event, re-delivered 10 times in a row and 10 times at once: still credited once
-    events = httpx.get(
-        f"{localstripe}/v1/events", params={"type": "payment_intent.succeeded"}, auth=(LOCAL_API_KEY, "")
-    ).json()["data"]
+    # (every page: the emulator lists oldest first, and other tests' payments come before this one)
+    page = await sdk.v1.events.list_async({"type": "payment_intent.succeeded", "limit": 100})
+    events = [e.to_dict() async for e in page.auto_paging_iter()]
     [original] = [e for e in events if e["data"]["object"]["id"] == purchase["payment_intent"]]
     payload = json.dumps(original).encode()
     for _ in range(10):
