@@ -3,14 +3,24 @@
 Secrets are 256 random bits, so a plain SHA-256 is the right hash (no salt or stretching needed: there
 is nothing to guess). Lookups are cached per process for `token_cache_seconds`, which bounds how long a
 revoked token keeps working on another process.
+
+A token in steady use never makes a request wait for the database: in the last `REFRESH_AHEAD` of its
+entry's life, the first request to see it starts one lookup in the background and is answered from the
+entry, still valid. (Before, every request arriving while an expired entry was being looked up again did
+its own lookup and waited for it: under the gateway's load, a stall of all requests every few seconds.)
+Concurrent misses for one token share one lookup. No entry is ever served past its expiry, and `forget`
+also discards what lookups already in flight would bring back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
+from collections.abc import Callable
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.auth.principal import ADMIN, Principal
 
 PREFIX = "bil_"
+REFRESH_AHEAD = 1.0  # seconds before an entry expires when a request starts looking it up again
+
+log = logging.getLogger("billing.auth")
 
 
 def new_secret() -> str:
@@ -29,20 +42,50 @@ def hash_secret(secret: str) -> str:
 
 
 class TokenResolver:
-    def __init__(self, db: AsyncEngine, bootstrap_admin_token: str | None, cache_seconds: int) -> None:
+    def __init__(
+        self,
+        db: AsyncEngine,
+        bootstrap_admin_token: str | None,
+        cache_seconds: int,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._db = db
+        self._monotonic = monotonic
         self._bootstrap_hash = hash_secret(bootstrap_admin_token) if bootstrap_admin_token else None
         self._ttl = cache_seconds
+        self._ahead = min(REFRESH_AHEAD, cache_seconds / 2)
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._lookups: dict[str, asyncio.Task[Principal | None]] = {}  # in flight, per token hash
+        self._epoch = 0  # bumped by `forget`: lookups started before it do not fill the cache
 
     async def resolve(self, secret: str) -> Principal | None:
         digest = hash_secret(secret)
         if self._bootstrap_hash and hmac.compare_digest(digest, self._bootstrap_hash):
             return Principal(token_id="bootstrap", name="bootstrap-admin", scopes=frozenset({ADMIN}))
-        now = time.monotonic()
+        now = self._monotonic()
         hit = self._cache.get(digest)
-        if hit and hit[0] > now:
+        if hit is not None and hit[0] > now:
+            if hit[0] - now <= self._ahead and digest not in self._lookups:
+                self._look_up(digest)  # in the background: this request is answered from the entry
             return hit[1]
+        lookup = self._lookups.get(digest) or self._look_up(digest)
+        # (shielded: a caller that goes away does not cancel the lookup others wait for)
+        return await asyncio.shield(lookup)
+
+    def _look_up(self, digest: str) -> asyncio.Task[Principal | None]:
+        task = asyncio.get_running_loop().create_task(self._fetch(digest, self._epoch))
+        self._lookups[digest] = task
+        task.add_done_callback(lambda t: self._done(digest, t))
+        return task
+
+    def _done(self, digest: str, task: asyncio.Task[Principal | None]) -> None:
+        if self._lookups.get(digest) is task:
+            del self._lookups[digest]
+        if not task.cancelled() and task.exception() is not None:  # retrieved here; waiters get it too
+            log.warning("looking up a token failed: %r", task.exception())
+
+    async def _fetch(self, digest: str, epoch: int) -> Principal | None:
+        read_at = self._monotonic()  # the entry's life counts from before the read
         async with self._db.connect() as conn:
             row = (
                 await conn.execute(
@@ -54,11 +97,14 @@ class TokenResolver:
                 )
             ).first()
         principal = Principal(row[0], row[1], frozenset(row[2]), row[3]) if row else None
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[digest] = (now + self._ttl, principal)
+        if epoch == self._epoch:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[digest] = (read_at + self._ttl, principal)
         return principal
 
     def forget(self) -> None:
-        """Drop cached lookups (after a revocation in this process)."""
+        """Drop cached lookups (after a revocation in this process), and whatever lookups in flight bring."""
+        self._epoch += 1
         self._cache.clear()
+        self._lookups.clear()
