@@ -70,6 +70,17 @@ class SetAutoTopup(msgspec.Struct, forbid_unknown_fields=True):
     cooldown_seconds: int = DEFAULT_COOLDOWN_SECONDS
 
 
+class PendingAttempt(msgspec.Struct):
+    """The attempt in flight: while it is, no other starts. A purchase in `needs_review` keeps it so until
+    support resolves the purchase (then the next run settles it)."""
+
+    purchase: str | None  # None: its run died before the purchase existed (given up after STALE_AFTER)
+    purchase_status: str | None
+    review_reason: str | None
+    payment_intent: str | None
+    since: datetime
+
+
 class AutoTopup(msgspec.Struct):
     account: str
     enabled: bool
@@ -82,9 +93,23 @@ class AutoTopup(msgspec.Struct):
     declines: int
     disabled_reason: str | None
     next_attempt_at: datetime | None
+    pending_attempt: PendingAttempt | None = None
 
 
-def _view(account: str, r: Any) -> AutoTopup:
+_PENDING = text(
+    "SELECT p.public_id AS purchase, p.status AS purchase_status, p.review_reason,"
+    " coalesce(a.payment_intent, p.payment_intent) AS payment_intent, a.created_at AS since"
+    " FROM auto_topup_attempts a LEFT JOIN purchases p ON p.id = a.purchase_id"
+    " WHERE a.account_id = :a AND a.status = 'pending'"
+)
+
+
+async def _pending(conn: AsyncConnection, account_id: int) -> PendingAttempt | None:
+    r = (await conn.execute(_PENDING, {"a": account_id})).first()
+    return PendingAttempt(r.purchase, r.purchase_status, r.review_reason, r.payment_intent, r.since) if r else None
+
+
+def _view(account: str, r: Any, pending: PendingAttempt | None = None) -> AutoTopup:
     return AutoTopup(
         account=account,
         enabled=r.enabled,
@@ -97,6 +122,7 @@ def _view(account: str, r: Any) -> AutoTopup:
         declines=r.declines,
         disabled_reason=r.disabled_reason,
         next_attempt_at=r.next_attempt_at,
+        pending_attempt=pending,
     )
 
 
@@ -146,16 +172,18 @@ async def set_auto_topup(ctx: Context, principal: Principal, account: str, data:
                 },
             )
         ).one()
-    return _view(account, saved)
+        pending = await _pending(conn, row.id)
+    return _view(account, saved, pending)
 
 
 async def get_auto_topup(ctx: Context, principal: Principal, account: str) -> AutoTopup:
     async with ctx.db.connect() as conn:
         row = await find_account_to_act_for(conn, principal, account)
         saved = (await conn.execute(text("SELECT * FROM auto_topups WHERE account_id = :a"), {"a": row.id})).first()
+        pending = await _pending(conn, row.id)
     if saved is None:
         raise not_found("auto_topup", account)
-    return _view(account, saved)
+    return _view(account, saved, pending)
 
 
 # --- the job ---------------------------------------------------------------------------------------
