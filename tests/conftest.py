@@ -9,6 +9,7 @@ test makes its own accounts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import uuid
@@ -190,6 +191,19 @@ TABLES = (
     "audit_log",
     "api_tokens",
 )
+
+
+async def terminate_backends(engine: AsyncEngine, pids: list[int]) -> None:
+    """What a database restart does to these server processes: terminated, and gone before this returns."""
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT pg_terminate_backend(pid) FROM unnest(CAST(:p AS int[])) AS pid"), {"p": pids})
+        for _ in range(1000):
+            # (each check in a transaction of its own: within one, pg_stat_activity answers from a snapshot)
+            await conn.commit()
+            if not await conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:p)"), {"p": pids}):
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError(f"server processes {pids} still there 10 s after being terminated")
 
 
 async def snapshot(engine: AsyncEngine) -> dict[str, Any]:

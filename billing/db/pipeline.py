@@ -31,7 +31,7 @@ from weakref import WeakKeyDictionary
 
 from psycopg import AsyncConnection, errors
 from psycopg.adapt import PyFormat, Transformer
-from psycopg.pq import DiagnosticField, ExecStatus, TransactionStatus
+from psycopg.pq import ConnStatus, DiagnosticField, ExecStatus, TransactionStatus
 from psycopg.pq.abc import PGconn, PGresult
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -207,7 +207,11 @@ async def _flush(pgconn: PGconn) -> None:
 
 
 async def _collect(pgconn: PGconn, commands: int) -> list[list[PGresult]]:
-    """The results of `commands` pipelined commands, each a list, up to the pipeline's sync point."""
+    """The results of `commands` pipelined commands, each a list, up to the pipeline's sync point. A
+    connection the server dropped raises (the server's own error when it sent one, such as an
+    administrator's shutdown). Usually reading the socket raises first; the check here is the guard for
+    the other way libpq can find out: a lost connection answers "no more results" to every call and the
+    sync point never comes, and without the check this loop would spin the event loop forever."""
     results: list[list[PGresult]] = []
     current: list[PGresult] = []
     while True:
@@ -216,6 +220,11 @@ async def _collect(pgconn: PGconn, commands: int) -> list[list[PGresult]]:
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:
+            if pgconn.status == ConnStatus.BAD or len(results) >= commands:
+                told = next((r for rs in [*results, current] for r in rs if r.status == ExecStatus.FATAL_ERROR), None)
+                if told is not None:
+                    raise errors.error_from_result(told)
+                raise errors.OperationalError("the connection to the server was lost")
             results.append(current)
             current = []
         elif result.status == ExecStatus.PIPELINE_SYNC:
@@ -230,7 +239,8 @@ class Connections:
     """The hot path's connections to one database: at most `size` open, idle ones reused last-in first-out
     (the one most recently used is the one whose pages and prepared statements are warm). A connection
     comes back only when clean — no exchange left unfinished, no transaction open — and is closed
-    otherwise, so a cancelled request or a lost server never hands a broken one to the next caller."""
+    otherwise, so a cancelled request or a lost server never hands a broken one to the next caller; a
+    connection the server dropped also takes the idle ones with it."""
 
     def __init__(self, conninfo: str, size: int) -> None:
         self.conninfo = conninfo
@@ -263,7 +273,13 @@ class Connections:
                     if clean:
                         self.idle.append(pg)
                     else:
+                        lost = pg.pgconn.status == ConnStatus.BAD
                         await pg.close()
+                        if lost:
+                            # The server went away (a restart, a failover, a network cut): the idle
+                            # connections are most likely gone too. Dropped now, each next caller gets a new
+                            # one instead of finding a dead one first.
+                            await self.close()
 
     async def close(self) -> None:
         idle, self.idle = self.idle, []

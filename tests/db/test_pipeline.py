@@ -4,6 +4,7 @@ class and leaves nothing behind, and statements deallocated behind its back are 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import pytest
+from psycopg import OperationalError
 from psycopg.errors import DivisionByZero, UniqueViolation
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.db import pipeline
 from billing.db.engine import make_engine
 from billing.settings import Settings
+from tests.conftest import terminate_backends
 
 
 @pytest.fixture
@@ -127,3 +130,34 @@ async def test_the_hot_path_keeps_its_connections_and_gives_back_only_clean_ones
     async with pipeline.transaction(one_connection) as tx:
         (fresh,) = await tx.run((backend, {}))
     assert fresh[0].pid != first[0].pid
+
+
+async def test_a_connection_the_server_dropped_takes_the_idle_ones_with_it(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    wider = make_engine(dataclasses.replace(settings, db_pool_size=3, db_max_overflow=0))
+    try:
+        release = asyncio.Event()
+        pids: list[int] = []
+
+        async def hold_one() -> None:
+            async with pipeline.transaction(wider) as tx:
+                (row,) = (await tx.run(("SELECT pg_backend_pid() AS pid", {})))[0]
+                pids.append(row.pid)
+                if len(pids) == 3:
+                    release.set()
+                await release.wait()
+
+        await asyncio.gather(*(hold_one() for _ in range(3)))
+        assert len(pipeline.connections(wider).idle) == 3
+        await terminate_backends(engine, pids)
+
+        with pytest.raises(OperationalError):  # the first caller finds out ...
+            async with pipeline.transaction(wider) as tx:
+                await tx.run(("SELECT 1 AS one", {}))
+        assert pipeline.connections(wider).idle == []  # ... and the other dead ones go with its connection
+        async with pipeline.transaction(wider) as tx:
+            (rows,) = await tx.run(("SELECT pg_backend_pid() AS pid", {}))
+        assert rows[0].pid not in pids
+    finally:
+        await pipeline.dispose(wider)
