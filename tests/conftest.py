@@ -193,6 +193,23 @@ TABLES = (
 )
 
 
+async def open_idle(engine: AsyncEngine, n: int) -> list[int]:
+    """Leave `n` of the hot path's connections to `engine`'s database idle; their server process ids."""
+    release = asyncio.Event()
+    pids: list[int] = []
+
+    async def hold_one() -> None:
+        async with pipeline.transaction(engine) as tx:
+            (row,) = (await tx.run(("SELECT pg_backend_pid() AS pid", {})))[0]
+            pids.append(row.pid)
+            if len(pids) == n:
+                release.set()
+            await release.wait()  # all n open at once, so none is reused for another
+
+    await asyncio.gather(*(hold_one() for _ in range(n)))
+    return pids
+
+
 async def terminate_backends(engine: AsyncEngine, pids: list[int]) -> None:
     """What a database restart does to these server processes: terminated, and gone before this returns."""
     async with engine.connect() as conn:

@@ -4,7 +4,6 @@ class and leaves nothing behind, and statements deallocated behind its back are 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.db import pipeline
 from billing.db.engine import make_engine
 from billing.settings import Settings
-from tests.conftest import terminate_backends
+from tests.conftest import open_idle, terminate_backends
 
 
 @pytest.fixture
@@ -137,18 +136,7 @@ async def test_a_connection_the_server_dropped_takes_the_idle_ones_with_it(
 ) -> None:
     wider = make_engine(dataclasses.replace(settings, db_pool_size=3, db_max_overflow=0))
     try:
-        release = asyncio.Event()
-        pids: list[int] = []
-
-        async def hold_one() -> None:
-            async with pipeline.transaction(wider) as tx:
-                (row,) = (await tx.run(("SELECT pg_backend_pid() AS pid", {})))[0]
-                pids.append(row.pid)
-                if len(pids) == 3:
-                    release.set()
-                await release.wait()
-
-        await asyncio.gather(*(hold_one() for _ in range(3)))
+        pids = await open_idle(wider, 3)
         assert len(pipeline.connections(wider).idle) == 3
         await terminate_backends(engine, pids)
 

@@ -21,6 +21,10 @@ from tests.gateway.conftest import Gateway
 from tests.stripe_helpers import event, signed_headers
 
 PRICES = {"prompt": "0", "completion": "0", "cache_read": "0", "request": "0.30"}
+# Stripe that never answers (nothing listens there): the outcome of a call is unknown.
+UNREACHABLE = stripe.StripeClient(
+    "sk_test_unreachable", base_addresses={"api": "http://127.0.0.1:9"}, max_network_retries=0
+)
 
 
 async def saved_card(sdk: stripe.StripeClient, number: str) -> tuple[str, str]:
@@ -55,6 +59,13 @@ async def setup(api: Api, client: AsyncTestClient, sdk: stripe.StripeClient, num
     )
     assert r.status_code == 200, r.text
     return {"account": account, "customer": customer, "method": method, "settings": r.json()}
+
+
+async def below_threshold(api: Api, client: AsyncTestClient, settings: Settings) -> tuple[Any, dict[str, Any]]:
+    """A Stripe client, and an account at 1.00 with auto top-up on a good card (threshold 5.00)."""
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    return sdk, await setup(api, client, sdk, "4242424242424242", "1.00")
 
 
 async def test_concurrent_charges_crossing_the_threshold_make_exactly_one_payment_intent(
@@ -144,9 +155,7 @@ async def test_three_declines_disable_auto_topup(
 async def test_an_abandoned_attempt_does_not_block_auto_topup_forever(
     api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
 ) -> None:
-    sdk = make_stripe(settings)
-    assert sdk is not None
-    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
+    sdk, acct = await below_threshold(api, client, settings)
     now = clock.now()
     async with client_ctx.db.begin() as conn:
         # A run that died after claiming, before Stripe answered: pending, no PaymentIntent.
@@ -194,9 +203,7 @@ async def test_the_emulator_answers_a_repeated_idempotency_key_with_the_first_an
 async def test_a_run_that_died_after_stripe_charged_is_finished_with_the_same_payment_intent(
     api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
 ) -> None:
-    sdk = make_stripe(settings)
-    assert sdk is not None
-    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
+    sdk, acct = await below_threshold(api, client, settings)
     now = clock.now()
     assert (await run_auto_topups(client_ctx, sdk, now=now)).attempted == 1
     (pi,) = await intents_of(sdk, acct["customer"])
@@ -230,14 +237,9 @@ async def test_a_run_that_died_after_stripe_charged_is_finished_with_the_same_pa
 async def test_an_unanswered_stripe_call_leaves_the_attempt_pending_and_is_asked_again(
     api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
 ) -> None:
-    sdk = make_stripe(settings)
-    assert sdk is not None
-    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
-    unreachable = stripe.StripeClient(
-        "sk_test_unreachable", base_addresses={"api": "http://127.0.0.1:9"}, max_network_retries=0
-    )
+    sdk, acct = await below_threshold(api, client, settings)
     now = clock.now()
-    run = await run_auto_topups(client_ctx, unreachable, now=now)
+    run = await run_auto_topups(client_ctx, UNREACHABLE, now=now)
     assert run.unanswered >= 1
     assert [
         (a.status, a.payment_intent, a.purchase_status) for a in await attempts_of(client_ctx, acct["account"])
@@ -257,18 +259,13 @@ async def test_an_unanswered_stripe_call_leaves_the_attempt_pending_and_is_asked
 async def test_an_attempt_older_than_stripes_idempotency_window_is_given_up(
     api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
 ) -> None:
-    sdk = make_stripe(settings)
-    assert sdk is not None
-    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
-    unreachable = stripe.StripeClient(
-        "sk_test_unreachable", base_addresses={"api": "http://127.0.0.1:9"}, max_network_retries=0
-    )
+    _, acct = await below_threshold(api, client, settings)
     now = clock.now()
-    assert (await run_auto_topups(client_ctx, unreachable, now=now)).unanswered >= 1
+    assert (await run_auto_topups(client_ctx, UNREACHABLE, now=now)).unanswered >= 1
     # Stripe no longer knows the key: asking again could charge a second time. Failed; should Stripe have
     # made that payment, its webhook still credits the purchase. The balance still below the threshold, a
     # new attempt starts with a key of its own.
-    await run_auto_topups(client_ctx, unreachable, now=now + timedelta(hours=24))
+    await run_auto_topups(client_ctx, UNREACHABLE, now=now + timedelta(hours=24))
     assert [(a.status, a.purchase_status) for a in await attempts_of(client_ctx, acct["account"])] == [
         ("failed", "failed"),
         ("pending", "pending"),
@@ -278,9 +275,7 @@ async def test_an_attempt_older_than_stripes_idempotency_window_is_given_up(
 async def test_a_purchase_in_review_holds_auto_topup_and_says_so(
     api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
 ) -> None:
-    sdk = make_stripe(settings)
-    assert sdk is not None
-    acct = await setup(api, client, sdk, "4242424242424242", "1.00")
+    sdk, acct = await below_threshold(api, client, settings)
     assert acct["settings"]["pending_attempt"] is None
     now = clock.now()
     assert (await run_auto_topups(client_ctx, sdk, now=now)).attempted == 1

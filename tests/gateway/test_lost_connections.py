@@ -13,25 +13,8 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.db import pipeline
-from tests.conftest import Api, terminate_backends
+from tests.conftest import Api, open_idle, terminate_backends
 from tests.gateway.conftest import Gateway, funded
-
-
-async def open_idle(ctx_db: Any, n: int) -> list[int]:
-    """Make `n` hot-path connections idle at once; their server process ids."""
-    release = asyncio.Event()
-    pids: list[int] = []
-
-    async def hold_one() -> None:
-        async with pipeline.transaction(ctx_db) as tx:
-            (row,) = (await tx.run(("SELECT pg_backend_pid() AS pid", {})))[0]
-            pids.append(row.pid)
-            if len(pids) == n:
-                release.set()
-            await release.wait()
-
-    await asyncio.gather(*(hold_one() for _ in range(n)))
-    return pids
 
 
 async def test_charges_after_the_server_dropped_every_connection_land_once(
