@@ -24,7 +24,7 @@ from billing.context import Context
 from billing.db import pipeline
 from billing.db.engine import make_engine
 from billing.db.journal import Journal
-from billing.errors import API, INVALID_REQUEST, ApiError, internal_error
+from billing.errors import API, INVALID_REQUEST, ApiError, internal_error, unstorable_text
 from billing.free.quota import FreeLimiter
 from billing.free.routes import FreeRequestsController
 from billing.gateway.batch import ChargeBatcher
@@ -94,6 +94,7 @@ def handle_validation(_: Request, exc: ValidationException) -> Response[Any]:
 def handle_http(_: Request, exc: HTTPException) -> Response[Any]:
     status = exc.status_code
     if status >= 500:
+        log.error("server error %d", status, exc_info=exc)  # the body says nothing; the log must
         return _error(status, API, "internal_error", "Something went wrong on our side.")
     codes = {
         404: "not_found",
@@ -113,6 +114,9 @@ def handle_not_found(_: Request, exc: NotFoundException) -> Response[Any]:
 
 
 def handle_internal(_: Request, exc: Exception) -> Response[Any]:
+    refused = unstorable_text(exc)
+    if refused is not None:
+        return handle_api_error(_, refused)
     log.exception("unhandled error", exc_info=exc)
     return handle_api_error(_, internal_error())
 

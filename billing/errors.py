@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import psycopg
 
 from billing.ledger import outcomes
 from billing.ledger.money import MoneyError
@@ -76,6 +77,26 @@ def invalid(code: str, message: str, param: str | None = None) -> ApiError:
 def internal_error() -> ApiError:
     """The answer to an unhandled error: the transaction it happened in was rolled back whole."""
     return ApiError(500, API, "internal_error", "Something went wrong on our side; nothing was half-done.")
+
+
+# Text PostgreSQL cannot store: the NUL character, refused by psycopg before it sends a value (no SQLSTATE),
+# and by the server inside JSON, as the escape \u0000 (untranslatable_character).
+_NUL_IN_JSON = "22P05"
+
+
+def unstorable_text(exc: BaseException) -> ApiError | None:
+    """400 when `exc`, or an error that caused it, is the database refusing a NUL character the caller sent
+    — always input, never a fault of ours — else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, psycopg.DataError) and (
+            cause.sqlstate == _NUL_IN_JSON or (cause.sqlstate is None and "NUL" in str(cause))
+        ):
+            return invalid("unstorable_text", "Text must not contain the NUL character (\\u0000).")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def not_found(what: str, ident: str) -> ApiError:

@@ -24,7 +24,7 @@ from litestar.serialization import encode_json
 
 from billing.auth.middleware import bearer_secret
 from billing.auth.principal import GATEWAY, Principal
-from billing.errors import ApiError, internal_error
+from billing.errors import ApiError, internal_error, unstorable_text
 from billing.gateway import schemas as s
 
 log = logging.getLogger("billing")
@@ -95,10 +95,12 @@ class GatewayFastPath:
                 status, out, replayed = await batcher.charge(principal, data)
         except ApiError as error:
             status, out, replayed = error.status, error.body(), False
-        except Exception:
-            log.exception("unhandled error")
-            internal = internal_error()
-            status, out, replayed = internal.status, internal.body(), False
+        except Exception as exc:
+            refused = unstorable_text(exc)
+            if refused is None:
+                log.exception("unhandled error")
+                refused = internal_error()
+            status, out, replayed = refused.status, refused.body(), False
         self.served += 1
         payload = encode_json(out)
         headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(payload))]

@@ -144,3 +144,29 @@ async def test_unknown_route_and_method(client: AsyncTestClient) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = await client.put("/v1/accounts", headers=ADMIN)
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"external_id": "nul-name", "kind": "user", "name": "Ada\x00"},
+        {"external_id": "nul-value", "kind": "user", "metadata": {"plan": "pro\x00"}},
+        {"external_id": "nul-key", "kind": "user", "metadata": {"\x00": "x"}},
+    ],
+)
+async def test_text_with_a_nul_character_is_400(
+    client: AsyncTestClient, engine: AsyncEngine, body: dict[str, Any]
+) -> None:
+    """PostgreSQL cannot store NUL in text or JSON; the caller hears so, instead of a 500."""
+    before = await snapshot(engine)
+    r = await client.post("/v1/accounts", json=body, headers=ADMIN)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "unstorable_text"
+    assert await snapshot(engine) == before
+
+
+async def test_a_nul_character_in_a_query_parameter_is_400(api: Api, client: AsyncTestClient) -> None:
+    acct = (await api.account())["id"]
+    r = await client.get(f"/v1/accounts/{acct}/purchases", params={"starting_after": "pur_\x00"}, headers=ADMIN)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "unstorable_text"

@@ -1,5 +1,6 @@
 """Scopes: an account-scoped token never sees or moves another account's money."""
 
+import re
 import uuid
 
 from litestar.testing import AsyncTestClient
@@ -75,3 +76,23 @@ async def test_tokens_are_stored_hashed_and_revocable(api: Api, client: AsyncTes
     assert (await client.delete(f"/v1/tokens/{minted['id']}", headers=ADMIN)).json()["revoked_at"] is not None
     r = await client.get(f"/v1/accounts/{acct}", headers=bearer)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+
+
+async def test_options_answers_every_path_and_opens_nothing(client: AsyncTestClient) -> None:
+    """OPTIONS (a browser's CORS preflight carries no token) lists a path's methods on every route; the
+    scope guards let only that method through, so the same paths still refuse a call without a token."""
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+    assert len(paths) > 20
+    for template, operations in paths.items():
+        path = re.sub(r"\{[^}]+\}", "x", template)
+        for headers in ({}, ADMIN):
+            r = await client.options(path, headers=headers)
+            assert r.status_code == 204, (path, r.status_code, r.text)
+            allowed = {m.strip() for m in r.headers["allow"].split(",")}
+            # (Litestar lists the methods of one of the handlers that share a path, not always all of them)
+            assert "OPTIONS" in allowed and allowed & {m.upper() for m in operations}, (path, allowed)
+        if template.startswith("/v1/") and template != "/v1/stripe/webhooks":
+            method = next(iter(operations))
+            r = await client.request(method.upper(), path)
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.json()["error"]["code"] == "missing_token"

@@ -1,5 +1,6 @@
 """One-shot charges: exact cost, zero completion insurance, idempotency on generation_id, bad input."""
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -80,6 +81,7 @@ BAD: list[tuple[dict[str, Any], int, str]] = [
     ({"cost": "0.01", "prices": PRICES}, 400, "cost_or_prices"),
     ({"cost": "0.01", "surprise": True}, 400, "invalid_parameter"),
     ({"is_byok": True, "upstream_inference_cost": "0.01"}, 400, "byok_list_cost_required"),
+    ({"cost": "0.01", "model": "gpt\x00"}, 400, "unstorable_text"),
 ]
 
 
@@ -109,3 +111,14 @@ async def test_account_token_cannot_spend(api: Api, client: Any) -> None:
     r = await client.post("/v1/charges", json={"account": acct, "generation_id": "g-x", "cost": "0.01"}, headers=own)
     assert r.status_code == 403
     assert (await client.get(f"/v1/accounts/{acct}/balance", headers=ADMIN)).json()["balance"] == "1.00"
+
+
+async def test_a_nul_character_in_one_charge_costs_the_charges_batched_with_it_nothing(
+    api: Api, gw: Gateway, engine: AsyncEngine
+) -> None:
+    acct = await funded(api, "1.00")
+    models = ["a", "b\x00", "c", "d\x00", "e"]
+    answers = await asyncio.gather(*(gw.charge(expect=None, account=acct, cost="0.01", model=m) for m in models))
+    assert [r.status_code for r in answers] == [201, 400, 201, 400, 201]
+    assert {answers[i].json()["error"]["code"] for i in (1, 3)} == {"unstorable_text"}
+    assert (await api.balance(acct))["balance"] == "0.97"

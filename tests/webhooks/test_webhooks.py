@@ -4,6 +4,7 @@ payment credited exactly once however often and from however many events it is r
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import timedelta
@@ -50,8 +51,6 @@ async def purchase(client: AsyncTestClient, purchase_id: str) -> dict[str, Any]:
 
 
 async def event_row(engine: AsyncEngine, payload: bytes) -> Any:
-    import json
-
     async with engine.connect() as conn:
         return (
             await conn.execute(
@@ -341,3 +340,26 @@ async def test_fulfil_payment_is_the_one_path_for_other_callers(api: Api, client
     missing = Payment("pi_unknown_" + uuid.uuid4().hex, 100, "usd", None, source="reconciler")
     assert (await fulfil_payment(ctx, missing)).result is Result.NEEDS_REVIEW
     assert (await api.balance(acct))["balance"] == "10.00"
+
+
+async def test_an_event_with_a_nul_character_still_credits(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    """Text in an event (a cardholder's name, metadata) may hold a NUL, which PostgreSQL cannot store: the
+    event is kept without it and handled like any other, so the payment still becomes credits."""
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "20"))["purchase"]
+    pi = payment_intent(
+        p["payment_intent"], cents(p), p["id"], description="Ada\x00", billing_details={"name": "A\x00da", "\x00": 1}
+    )
+    payload = event("payment_intent.succeeded", pi)
+    r = await deliver(client, payload)
+    assert r.status_code == 200, r.text
+    assert r.json()["outcome"] == "credited"
+    assert (await api.balance(acct))["balance"] == "20.00"
+    async with engine.connect() as conn:
+        stored = await conn.scalar(
+            text("SELECT payload -> 'data' -> 'object' FROM stripe_events WHERE id = :id"),
+            {"id": json.loads(payload)["id"]},
+        )
+    assert stored["description"] == "Ada" and stored["billing_details"] == {"name": "Ada", "": 1}
