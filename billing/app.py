@@ -46,12 +46,12 @@ from billing.webhooks.routes import stripe_webhook
 log = logging.getLogger("billing")
 
 
-@get("/healthz", include_in_schema=True, tags=["health"], summary="The process is alive")
+@get("/healthz", include_in_schema=True, tags=["health"], summary="The process is alive", security=[{}])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", tags=["health"], summary="The database answers", responses=error_responses(503))
+@get("/readyz", tags=["health"], summary="The database answers", responses=error_responses(503), security=[{}])
 async def readyz(ctx: NamedDependency[Context]) -> Response[dict[str, Any]]:
     try:
         async with ctx.db.connect() as conn:

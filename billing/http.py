@@ -36,6 +36,11 @@ def error_responses(*statuses: int) -> dict[int, ResponseSpec]:
     }
 
 
+def already_there(model: type, description: str) -> dict[int, ResponseSpec]:
+    """The 200 of an idempotent create that found what it would have made (its 201 is the route's own)."""
+    return {200: ResponseSpec(data_container=model, description=description, generate_examples=False)}
+
+
 def money_response(outcome: Outcome) -> Response[Any]:
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
     return Response(outcome.body, status_code=outcome.status, headers=headers)

@@ -15,7 +15,7 @@ from billing.auth.middleware import requires
 from billing.auth.principal import ACCOUNT, GATEWAY, SUPPORT, Principal
 from billing.context import Context
 from billing.errors import invalid
-from billing.http import IdempotencyKey, error_responses, money_response
+from billing.http import IdempotencyKey, already_there, error_responses, money_response
 from billing.idempotency import require_key
 from billing.schemas import ListOf
 
@@ -36,7 +36,10 @@ class AccountsController(Controller):
         "/",
         guards=[PROVISIONERS],
         summary="Create an account (idempotent on external_id)",
-        responses=error_responses(400, 401, 403, 409),
+        responses={
+            **already_there(s.Account, "An account with this external_id already existed: returned as it is"),
+            **error_responses(400, 401, 403, 409),
+        },
         status_code=201,
     )
     async def create_account(self, data: JSONBody[s.CreateAccount], ctx: Ctx) -> Response[s.Account]:
@@ -75,6 +78,9 @@ class AccountsController(Controller):
             return await service.get_balance(ctx, principal, account_id)
         if as_of.tzinfo is None:
             raise invalid("timezone_required", "`as_of` must carry a UTC offset, e.g. 2026-11-01T00:00:00Z.", "as_of")
+        if request.query_params.get("as_of", "").lstrip("+-").replace(".", "", 1).isdigit():
+            # (the parser reads a bare number as Unix seconds: `as_of=2026` would be a balance of 1970)
+            raise invalid("invalid_parameter", "`as_of` is an ISO 8601 time, e.g. 2026-11-01T00:00:00Z.", "as_of")
         return await service.balance_as_of(ctx, principal, account_id, as_of)
 
     @get(

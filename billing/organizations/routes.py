@@ -11,7 +11,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from billing.auth.middleware import requires
 from billing.auth.principal import ACCOUNT, GATEWAY, SUPPORT
 from billing.context import Context
-from billing.http import error_responses
+from billing.http import already_there, error_responses
 from billing.organizations import schemas as s
 from billing.organizations import service
 from billing.schemas import ListOf
@@ -31,7 +31,10 @@ class MembersController(Controller):
         guards=[requires(SUPPORT)],
         summary="Add a user to an organization as `admin` or `member`, or change its role (staff; audit-logged)",
         description="Idempotent: 201 when the member was added, 200 when it already was (its role set).",
-        responses=error_responses(400, 401, 403, 404),
+        responses={
+            **already_there(s.Member, "The user already was a member: its role set"),
+            **error_responses(400, 401, 403, 404),
+        },
         status_code=201,
     )
     async def set_member(

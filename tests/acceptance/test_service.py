@@ -42,6 +42,8 @@ def test_openapi_is_served_and_complete(live_url: str) -> None:
                 assert "400" in statuses, (method, path)
             if "{" in path:
                 assert "404" in statuses, (method, path)
+    for path in ("/healthz", "/readyz"):  # public: the document says so instead of asking for a token
+        assert paths[path]["get"]["security"] == [{}], path
     money = doc["components"]["schemas"]["CreateGrant"]["properties"]["amount"]
     assert money["type"] == "string"
 

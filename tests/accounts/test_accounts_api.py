@@ -115,6 +115,9 @@ async def test_balance_as_of_a_past_time(api: Api, client: AsyncTestClient, engi
     assert (await client.get(url, params={"as_of": before}, headers=ADMIN)).json()["balance"] == "0.00"
     now = datetime.now(UTC).isoformat()
     assert (await client.get(url, params={"as_of": now}, headers=ADMIN)).json()["balance"] == "3.00"
+    for number in ("2026", "1764201600", "1764201600.5", "-1"):  # read as Unix seconds, it would answer 0.00
+        r = await client.get(url, params={"as_of": number}, headers=ADMIN)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "as_of", (number, r.text)
 
 
 async def test_grants_are_audit_logged_with_actor_and_reason(api: Api, engine: AsyncEngine) -> None:
@@ -138,3 +141,16 @@ async def test_journal_entry_is_readable_by_staff(api: Api, client: AsyncTestCli
     assert r.status_code == 200 and r.json() == move["entry"]
     amounts = {p["account"]: p["amount"] for p in r.json()["postings"]}
     assert amounts == {acct: "2.00", "compensation_credits": "-2.00"}
+
+
+async def test_every_status_an_idempotent_create_answers_is_documented(client: AsyncTestClient) -> None:
+    """Creating an account twice answers 201, then 200 with the same account; the OpenAPI document lists
+    both (found by schemathesis' status-code conformance check), here and for organization members."""
+    body = {"external_id": "created-twice", "kind": "user"}
+    first = await client.post("/v1/accounts", json=body, headers=ADMIN)
+    again = await client.post("/v1/accounts", json=body, headers=ADMIN)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json() == first.json()
+    paths = (await client.get("/schema/openapi.json")).json()["paths"]
+    for path in ("/v1/accounts", "/v1/accounts/{account_id}/members"):
+        assert {"200", "201"} <= set(paths[path]["post"]["responses"]), path
