@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -21,8 +22,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_url(database_url: str) -> Iterator[str]:
+@contextmanager
+def serving(database_url: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`billing serve` on a free port, once ready: its process and base URL. Stopped on the way out (if
+    the test has not killed it already)."""
     port = free_port()
     env = {
         **os.environ,
@@ -44,7 +47,14 @@ def live_url(database_url: str) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "billing serve did not become ready in 60 s"
             time.sleep(0.1)
-        yield base
+        yield process, base
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         process.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def live_url(database_url: str) -> Iterator[str]:
+    with serving(database_url) as (_, base):
+        yield base
