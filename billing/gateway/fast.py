@@ -36,6 +36,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 _CAPTURE = re.compile(r"/v1/holds/([^/]+)/capture")
 _JSON = b"application/json"
+# Larger bodies are no call the fast path can serve (every field of the three is bounded, far below this):
+# they go to Litestar unread, or with what was read so far, and its own size limit answers them.
+MAX_BODY = 64 * 1024
 
 
 class GatewayFastPath:
@@ -66,6 +69,8 @@ class GatewayFastPath:
         if batcher is None:
             return await self.app(scope, receive, send)  # type: ignore[arg-type]
 
+        if _declared_length(scope) > MAX_BODY:
+            return await self.app(scope, receive, send)  # type: ignore[arg-type]
         body = bytearray()
         while True:
             message = await receive()
@@ -74,6 +79,8 @@ class GatewayFastPath:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
+            if len(body) > MAX_BODY:  # no gateway call is this large: Litestar reads the rest, or refuses it
+                return await self.app(scope, _replay(bytes(body), receive, more=True), send)  # type: ignore[arg-type]
 
         principal = await self._principal(scope)
         data = None
@@ -128,15 +135,22 @@ def _is_json(scope: Scope) -> bool:
     return False
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """`receive` for an app that gets the request after its body was read here."""
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _replay(body: bytes, receive: Receive, *, more: bool = False) -> Receive:
+    """`receive` for an app that gets the request after (`more`: the start of) its body was read here."""
     sent = False
 
     async def replayed() -> Message:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": more}
         return await receive()
 
     return replayed

@@ -117,3 +117,38 @@ async def test_its_answers_are_the_litestar_routes_answers(
     assert fast.served == before + 3
     assert by_fast_path == by_litestar
     assert [a[2] for a in by_litestar] == ["true", "true", None]
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+async def test_a_body_larger_than_any_gateway_call_is_left_to_litestars_limit(
+    client: AsyncTestClient, fast: GatewayFastPath, gw: Gateway, declared: bool
+) -> None:
+    """The fast path does not buffer what it cannot serve: a body over MAX_BODY goes to Litestar, unread
+    when its length is declared, and Litestar's own limit (10 MB) refuses it with a 413 while reading."""
+    chunk, chunks = b" " * 1_000_000, 100
+    consumed = 0
+    answer: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal consumed
+        consumed += 1
+        return {"type": "http.request", "body": chunk, "more_body": consumed < chunks}
+
+    async def send(message: dict[str, Any]) -> None:
+        answer.append(message)
+
+    headers = [(b"authorization", gw.headers["Authorization"].encode()), (b"content-type", b"application/json")]
+    if declared:
+        headers.append((b"content-length", str(len(chunk) * chunks).encode()))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/charges", "raw_path": b"/v1/charges", "query_string": b"", "root_path": "",
+        "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+
+    async def call() -> None:
+        await fast(scope, receive, send)
+
+    client.blocking_portal.call(call)
+    assert answer[0]["status"] == 413
+    assert consumed <= (1 if declared else 12), consumed  # 10 MB and the first chunk past it, at most
