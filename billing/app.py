@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from litestar import Litestar, MediaType, Request, Response, get
+from litestar import HttpMethod, Litestar, MediaType, Request, Response, route
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.middleware import DefineMiddleware
@@ -46,12 +46,23 @@ from billing.webhooks.routes import stripe_webhook
 log = logging.getLogger("billing")
 
 
-@get("/healthz", include_in_schema=True, tags=["health"], summary="The process is alive", security=[{}])
+# GET and HEAD: a load balancer's or orchestrator's probe may use either.
+PROBE = [HttpMethod.GET, HttpMethod.HEAD]
+
+
+@route("/healthz", http_method=PROBE, tags=["health"], summary="The process is alive", security=[{}])
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", tags=["health"], summary="The database answers", responses=error_responses(503), security=[{}])
+@route(
+    "/readyz",
+    http_method=PROBE,
+    tags=["health"],
+    summary="The database answers",
+    responses=error_responses(503),
+    security=[{}],
+)
 async def readyz(ctx: NamedDependency[Context]) -> Response[dict[str, Any]]:
     try:
         async with ctx.db.connect() as conn:

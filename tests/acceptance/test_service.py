@@ -13,6 +13,9 @@ from tests.conftest import ADMIN
 def test_health_and_readiness(live_url: str) -> None:
     assert httpx.get(f"{live_url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{live_url}/readyz").json() == {"status": "ready"}
+    for path in ("/healthz", "/readyz"):  # a probe may ask with HEAD: the same status, no body
+        r = httpx.head(f"{live_url}{path}")
+        assert r.status_code == 200 and r.content == b"", (path, r.status_code)
 
 
 def test_openapi_is_served_and_complete(live_url: str) -> None:
