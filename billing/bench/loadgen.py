@@ -304,10 +304,8 @@ class LoadGenerator:
         holders: list[list[_Connection | None]] = [
             [c] for c in await asyncio.gather(*(connect_or_none() for _ in range(connections)))
         ]
-        start = time.perf_counter_ns()
-        measure_from = start + int(warmup * 1e9)
-        end = measure_from + int(duration * 1e9)
         interval = 1e9 / rate if rate else 0.0
+        start = measure_from = end = 0  # set once the run begins, after the collection before it (below)
         scheduled = 0
 
         async def one_op(holder: list[_Connection | None], seq: int, origin: int) -> bool:
@@ -395,11 +393,15 @@ class LoadGenerator:
             if holder[0] is not None:
                 holder[0].close()
 
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu0 = usage.ru_utime + usage.ru_stime
-        wall0 = time.perf_counter_ns()
         worker = closed_worker if rate is None else open_worker
         with no_full_collections():
+            # The window starts here: the full collection on the way in can take longer than a short run
+            # (a large heap), and a window counted from before it would be over before any operation.
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            cpu0 = usage.ru_utime + usage.ru_stime
+            start = wall0 = time.perf_counter_ns()
+            measure_from = start + int(warmup * 1e9)
+            end = measure_from + int(duration * 1e9)
             await asyncio.gather(*(worker(holder) for holder in holders))
         wall = (time.perf_counter_ns() - wall0) / 1e9
         usage = resource.getrusage(resource.RUSAGE_SELF)
