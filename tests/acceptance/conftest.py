@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,3 +59,16 @@ def serving(database_url: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
 def live_url(database_url: str) -> Iterator[str]:
     with serving(database_url) as (_, base):
         yield base
+
+
+async def funded_with_gateway(http: httpx.AsyncClient, amount: str) -> tuple[str, dict[str, str]]:
+    """With an admin client: a new account granted `amount`, and the headers of a new gateway token."""
+    account = (await http.post("/v1/accounts", json={"external_id": f"c_{uuid.uuid4().hex}"})).json()["id"]
+    r = await http.post(
+        f"/v1/accounts/{account}/grants",
+        json={"amount": amount, "reason": "load"},
+        headers={"Idempotency-Key": uuid.uuid4().hex},
+    )
+    assert r.status_code == 201
+    token = (await http.post("/v1/tokens", json={"name": "gw", "scopes": ["gateway"]})).json()["secret"]
+    return account, {"Authorization": f"Bearer {token}"}

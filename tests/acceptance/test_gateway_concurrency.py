@@ -11,24 +11,13 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from tests.acceptance.conftest import funded_with_gateway
 from tests.conftest import ADMIN
-
-
-async def _setup(http: httpx.AsyncClient, amount: str) -> tuple[str, dict[str, str]]:
-    account = (await http.post("/v1/accounts", json={"external_id": f"c_{uuid.uuid4().hex}"})).json()["id"]
-    r = await http.post(
-        f"/v1/accounts/{account}/grants",
-        json={"amount": amount, "reason": "load"},
-        headers={"Idempotency-Key": uuid.uuid4().hex},
-    )
-    assert r.status_code == 201
-    token = (await http.post("/v1/tokens", json={"name": "gw", "scopes": ["gateway"]})).json()["secret"]
-    return account, {"Authorization": f"Bearer {token}"}
 
 
 async def test_200_concurrent_holds_of_a_cent_against_a_dollar_admit_exactly_100(live_url: str) -> None:
     async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
-        account, gw = await _setup(http, "1.00")
+        account, gw = await funded_with_gateway(http, "1.00")
         responses = await asyncio.gather(
             *[
                 http.post("/v1/holds", json={"account": account, "request_id": f"r{i}", "amount": "0.01"}, headers=gw)
@@ -43,7 +32,7 @@ async def test_200_concurrent_holds_of_a_cent_against_a_dollar_admit_exactly_100
 
 async def test_concurrent_charges_and_holds_never_overspend_or_deadlock(live_url: str, engine: AsyncEngine) -> None:
     async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
-        account, gw = await _setup(http, "5.00")
+        account, gw = await funded_with_gateway(http, "5.00")
 
         async def charge(i: int) -> httpx.Response:
             body = {"account": account, "generation_id": f"g-{account}-{i}", "cost": "0.07"}
@@ -104,7 +93,7 @@ def test_client_disconnect_leaves_all_or_nothing_and_a_retry_finds_it(live_url: 
 async def test_concurrent_charges_on_one_account_admit_exactly_what_fits(live_url: str, engine: AsyncEngine) -> None:
     """Charges arriving together share a transaction (group commit); the rules still hold one by one."""
     async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
-        account, gw = await _setup(http, "1.00")
+        account, gw = await funded_with_gateway(http, "1.00")
         soon = "2027-01-01T00:00:00Z"
         r = await http.post(
             f"/v1/accounts/{account}/grants",
@@ -141,7 +130,7 @@ async def test_concurrent_charges_on_one_account_admit_exactly_what_fits(live_ur
 
 async def test_concurrent_charges_respect_a_key_limit(live_url: str) -> None:
     async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
-        account, gw = await _setup(http, "100.00")
+        account, gw = await funded_with_gateway(http, "100.00")
         key = (await http.post(f"/v1/accounts/{account}/keys", json={"name": "k", "limit": "0.50"})).json()["id"]
         responses = await asyncio.gather(
             *[
@@ -158,7 +147,7 @@ async def test_concurrent_charges_respect_a_key_limit(live_url: str) -> None:
 
 async def test_concurrent_retries_of_one_generation_charge_once(live_url: str, engine: AsyncEngine) -> None:
     async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
-        account, gw = await _setup(http, "1.00")
+        account, gw = await funded_with_gateway(http, "1.00")
         body = {"account": account, "generation_id": f"dup-{account}", "cost": "0.10"}
         responses = await asyncio.gather(*[http.post("/v1/charges", json=body, headers=gw) for _ in range(30)])
         assert {r.status_code for r in responses} == {201}
@@ -168,7 +157,7 @@ async def test_concurrent_retries_of_one_generation_charge_once(live_url: str, e
 
 async def test_concurrent_byok_charges_pay_exactly_five_percent_of_the_excess(live_url: str) -> None:
     async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
-        account, gw = await _setup(http, "1000.00")
+        account, gw = await funded_with_gateway(http, "1000.00")
         body = {"account": account, "is_byok": True, "byok_list_cost": "2000.00", "upstream_inference_cost": "1900.00"}
         responses = await asyncio.gather(
             *[

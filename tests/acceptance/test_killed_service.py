@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.verify import verify_ledger
-from tests.acceptance.conftest import serving
+from tests.acceptance.conftest import funded_with_gateway, serving
 from tests.conftest import ADMIN
 
 ANSWERED = 40  # calls acknowledged before the burst
@@ -32,20 +32,6 @@ Call = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
 
 def post(path: str, body: dict[str, Any]) -> Call:
     return lambda http: http.post(path, json=body)
-
-
-async def funded_account(base: str) -> tuple[str, dict[str, str]]:
-    """An account with 10.00 and a gateway token's headers."""
-    async with httpx.AsyncClient(base_url=base, headers=ADMIN, timeout=60) as http:
-        account = (await http.post("/v1/accounts", json={"external_id": f"k_{uuid.uuid4().hex}"})).json()["id"]
-        granted = await http.post(
-            f"/v1/accounts/{account}/grants",
-            json={"amount": "10.00", "reason": "kill test"},
-            headers={"Idempotency-Key": uuid.uuid4().hex},
-        )
-        assert granted.status_code == 201
-        token = (await http.post("/v1/tokens", json={"name": "gw", "scopes": ["gateway"]})).json()["secret"]
-    return account, {"Authorization": f"Bearer {token}"}
 
 
 async def answer(call: Call, http: httpx.AsyncClient) -> int | None:
@@ -109,7 +95,8 @@ async def test_sigkill_with_charges_in_flight_then_retries_leave_each_charge_onc
     first = [f"gen-kill-{uuid.uuid4().hex}" for _ in range(ANSWERED)]
     burst = [f"gen-kill-{uuid.uuid4().hex}" for _ in range(IN_FLIGHT)]
     with serving(database_url) as (process, base):
-        account, gateway = await funded_account(base)
+        async with httpx.AsyncClient(base_url=base, headers=ADMIN, timeout=60) as admin:
+            account, gateway = await funded_with_gateway(admin, "10.00")
 
         def charge(generation: str) -> Call:
             return post("/v1/charges", {"generation_id": generation, "account": account, "cost": "0.01"})
@@ -141,7 +128,8 @@ async def test_sigkill_with_holds_and_captures_in_flight_then_retries_leave_each
     new = [f"req-kill-{uuid.uuid4().hex}" for _ in range(IN_FLIGHT)]
     captures = {request: f"gen-kill-{uuid.uuid4().hex}" for request in first}
     with serving(database_url) as (process, base):
-        account, gateway = await funded_account(base)
+        async with httpx.AsyncClient(base_url=base, headers=ADMIN, timeout=60) as admin:
+            account, gateway = await funded_with_gateway(admin, "10.00")
 
         def hold(request: str, amount: str) -> Call:
             return post("/v1/holds", {"request_id": request, "account": account, "amount": amount})
