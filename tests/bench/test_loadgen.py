@@ -211,9 +211,11 @@ async def test_chunked_bodies_and_connection_close(tiny: TinyServer) -> None:
         response = yield Call("get", "GET", "/chunked" if seq % 2 else "/close")
         bodies[response.body] += 1
 
-    result = await LoadGenerator("127.0.0.1", tiny.port).run(op, connections=2, duration=0.2)
+    # open loop: exactly operations 0..19, half of each kind, whatever the machine's speed
+    result = await LoadGenerator("127.0.0.1", tiny.port).run(op, connections=2, duration=0.2, rate=100)
 
     chunked, closed = tiny.requests["GET /chunked"], tiny.requests["GET /close"]
+    assert (chunked, closed) == (10, 10)
     assert bodies == Counter({b"abcdefg": chunked, b"bye": closed})
     assert result.status_counts() == {"get": {"200": chunked + closed}}
     assert result.errors() == 0
@@ -226,12 +228,11 @@ async def test_a_failing_operation_is_counted_and_the_run_goes_on(tiny: TinyServ
         if seq % 2:
             json.loads(response.body)  # "ok" is not JSON: the operation's own bug
 
-    result = await LoadGenerator("127.0.0.1", tiny.port).run(op, connections=2, duration=0.2)
+    result = await LoadGenerator("127.0.0.1", tiny.port).run(op, connections=2, duration=0.2, rate=100)
 
-    sent = tiny.requests["GET /ok"]
     counts = result.status_counts()["ok"]
-    assert counts["200"] == sent
-    assert counts[OP_ERROR] == result.failed_ops > 0
+    assert counts["200"] == tiny.requests["GET /ok"] == 20  # operations 0..19 all ran
+    assert counts[OP_ERROR] == result.failed_ops == 10  # the odd ones failed, and the run went on
 
 
 def test_parse_response_waits_for_a_whole_response_and_leaves_the_next_one() -> None:
