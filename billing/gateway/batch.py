@@ -1,8 +1,11 @@
 """Group commit: concurrent gateway calls in one process share one transaction. The queue and its
 fallback are `Batcher`; charges are `ChargeBatcher`, here; holds and captures are in hold_batch.py.
 
-Each worker process keeps a queue per kind. While a batch is in flight, new requests wait in memory
-(holding no database lock); the next batch takes them all. A charge batch locks its accounts' balance
+Each worker process keeps a queue per kind and one batch of each kind in flight. While it is in flight,
+new requests wait in memory (holding no database lock); the next batch takes them all. A batch still in
+flight after `LATE_AFTER_S` (a row lock held elsewhere, a stalled disk) no longer holds the others back:
+the requests waiting meanwhile go ahead in another batch, unless theirs is the payer it is stuck on. A
+charge batch locks its accounts' balance
 rows in id order (so batches in different processes never deadlock), reads every account's state in one
 statement, decides each charge in arrival order with the same pure rules as a single charge — carrying
 balance, lots, key counters and BYOK month usage forward in memory from one charge to the next — and
@@ -41,8 +44,15 @@ from billing.ledger.outcomes import Refused
 from billing.ledger.usage import KeyUsage, usage_entry
 
 MAX_BATCH = 64
-# Batches in flight per process: enough to keep the database busy while Python decides the next one.
-CONCURRENT_BATCHES = 2
+# One batch of a kind in flight per process. Measured against two on the 2-core benchmark host (alternating
+# runs at the same offered rate, docs/performance.md): the second batch only split the same requests into
+# smaller transactions competing for the same cores and WAL flushes. Hold + capture at 1,150 pairs/s: hold
+# p99 8.8–9.3 against 14.7–16.2 ms, capture 10.1–11.8 against 17.7–19.8 ms, and a higher maximum; charges at
+# 2,500/s: p99 10.3–14.8 against 13.7–18.3 ms at the same maximum.
+# A batch in flight this long is stuck (on a lock held elsewhere, on I/O), not busy: others may go ahead,
+# up to MAX_IN_FLIGHT batches of a kind.
+LATE_AFTER_S = 0.05
+MAX_IN_FLIGHT = 4
 
 
 def json_rows(param: str, columns: dict[str, str]) -> str:
@@ -308,23 +318,52 @@ class Batcher(Generic[ItemT]):
     """Requests that arrive while a batch is in flight wait in memory (holding no database lock); the next
     batch takes them all. Subclasses decide and write a batch in one transaction (`_run`) and know how to
     serve one request on its own (`_single`): the fallback when a batch fails as a whole, so one bad
-    request never costs the others their answer."""
+    request never costs the others their answer.
+
+    One batch is in flight at a time, unless one has been in flight `late_after` seconds: then the requests
+    waiting for other payers go ahead in another (found by the next request to arrive, or by a check every
+    `late_after` while batches are in flight), and the batches started that way retire once none is late."""
+
+    late_after = LATE_AFTER_S
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.pending: list[ItemT] = []
-        self.running = 0
+        self.running = 0  # drains (tasks taking batches one after another)
         self.busy: set[str | None] = set()  # payers of the batches in flight
+        self._began: dict[object, float] = {}  # batches in flight → when (loop time)
+        self._watch: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
     async def submit(self, item: ItemT) -> tuple[int, Any, bool]:
         self.pending.append(item)
-        if self.running < CONCURRENT_BATCHES:
-            self.running += 1
-            task = asyncio.get_running_loop().create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if self.running == 0 or (self.running < MAX_IN_FLIGHT and self._late()):
+            self._start()
         return await item.future
+
+    def _start(self) -> None:
+        self.running += 1
+        task = asyncio.get_running_loop().create_task(self._drain())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _late(self) -> bool:
+        """A batch in flight began `late_after` ago or more."""
+        now = asyncio.get_running_loop().time()
+        return any(now - began >= self.late_after for began in self._began.values())
+
+    def _check(self) -> None:
+        """While batches are in flight, every `late_after`: one is late and requests of other payers wait."""
+        self._watch = None
+        if not self._began:
+            return
+        if (
+            self.running < MAX_IN_FLIGHT
+            and self._late()
+            and any(item.payer is None or item.payer not in self.busy for item in self.pending)
+        ):
+            self._start()
+        self._watch = asyncio.get_running_loop().call_later(self.late_after, self._check)
 
     async def _drain(self) -> None:
         try:
@@ -334,12 +373,19 @@ class Batcher(Generic[ItemT]):
                     break  # all of it waits for a batch in flight; that batch's drain takes it next
                 payers = {item.payer for item in batch}
                 self.busy |= payers
+                token = object()
+                self._began[token] = asyncio.get_running_loop().time()
+                if self._watch is None:
+                    self._watch = asyncio.get_running_loop().call_later(self.late_after, self._check)
                 try:
                     await self._run(batch)
                 except Exception:
                     await self._one_by_one([item for item in batch if not item.future.done()])
                 finally:
                     self.busy -= payers
+                    del self._began[token]
+                if self.running > 1 and not self._late():
+                    break  # started beside a late batch: back to one in flight
         finally:
             self.running -= 1
 

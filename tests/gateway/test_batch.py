@@ -244,29 +244,118 @@ async def test_one_batch_of_captures_charges_each_once_and_closes_its_holds(
     assert len({r.tx for r in rows}) == 1  # one transaction captured them all
 
 
-async def test_a_payer_with_a_batch_in_flight_waits_for_the_next_batch(client_ctx: Any) -> None:
-    """Two batches in flight never name the same payer: the later requests of a busy payer wait and go
-    together into the batch after it, while other payers' requests go ahead."""
-    release = asyncio.Event()
-    batches: list[list[str]] = []
+class Recording(Batcher[Queued]):
+    """Records each batch's payers and how many batches were in flight at once; the first batch stays in
+    flight until `release` is set."""
 
-    class Recording(Batcher[Queued]):
-        async def _run(self, batch: list[Queued]) -> None:
-            batches.append([str(item.payer) for item in batch])
-            if len(batches) == 1:
-                await release.wait()  # the first batch stays in flight
-            for item in batch:
-                item.future.set_result((200, item.payer, False))
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.release = asyncio.Event()
+        self.batches: list[list[str]] = []
+        self.in_flight = self.most_in_flight = 0
 
-    batcher = Recording(client_ctx)
-    first = asyncio.ensure_future(batcher.submit(Queued(GATEWAY, new_future(), "hot")))
-    await asyncio.sleep(0)  # the first batch starts and waits
-    await asyncio.sleep(0)
-    later = [asyncio.ensure_future(batcher.submit(Queued(GATEWAY, new_future(), p))) for p in ("hot", "other", "hot")]
-    for _ in range(5):
+    async def _run(self, batch: list[Queued]) -> None:
+        self.batches.append([str(item.payer) for item in batch])
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if len(self.batches) == 1:
+                await self.release.wait()
+            else:
+                await asyncio.sleep(0)  # every later batch is in flight for a moment too
+        finally:
+            self.in_flight -= 1
+        for item in batch:
+            item.future.set_result((200, item.payer, False))
+
+
+def _submit(batcher: Batcher[Queued], payer: str) -> asyncio.Future[tuple[int, Any, bool]]:
+    return asyncio.ensure_future(batcher.submit(Queued(GATEWAY, new_future(), payer)))
+
+
+async def _turns(n: int = 10) -> None:
+    for _ in range(n):
         await asyncio.sleep(0)
-    assert batches == [["hot"], ["other"]]  # "other" went ahead; both "hot" requests wait
-    release.set()
+
+
+async def test_requests_arriving_during_a_batch_wait_and_go_together_into_the_next(client_ctx: Any) -> None:
+    """One batch in flight: whatever arrives meanwhile, for any payer, waits for it and then goes in one."""
+    batcher = Recording(client_ctx)
+    first = _submit(batcher, "a")
+    await _turns()
+    later = [_submit(batcher, p) for p in ("b", "c", "a", "d")]
+    await _turns()
+    assert batcher.batches == [["a"]]  # nobody went ahead of the batch in flight
+    batcher.release.set()
     answers = await asyncio.gather(first, *later)
-    assert batches == [["hot"], ["other"], ["hot", "hot"]]
+    assert batcher.batches == [["a"], ["b", "c", "a", "d"]]
+    assert [a[1] for a in answers] == ["a", "b", "c", "a", "d"]
+    assert batcher.most_in_flight == 1
+
+
+async def test_a_late_batch_lets_other_payers_go_ahead_never_its_own(client_ctx: Any) -> None:
+    """A batch in flight for `late_after` is stuck, not busy: the requests waiting for other payers go ahead
+    in another batch (here with no further request arriving to notice it), the stuck payer's wait for it,
+    and once it is answered the batcher is back to one batch in flight."""
+    batcher = Recording(client_ctx)
+    batcher.late_after = 0.02
+    first = _submit(batcher, "hot")
+    await _turns()
+    later = [_submit(batcher, p) for p in ("hot", "other", "hot")]
+    other = await asyncio.wait_for(later[1], timeout=10)  # answered while the first batch is still stuck
+    assert other[1] == "other"
+    assert not first.done() and not later[0].done()
+    assert batcher.batches == [["hot"], ["other"]]
+
+    batcher.release.set()
+    answers = await asyncio.gather(first, *later)
     assert [a[1] for a in answers] == ["hot", "hot", "other", "hot"]
+    assert batcher.batches == [["hot"], ["other"], ["hot", "hot"]]
+    assert batcher.running == 0 and not batcher.busy
+
+    batcher.most_in_flight = 0
+    burst = [_submit(batcher, f"p{n % 3}") for n in range(30)]
+    await asyncio.gather(*burst)
+    assert batcher.most_in_flight == 1
+
+
+async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_accounts(
+    api: Api, client_ctx: Any, engine: AsyncEngine
+) -> None:
+    """Real charges: one account's balance row is held by another transaction (as a long support
+    adjustment or a stalled session would); charges on other accounts are answered meanwhile, and the stuck
+    one lands once the lock is gone."""
+    locked, free = await funded(api, "1.00"), await funded(api, "1.00")
+    batcher = ChargeBatcher(client_ctx)
+    async with engine.connect() as holder:
+        await holder.execute(
+            text(
+                "SELECT b.balance FROM balances b JOIN accounts a ON a.id = b.account_id"
+                " WHERE a.public_id = :p FOR UPDATE"
+            ),
+            {"p": locked},
+        )
+        stuck = asyncio.ensure_future(batcher.charge(GATEWAY, _charge(account=locked, cost="0.10")))
+        async with engine.connect() as watcher:  # until the stuck charge waits on the lock
+            for _ in range(500):
+                waiting = await watcher.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND datname = current_database()"
+                    )
+                )
+                await watcher.rollback()
+                if waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert waiting, "the charge never waited on the locked row"
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(batcher.charge(GATEWAY, _charge(account=free, cost="0.10")) for _ in range(3))),
+            timeout=30,
+        )
+        assert [a[0] for a in answers] == [201, 201, 201]
+        assert not stuck.done()
+        await holder.rollback()
+    assert (await stuck)[0] == 201
+    assert (await api.balance(free))["balance"] == "0.70"
+    assert (await api.balance(locked))["balance"] == "0.90"
