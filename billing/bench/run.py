@@ -919,12 +919,20 @@ async def drive(
             log(f"{key}: skipped (no successful operation at saturation)")
             continue
         summary = await one(scenario, key, OPEN_LOOP_CONNECTIONS, best * OPEN_LOOP_FRACTION)
-        p99s = [summary["p99_ms"]] + [c["p99_ms"] for c in summary.get("calls", {}).values()]
         summary["saturation"] = saturation_p99
         summary["p99_target_ms"] = P99_TARGET_MS
-        summary["p99_ok"] = all(p is not None and p <= P99_TARGET_MS for p in p99s) and summary["errors"] == 0
+        summary["p99_ok"] = p99_met(summary)
         out[key] = summary
     return out
+
+
+def p99_met(summary: dict[str, Any]) -> bool:
+    """The latency target: the p99 of each call the gateway makes (charge, hold, capture) within
+    P99_TARGET_MS, and no errors. A hold + capture operation is two calls back to back (the gateway makes
+    them around a model call); its own p99 is reported, and each of its calls is what is judged."""
+    calls = summary.get("calls") or {}
+    p99s = [c["p99_ms"] for c in calls.values()] if calls else [summary["p99_ms"]]
+    return all(p is not None and p <= P99_TARGET_MS for p in p99s) and summary["errors"] == 0
 
 
 def attach_pgbench(scenarios: dict[str, dict[str, Any]], pgbench: dict[str, Any]) -> None:
