@@ -83,7 +83,6 @@ class BalanceRow(Base):
 
 class JournalEntryRow(Base):
     __tablename__ = "journal_entries"
-    __table_args__ = (Index("ix_journal_entries_account_id_id", "account_id", "id"),)
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     kind: Mapped[str] = mapped_column(Text)
@@ -125,7 +124,6 @@ class PostingRow(Base):
         CheckConstraint("amount <> 0", name="amount_nonzero"),
         Index("ix_postings_account_id_id", "account_id", "id"),
         Index("ix_postings_entry_id", "entry_id"),
-        Index("ix_postings_lot_id", "lot_id", postgresql_where=text("lot_id IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
