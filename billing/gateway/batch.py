@@ -348,9 +348,11 @@ class Batcher(Generic[ItemT]):
         task.add_done_callback(self._tasks.discard)
 
     def _late(self) -> bool:
-        """A batch in flight began `late_after` ago or more."""
-        now = asyncio.get_running_loop().time()
-        return any(now - began >= self.late_after for began in self._began.values())
+        """A batch in flight began `late_after` ago or more. (Asked on every request that arrives while one
+        is in flight: only the oldest is looked at, the first in `_began`, which keeps the order they began.)"""
+        for began in self._began.values():
+            return asyncio.get_running_loop().time() - began >= self.late_after
+        return False
 
     def _check(self) -> None:
         """While batches are in flight, every `late_after`: one is late and requests of other payers wait."""
