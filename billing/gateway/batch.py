@@ -4,14 +4,14 @@ fallback are `Batcher`; charges are `ChargeBatcher`, here; holds and captures ar
 Each worker process keeps a queue per kind and one batch of each kind in flight. While it is in flight,
 new requests wait in memory (holding no database lock); the next batch takes them all. A batch still in
 flight after `LATE_AFTER_S` (a row lock held elsewhere, a stalled disk) no longer holds the others back:
-the requests waiting meanwhile go ahead in another batch, unless theirs is the payer it is stuck on. A
-charge batch locks its accounts' balance
-rows in id order (so batches in different processes never deadlock), reads every account's state in one
-statement, decides each charge in arrival order with the same pure rules as a single charge — carrying
-balance, lots, key counters and BYOK month usage forward in memory from one charge to the next — and
-writes the whole batch with one set-based statement (journal entries, postings, generations, balances,
-lots, keys, BYOK months as JSON rows), then commits once. Every charge is answered only after that
-commit. If the batch fails as a whole, each of its charges is retried on its own, so one bad charge
+the requests waiting meanwhile go ahead in another batch, unless theirs is the payer it is stuck on.
+
+A charge batch locks its accounts' balance rows in id order (so batches in different processes never
+deadlock), reads every account's state in one statement, decides each charge in arrival order with the
+same pure rules as a single charge — carrying balance, lots, key counters and BYOK month usage forward in
+memory from one charge to the next — and writes the whole batch with one set-based statement (journal
+entries, postings, generations, balances, lots, keys, BYOK months as JSON rows), then commits once. Every
+charge is answered only after that commit. If the batch fails as a whole, each of its charges is retried on its own, so one bad charge
 never costs the others their answer.
 
 On the hot account this turns N lock-hold-commit cycles into one; across accounts it shares BEGIN, lock,
@@ -355,7 +355,8 @@ class Batcher(Generic[ItemT]):
         return False
 
     def _check(self) -> None:
-        """While batches are in flight, every `late_after`: one is late and requests of other payers wait."""
+        """Every `late_after` while batches are in flight: when one is late and requests of other payers
+        wait, another batch takes them."""
         self._watch = None
         if not self._began:
             return
