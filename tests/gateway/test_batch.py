@@ -253,6 +253,7 @@ class Recording(Batcher[Queued]):
         self.release = asyncio.Event()
         self.batches: list[list[str]] = []
         self.in_flight = self.most_in_flight = 0
+        self.later_batch_s = 0.0  # how long every later batch stays in flight
 
     async def _run(self, batch: list[Queued]) -> None:
         self.batches.append([str(item.payer) for item in batch])
@@ -262,7 +263,7 @@ class Recording(Batcher[Queued]):
             if len(self.batches) == 1:
                 await self.release.wait()
             else:
-                await asyncio.sleep(0)  # every later batch is in flight for a moment too
+                await asyncio.sleep(self.later_batch_s)  # every later batch is in flight for a moment too
         finally:
             self.in_flight -= 1
         for item in batch:
@@ -314,10 +315,33 @@ async def test_a_late_batch_lets_other_payers_go_ahead_never_its_own(client_ctx:
     assert batcher.batches == [["hot"], ["other"], ["hot", "hot"]]
     assert batcher.running == 0 and not batcher.busy
 
-    batcher.most_in_flight = 0
-    burst = [_submit(batcher, f"p{n % 3}") for n in range(30)]
-    await asyncio.gather(*burst)
+
+async def test_batches_started_beside_a_late_one_retire_once_none_is_late(client_ctx: Any) -> None:
+    """Requests arrive faster than batches finish (the queue never empties). While the first batch is stuck,
+    others run beside it; once it is answered and nothing is late, the batcher is back to one in flight."""
+    batcher = Recording(client_ctx)
+    batcher.late_after = 0.02
+    batcher.later_batch_s = 0.002
+    arrived: list[asyncio.Future[tuple[int, Any, bool]]] = []
+
+    async def arrivals(n: int) -> None:
+        for _ in range(n):
+            arrived.append(_submit(batcher, f"p{len(arrived) % 3}"))
+            await asyncio.sleep(0.0005)
+
+    first = _submit(batcher, "hot")
+    await arrivals(200)
+    assert not first.done() and any(f.done() for f in arrived)  # others went ahead of the stuck batch
+    assert batcher.most_in_flight > 1
+    batcher.late_after = 3600.0  # from here nothing is late, however slow the machine
+    batcher.release.set()
+    await first
+    await arrivals(50)  # the extra batches finish what they hold and retire
+    batcher.most_in_flight = batcher.in_flight
+    await arrivals(200)
+    await asyncio.gather(*arrived)
     assert batcher.most_in_flight == 1
+    assert batcher.running == 0
 
 
 async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_accounts(
