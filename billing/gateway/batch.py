@@ -366,6 +366,9 @@ class Batcher(Generic[ItemT]):
             and any(item.payer is None or item.payer not in self.busy for item in self.pending)
         ):
             self._start()
+        self._arm()
+
+    def _arm(self) -> None:
         self._watch = asyncio.get_running_loop().call_later(self.late_after, self._check)
 
     async def _drain(self) -> None:
@@ -379,7 +382,7 @@ class Batcher(Generic[ItemT]):
                 token = object()
                 self._began[token] = asyncio.get_running_loop().time()
                 if self._watch is None:
-                    self._watch = asyncio.get_running_loop().call_later(self.late_after, self._check)
+                    self._arm()
                 try:
                     await self._run(batch)
                 except Exception:
