@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.auth.principal import Principal
 from billing.errors import ApiError
 from billing.gateway import schemas as s
-from billing.gateway.batch import Batcher, ChargeBatcher, Queued, new_future
+from billing.gateway.batch import BACKLOG, Batcher, ChargeBatcher, Queued, new_future
 from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.verify import verify_ledger
 from tests.conftest import ADMIN, Api
@@ -254,6 +254,7 @@ class Recording(Batcher[Queued]):
         self.batches: list[list[str]] = []
         self.in_flight = self.most_in_flight = 0
         self.later_batch_s = 0.0  # how long every later batch stays in flight
+        self.release_second: asyncio.Event | None = None  # if set, the second batch stays until it is set
 
     async def _run(self, batch: list[Queued]) -> None:
         self.batches.append([str(item.payer) for item in batch])
@@ -262,6 +263,8 @@ class Recording(Batcher[Queued]):
         try:
             if len(self.batches) == 1:
                 await self.release.wait()
+            elif len(self.batches) == 2 and self.release_second is not None:
+                await self.release_second.wait()
             else:
                 await asyncio.sleep(self.later_batch_s)  # every later batch is in flight for a moment too
         finally:
@@ -293,6 +296,38 @@ async def test_requests_arriving_during_a_batch_wait_and_go_together_into_the_ne
     assert batcher.batches == [["a"], ["b", "c", "a", "d"]]
     assert [a[1] for a in answers] == ["a", "b", "c", "a", "d"]
     assert batcher.most_in_flight == 1
+
+
+async def test_a_backlog_of_other_payers_goes_in_a_second_batch(client_ctx: Any) -> None:
+    """While a batch is in flight, fewer than BACKLOG waiting requests wait for it; the BACKLOG-th request of
+    other payers starts a second batch with all of them. Requests for the payer in flight never count, and
+    once no backlog is left the second batch's drain retires: back to one batch in flight."""
+    batcher = Recording(client_ctx)
+    batcher.late_after = 3600.0  # never late here: only the backlog rule is at work
+    batcher.release_second = asyncio.Event()
+    first = _submit(batcher, "a")
+    await _turns()
+    same_payer = [_submit(batcher, "a") for _ in range(BACKLOG)]
+    others = [_submit(batcher, f"p{i}") for i in range(BACKLOG - 1)]
+    await _turns()
+    assert batcher.batches == [["a"]]  # BACKLOG - 1 others wait: not yet worth a second transaction
+    others.append(_submit(batcher, "p-last"))
+    await _turns()
+    assert batcher.batches == [["a"], [f"p{i}" for i in range(BACKLOG - 1)] + ["p-last"]]
+    assert batcher.most_in_flight == 2
+    few = [_submit(batcher, f"q{i}") for i in range(3)]  # arrive while both are in flight: no backlog
+    await _turns()
+    batcher.release_second.set()
+    answered = await asyncio.wait_for(asyncio.gather(*others), timeout=10)  # while the first is still in flight
+    assert [a[1] for a in answered] == [f"p{i}" for i in range(BACKLOG - 1)] + ["p-last"]
+    await _turns()
+    assert batcher.running == 1 and len(batcher.batches) == 2  # the second retired; the few wait for the first
+    assert not first.done() and not any(f.done() for f in same_payer + few)
+
+    batcher.release.set()
+    await asyncio.gather(first, *same_payer, *few)
+    assert batcher.batches[2:] == [["a"] * BACKLOG + ["q0", "q1", "q2"]]
+    assert batcher.running == 0 and batcher.most_in_flight == 2
 
 
 async def test_a_late_batch_lets_other_payers_go_ahead_never_its_own(client_ctx: Any) -> None:
