@@ -3,7 +3,7 @@ fallback are `Batcher`; charges are `ChargeBatcher`, here; holds and captures ar
 
 Each worker process keeps a queue per kind and one batch of each kind in flight. While it is in flight,
 new requests wait in memory (holding no database lock); the next batch takes them all. Once `BACKLOG`
-requests of other payers wait, a second batch takes them beside it: a backlog is worth a second
+requests of other payers wait, a second batch takes them beside it: enough of them to pay for a second
 transaction. A batch still in flight after `LATE_AFTER_S` (a row lock held elsewhere, a stalled disk) no
 longer holds the others back: the requests waiting meanwhile go ahead in another batch, unless theirs is
 the payer it is stuck on.
@@ -51,12 +51,15 @@ MAX_BATCH = 64
 # smaller transactions competing for the same cores and WAL flushes. Hold + capture at 1,150 pairs/s: hold
 # p99 8.8–9.3 against 14.7–16.2 ms, capture 10.1–11.8 against 17.7–19.8 ms, and a higher maximum; charges at
 # 2,500/s: p99 10.3–14.8 against 13.7–18.3 ms at the same maximum.
-# A second batch once this many requests of other payers wait: a batch that large spends most of its time on
-# its charges, not on BEGIN, round trips and COMMIT, so the second transaction pays for itself; below it the
-# requests wait for the next batch. Measured on a host where PostgreSQL spends more per charge (alternating
-# runs, four pairs): spread charges at 32 connections +18% (2,040–2,099 against 1,673–1,818/s), and at
-# 1,400/s a p99 of 21–31 against 20–45 ms.
-BACKLOG = 16
+# A second batch once this many requests of other payers wait. A transaction costs PostgreSQL about as much
+# CPU as four charges whatever its size (executor start-up of the write, the trigger queue, COMMIT: ~1 ms
+# against ~0.26 ms per charge, docs/performance.md), so a second one carrying at least four pays its way;
+# for fewer, the requests wait for the next batch. Alternating runs of spread charges at 1,400/s on a host
+# where one batch in flight had a p99 of 20–45 ms: 12.0–14.7 ms (seven runs) with 4, against 13.8–22.5 with
+# 2, 16.1–17.6 with 1 (always two in flight), 10.1–24.0 with 8 and 15.6–31.2 with 16. At saturation, against
+# one batch in flight: 6% more charges per second at 32 connections and 10% at 64 (three pairs each, the host
+# itself moving by a third between runs).
+BACKLOG = 4
 # A batch in flight this long is stuck (on a lock held elsewhere, on I/O), not busy: others may go ahead,
 # up to MAX_IN_FLIGHT batches of a kind.
 LATE_AFTER_S = 0.05
@@ -328,12 +331,13 @@ class Batcher(Generic[ItemT]):
     serve one request on its own (`_single`): the fallback when a batch fails as a whole, so one bad
     request never costs the others their answer.
 
-    One batch is in flight at a time, unless `BACKLOG` requests of other payers wait (then a second takes
+    One batch is in flight at a time, unless `backlog` requests of other payers wait (then a second takes
     them), or one has been in flight `late_after` seconds: then the requests waiting for other payers go ahead
     in another (found by the next request to arrive, or by a check every `late_after` while batches are in
     flight). The batches started that way retire once there is no backlog and none is late."""
 
     late_after = LATE_AFTER_S
+    backlog = BACKLOG
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -361,10 +365,10 @@ class Batcher(Generic[ItemT]):
         task.add_done_callback(self._tasks.discard)
 
     def _backlog(self) -> bool:
-        """At least BACKLOG requests wait for payers that no batch in flight has."""
-        if len(self.pending) < BACKLOG:
+        """At least `backlog` requests wait for payers that no batch in flight has."""
+        if len(self.pending) < self.backlog:
             return False
-        return sum(1 for item in self.pending if item.payer is None or item.payer not in self.busy) >= BACKLOG
+        return sum(1 for item in self.pending if item.payer is None or item.payer not in self.busy) >= self.backlog
 
     def _late(self) -> bool:
         """A batch in flight began `late_after` ago or more. (Asked on every request that arrives while one

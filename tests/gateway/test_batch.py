@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.auth.principal import Principal
 from billing.errors import ApiError
 from billing.gateway import schemas as s
-from billing.gateway.batch import BACKLOG, Batcher, ChargeBatcher, Queued, new_future
+from billing.gateway.batch import Batcher, ChargeBatcher, Queued, new_future
 from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.verify import verify_ledger
 from tests.conftest import ADMIN, Api
@@ -283,9 +283,11 @@ async def _turns(n: int = 10) -> None:
 
 
 async def test_requests_arriving_during_a_batch_wait_and_go_together_into_the_next(client_ctx: Any) -> None:
-    """One batch in flight: whatever arrives meanwhile, for any payer, waits for it and then goes in one."""
+    """One batch in flight: whatever arrives meanwhile, for any payer, waits for it and then goes in one
+    (short of a backlog: one request fewer than would start a second batch)."""
     batcher = Recording(client_ctx)
     batcher.late_after = 3600.0  # never late here, however slow the machine running the test
+    batcher.backlog = 4  # the three other payers below stay one short of it
     first = _submit(batcher, "a")
     await _turns()
     later = [_submit(batcher, p) for p in ("b", "c", "a", "d")]
@@ -299,34 +301,35 @@ async def test_requests_arriving_during_a_batch_wait_and_go_together_into_the_ne
 
 
 async def test_a_backlog_of_other_payers_goes_in_a_second_batch(client_ctx: Any) -> None:
-    """While a batch is in flight, fewer than BACKLOG waiting requests wait for it; the BACKLOG-th request of
-    other payers starts a second batch with all of them. Requests for the payer in flight never count, and
+    """While a batch is in flight, fewer than `backlog` waiting requests wait for it; the `backlog`-th request
+    of other payers starts a second batch with all of them. Requests for the payer in flight never count, and
     once no backlog is left the second batch's drain retires: back to one batch in flight."""
     batcher = Recording(client_ctx)
     batcher.late_after = 3600.0  # never late here: only the backlog rule is at work
+    backlog = batcher.backlog = 6
     batcher.release_second = asyncio.Event()
     first = _submit(batcher, "a")
     await _turns()
-    same_payer = [_submit(batcher, "a") for _ in range(BACKLOG)]
-    others = [_submit(batcher, f"p{i}") for i in range(BACKLOG - 1)]
+    same_payer = [_submit(batcher, "a") for _ in range(backlog)]
+    others = [_submit(batcher, f"p{i}") for i in range(backlog - 1)]
     await _turns()
-    assert batcher.batches == [["a"]]  # BACKLOG - 1 others wait: not yet worth a second transaction
+    assert batcher.batches == [["a"]]  # backlog - 1 others wait: not yet worth a second transaction
     others.append(_submit(batcher, "p-last"))
     await _turns()
-    assert batcher.batches == [["a"], [f"p{i}" for i in range(BACKLOG - 1)] + ["p-last"]]
+    assert batcher.batches == [["a"], [f"p{i}" for i in range(backlog - 1)] + ["p-last"]]
     assert batcher.most_in_flight == 2
     few = [_submit(batcher, f"q{i}") for i in range(3)]  # arrive while both are in flight: no backlog
     await _turns()
     batcher.release_second.set()
     answered = await asyncio.wait_for(asyncio.gather(*others), timeout=10)  # while the first is still in flight
-    assert [a[1] for a in answered] == [f"p{i}" for i in range(BACKLOG - 1)] + ["p-last"]
+    assert [a[1] for a in answered] == [f"p{i}" for i in range(backlog - 1)] + ["p-last"]
     await _turns()
     assert batcher.running == 1 and len(batcher.batches) == 2  # the second retired; the few wait for the first
     assert not first.done() and not any(f.done() for f in same_payer + few)
 
     batcher.release.set()
     await asyncio.gather(first, *same_payer, *few)
-    assert batcher.batches[2:] == [["a"] * BACKLOG + ["q0", "q1", "q2"]]
+    assert batcher.batches[2:] == [["a"] * backlog + ["q0", "q1", "q2"]]
     assert batcher.running == 0 and batcher.most_in_flight == 2
 
 
@@ -336,6 +339,7 @@ async def test_a_late_batch_lets_other_payers_go_ahead_never_its_own(client_ctx:
     and once it is answered the batcher is back to one batch in flight."""
     batcher = Recording(client_ctx)
     batcher.late_after = 0.02
+    batcher.backlog = 10**6  # only the lateness rule at work
     first = _submit(batcher, "hot")
     await _turns()
     later = [_submit(batcher, p) for p in ("hot", "other", "hot")]
@@ -357,6 +361,7 @@ async def test_batches_started_beside_a_late_one_retire_once_none_is_late(client
     batcher = Recording(client_ctx)
     batcher.late_after = 0.02
     batcher.later_batch_s = 0.002
+    batcher.backlog = 10**6  # only the lateness rule at work
     arrived: list[asyncio.Future[tuple[int, Any, bool]]] = []
 
     async def arrivals(n: int) -> None:
