@@ -13,8 +13,8 @@ deadlock), reads every account's state in one statement, decides each charge in 
 same pure rules as a single charge — carrying balance, lots, key counters and BYOK month usage forward in
 memory from one charge to the next — and writes the whole batch with one set-based statement (journal
 entries, postings, generations, balances, lots, keys, BYOK months as JSON rows), then commits once. Every
-charge is answered only after that commit. If the batch fails as a whole, each of its charges is retried on its own, so one bad charge
-never costs the others their answer.
+charge is answered only after that commit. If the batch fails as a whole, each of its charges is retried
+on its own, so one bad charge never costs the others their answer.
 
 On the hot account this turns N lock-hold-commit cycles into one; across accounts it shares BEGIN, lock,
 read, write and COMMIT (and the WAL flush) among the batch: four statements whatever its size.
@@ -352,7 +352,7 @@ class Batcher(Generic[ItemT]):
         self.pending.append(item)
         if (
             self.running == 0
-            or (self.running == 1 and self._backlog())
+            or (self.running == 1 and self._free(item) and self._backlog())
             or (self.running < MAX_IN_FLIGHT and self._late())
         ):
             self._start()
@@ -364,11 +364,16 @@ class Batcher(Generic[ItemT]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _free(self, item: ItemT) -> bool:
+        """No batch in flight has the request's payer (one not known before the state read never waits)."""
+        return item.payer is None or item.payer not in self.busy
+
     def _backlog(self) -> bool:
-        """At least `backlog` requests wait for payers that no batch in flight has."""
+        """At least `backlog` requests wait for payers that no batch in flight has. (Asked on arrival only for
+        a request of such a payer: one for a payer in flight adds nothing to it, as on a hot account.)"""
         if len(self.pending) < self.backlog:
             return False
-        return sum(1 for item in self.pending if item.payer is None or item.payer not in self.busy) >= self.backlog
+        return sum(1 for item in self.pending if self._free(item)) >= self.backlog
 
     def _late(self) -> bool:
         """A batch in flight began `late_after` ago or more. (Asked on every request that arrives while one
@@ -383,11 +388,7 @@ class Batcher(Generic[ItemT]):
         self._watch = None
         if not self._began:
             return
-        if (
-            self.running < MAX_IN_FLIGHT
-            and self._late()
-            and any(item.payer is None or item.payer not in self.busy for item in self.pending)
-        ):
+        if self.running < MAX_IN_FLIGHT and self._late() and any(self._free(item) for item in self.pending):
             self._start()
         self._arm()
 
@@ -426,7 +427,7 @@ class Batcher(Generic[ItemT]):
         batch: list[ItemT] = []
         rest: list[ItemT] = []
         for item in self.pending:
-            if len(batch) < MAX_BATCH and (item.payer is None or item.payer not in self.busy):
+            if len(batch) < MAX_BATCH and self._free(item):
                 batch.append(item)
             else:
                 rest.append(item)
