@@ -51,13 +51,13 @@ MAX_BATCH = 64
 # smaller transactions competing for the same cores and WAL flushes. Hold + capture at 1,150 pairs/s: hold
 # p99 8.8–9.3 against 14.7–16.2 ms, capture 10.1–11.8 against 17.7–19.8 ms, and a higher maximum; charges at
 # 2,500/s: p99 10.3–14.8 against 13.7–18.3 ms at the same maximum.
-# A second batch once this many requests of other payers wait. A transaction costs PostgreSQL about as much
-# CPU as four charges whatever its size (executor start-up of the write, the trigger queue, COMMIT: ~1 ms
-# against ~0.26 ms per charge, docs/performance.md), so a second one carrying at least four pays its way;
-# for fewer, the requests wait for the next batch. Alternating runs of spread charges at 1,400/s on a host
-# where one batch in flight had a p99 of 20–45 ms: 12.0–14.7 ms (seven runs) with 4, against 13.8–22.5 with
-# 2, 16.1–17.6 with 1 (always two in flight), 10.1–24.0 with 8 and 15.6–31.2 with 16. At saturation, against
-# one batch in flight: 6% more charges per second at 32 connections and 10% at 64 (three pairs each, the host
+# A second batch once this many requests of other payers wait. A transaction costs PostgreSQL about as much CPU time
+# as four charges whatever its size (executor start-up of the write, the trigger queue, COMMIT: ~1 ms against ~0.26 ms
+# per charge; in instructions 1.67 M against 1.05 M, docs/performance.md, sessions 7 and 8), so a second one carrying
+# at least four pays its way; for fewer, the requests wait for the next batch. Alternating runs of spread charges at
+# 1,400/s on a host where one batch in flight had a p99 of 20–45 ms: 12.0–14.7 ms (seven runs) with 4, against
+# 13.8–22.5 with 2, 16.1–17.6 with 1 (always two in flight), 10.1–24.0 with 8 and 15.6–31.2 with 16. At saturation,
+# against one batch in flight: 6% more charges per second at 32 connections and 10% at 64 (three pairs each, the host
 # itself moving by a third between runs).
 BACKLOG = 4
 # A batch in flight this long is stuck (on a lock held elsewhere, on I/O), not busy: others may go ahead,
