@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+from billing.bench.housekeeping import Housekeeping
 from billing.bench.loadgen import (
     Call,
     LoadGenerator,
@@ -775,9 +776,11 @@ def run_pgbench(
             best = max((results[f"{name}_{c}"].get("tps") or 0.0) for c in CONNECTIONS)
             if best > 0:
                 key = f"{name}_open_loop"
-                results[key] = pgbench_open_loop(
-                    [pgbench, *extra], env, best * OPEN_LOOP_FRACTION, timing, workdir / f"{name}_log"
-                )
+                with Housekeeping(url) as window:
+                    results[key] = pgbench_open_loop(
+                        [pgbench, *extra], env, best * OPEN_LOOP_FRACTION, timing, workdir / f"{name}_log"
+                    )
+                results[key]["housekeeping"] = window.report()
                 log(f"pgbench {key}: {results[key]}")
         scripts = {"tpcb": [pgbench], "hot_update": [pgbench, "-n", "-f", str(script)]}
         for scenario, rate in (same_rate or {}).items():
@@ -786,10 +789,12 @@ def run_pgbench(
                 continue
             tps = rate * (2 if scenario == "hold_capture" else 1)
             key = f"{scenario}_same_rate"
-            results[key] = {
-                "script": reference,
-                **pgbench_open_loop(scripts[reference], env, tps, timing, workdir / key),
-            }
+            with Housekeeping(url) as window:
+                results[key] = {
+                    "script": reference,
+                    **pgbench_open_loop(scripts[reference], env, tps, timing, workdir / key),
+                }
+            results[key]["housekeeping"] = window.report()
             log(f"pgbench {key}: {results[key]}")
     finally:
         drop_database(server, url)
@@ -858,7 +863,13 @@ def server_url() -> tuple[str, bool]:
 
 
 async def drive(
-    service: Service, token: str, seeded: Seeded, timing: Timing, meter: CpuMeter, ledgered: Ledgered
+    service: Service,
+    token: str,
+    seeded: Seeded,
+    timing: Timing,
+    meter: CpuMeter,
+    ledgered: Ledgered,
+    database: str,
 ) -> dict[str, dict[str, Any]]:
     rng = random.Random(20261127)
     accounts = seeded.accounts
@@ -918,7 +929,10 @@ async def drive(
             out[key] = {"error": "no successful operation in the closed-loop runs: nothing to offer"}
             log(f"{key}: skipped (no successful operation at saturation)")
             continue
-        summary = await one(scenario, key, OPEN_LOOP_CONNECTIONS, best * OPEN_LOOP_FRACTION)
+        with Housekeeping(database) as window:
+            summary = await one(scenario, key, OPEN_LOOP_CONNECTIONS, best * OPEN_LOOP_FRACTION)
+        summary["housekeeping"] = window.report()
+        log(f"{key}: in the window, besides the load: {summary['housekeeping']}")
         summary["saturation"] = saturation_p99
         summary["p99_target_ms"] = P99_TARGET_MS
         summary["p99_ok"] = p99_met(summary)
@@ -988,7 +1002,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         meter = CpuMeter(service.process.pid, local_postgres(database))
         try:
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
-                scenarios = runner.run(drive(service, token, seeded, timing, meter, ledgered))
+                scenarios = runner.run(drive(service, token, seeded, timing, meter, ledgered, database))
         finally:
             sampler.stop()
             sampler.sample()

@@ -1,0 +1,98 @@
+"""What the database server and the kernel did during one latency window, beside the load.
+
+On the 2-core benchmark host the open-loop p99 is set by a few bursts of ~100–300 ms in which every commit
+waits (docs/performance.md, session 9): the kernel writing back a few hundred MB of the database's dirty
+pages at once (a WAL flush queues behind it), a checkpoint's final sync, autovacuum's pass over the growing
+ledger tables, WAL segments created on a young cluster. None of them is the service's work, and which of
+them falls inside a 20 s window decides much of that window's p99 — for the service and for pgbench alike.
+`Housekeeping` counts them over a window, so a run's JSON says what its latency windows contained.
+
+- `checkpoints`, `checkpoint_buffers`, `checkpoint_sync_ms`: checkpoints begun in the window, buffers
+  checkpoints wrote in it and time spent syncing files (PostgreSQL reports a checkpoint's sync when it ends).
+- `autovacuum_runs`: autovacuum and autoanalyze passes finished on the database's tables.
+- `wal_mb`: WAL written, server-wide.
+- `disk_written_mb`, `largest_write_burst_mb`: everything the machine wrote to its disks, and the most in
+  one SAMPLE_S interval (Linux, `/proc/vmstat`): a kernel writeback burst shows as tens to hundreds of MB.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Any
+
+SAMPLE_S = 0.1
+_CHECKPOINTER = {  # PostgreSQL 17 moved the checkpointer's figures out of pg_stat_bgwriter
+    True: "SELECT num_timed + num_requested, buffers_written, sync_time FROM pg_stat_checkpointer",
+    False: "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, checkpoint_sync_time FROM pg_stat_bgwriter",
+}
+_AUTOVACUUM = "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0) FROM pg_stat_user_tables"
+_WAL = "SELECT pg_current_wal_insert_lsn() - '0/0'"  # bytes of WAL ever written, server-wide, as of now
+
+
+def disk_written_kb() -> int | None:
+    """KB written to block devices since boot (`pgpgout`), or None where /proc/vmstat is missing."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("pgpgout "):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class Housekeeping:
+    """`with Housekeeping(url) as window: ...` then `window.report()`; `url` names the database whose
+    tables autovacuum is counted on (the server's own figures are server-wide)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._before: tuple[Any, ...] = ()
+        self._after: tuple[Any, ...] = ()
+        self._disk: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="housekeeping", daemon=True)
+
+    def _server(self) -> tuple[Any, ...]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            version = conn.info.server_version
+            checkpoints, buffers, sync_ms = conn.execute(_CHECKPOINTER[version >= 170000]).fetchone() or (0, 0, 0)
+            (autovacuum,) = conn.execute(_AUTOVACUUM).fetchone() or (0,)
+            (wal,) = conn.execute(_WAL).fetchone() or (0,)
+        return int(checkpoints), int(buffers), float(sync_ms), int(autovacuum), int(wal)
+
+    def _sample(self) -> None:
+        while True:
+            written = disk_written_kb()
+            if written is not None:
+                self._disk.append(written)
+            if self._stop.wait(SAMPLE_S):
+                return
+
+    def __enter__(self) -> Housekeeping:
+        self._before = self._server()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._after = self._server()
+
+    def report(self) -> dict[str, Any]:
+        (c0, b0, s0, a0, w0), (c1, b1, s1, a1, w1) = self._before, self._after
+        steps = [b - a for a, b in zip(self._disk, self._disk[1:], strict=False)]
+        return {
+            "checkpoints": c1 - c0,
+            "checkpoint_buffers": b1 - b0,
+            "checkpoint_sync_ms": round(s1 - s0, 1),
+            "autovacuum_runs": a1 - a0,
+            "wal_mb": round((w1 - w0) / 2**20, 1),
+            "disk_written_mb": round((self._disk[-1] - self._disk[0]) / 1024, 1) if len(self._disk) > 1 else None,
+            "largest_write_burst_mb": round(max(steps) / 1024, 1) if steps else None,
+        }

@@ -1,0 +1,35 @@
+"""What a latency window contained besides the load: the server's checkpoints and WAL, the disk's writes."""
+
+import os
+import time
+from pathlib import Path
+
+import psycopg
+
+from billing.bench.housekeeping import Housekeeping
+
+
+def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(database_url: str, tmp_path: Path) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE housekeeping_probe (id bigint, filler text)")
+        try:
+            with Housekeeping(database_url) as window:
+                conn.execute(
+                    "INSERT INTO housekeeping_probe SELECT n, repeat('x', 200) FROM generate_series(1, 20000) AS n"
+                )
+                conn.execute("CHECKPOINT")
+                with (tmp_path / "burst").open("wb") as f:  # 16 MB written and synced at once
+                    f.write(b"\0" * (16 << 20))
+                    f.flush()
+                    os.fsync(f.fileno())
+                time.sleep(0.3)  # a few disk samples after the burst
+        finally:
+            conn.execute("DROP TABLE housekeeping_probe")
+
+    report = window.report()
+    assert report["checkpoints"] >= 1, report
+    assert report["checkpoint_buffers"] >= 1, report  # the probe's pages, dirty until the checkpoint
+    assert report["wal_mb"] >= 4.0, report  # 20,000 rows of ~230 bytes
+    assert report["disk_written_mb"] is not None and report["disk_written_mb"] >= 16.0, report
+    assert report["largest_write_burst_mb"] is not None and report["largest_write_burst_mb"] >= 4.0, report
+    assert report["autovacuum_runs"] >= 0, report
