@@ -11,8 +11,9 @@ them falls inside a 20 s window decides much of that window's p99 — for the se
   checkpoints wrote in it and time spent syncing files (PostgreSQL reports a checkpoint's sync when it ends).
 - `autovacuum_runs`: autovacuum and autoanalyze passes finished on the database's tables.
 - `wal_mb`: WAL written, server-wide.
-- `disk_written_mb`, `largest_write_burst_mb`: everything the machine wrote to its disks, and the most in
-  one SAMPLE_S interval (Linux, `/proc/vmstat`): a kernel writeback burst shows as tens to hundreds of MB.
+- `disk_written_mb`, `largest_write_burst_mb`: everything this machine wrote to its disks, and the most in
+  one SAMPLE_S interval (Linux, `/proc/vmstat`; None when the server runs elsewhere): a kernel writeback
+  burst shows as tens to hundreds of MB.
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def disk_written_kb() -> int | None:
 
 class Housekeeping:
     """`with Housekeeping(url) as window: ...` then `window.report()`; `url` names the database whose
-    tables autovacuum is counted on (the server's own figures are server-wide)."""
+    tables autovacuum is counted on (the server's own figures are server-wide); `disk`: the server runs on
+    this machine, so its disk writes are this machine's."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, disk: bool) -> None:
         self.url = url
+        self.disk = disk
         self._before: tuple[Any, ...] = ()
         self._after: tuple[Any, ...] = ()
         self._disk: list[int] = []
@@ -74,14 +77,16 @@ class Housekeeping:
 
     def __enter__(self) -> Housekeeping:
         self._before = self._server()
-        self._thread.start()
+        if self.disk:
+            self._thread.start()
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
         self._after = self._server()
 
     def report(self) -> dict[str, Any]:

@@ -738,6 +738,7 @@ def run_pgbench(
         return {"error": "pgbench not found (neither on PATH nor bundled with pgserver)"}
     url = create_database(server, "billing_pgbench")
     env = libpq_env(url)
+    local = local_postgres(url) is not None
     results: dict[str, Any] = {"binary": pgbench, "scale": PGBENCH_SCALE, "threads": PGBENCH_THREADS}
     try:
         started = time.monotonic()
@@ -776,7 +777,7 @@ def run_pgbench(
             best = max((results[f"{name}_{c}"].get("tps") or 0.0) for c in CONNECTIONS)
             if best > 0:
                 key = f"{name}_open_loop"
-                with Housekeeping(url) as window:
+                with Housekeeping(url, disk=local) as window:
                     results[key] = pgbench_open_loop(
                         [pgbench, *extra], env, best * OPEN_LOOP_FRACTION, timing, workdir / f"{name}_log"
                     )
@@ -789,7 +790,7 @@ def run_pgbench(
                 continue
             tps = rate * (2 if scenario == "hold_capture" else 1)
             key = f"{scenario}_same_rate"
-            with Housekeeping(url) as window:
+            with Housekeeping(url, disk=local) as window:
                 results[key] = {
                     "script": reference,
                     **pgbench_open_loop(scripts[reference], env, tps, timing, workdir / key),
@@ -929,7 +930,7 @@ async def drive(
             out[key] = {"error": "no successful operation in the closed-loop runs: nothing to offer"}
             log(f"{key}: skipped (no successful operation at saturation)")
             continue
-        with Housekeeping(database) as window:
+        with Housekeeping(database, disk=meter.postgres is not None) as window:
             summary = await one(scenario, key, OPEN_LOOP_CONNECTIONS, best * OPEN_LOOP_FRACTION)
         summary["housekeeping"] = window.report()
         log(f"{key}: in the window, besides the load: {summary['housekeeping']}")

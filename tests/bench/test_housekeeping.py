@@ -13,7 +13,7 @@ def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(datab
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE housekeeping_probe (id bigint, filler text)")
         try:
-            with Housekeeping(database_url) as window:
+            with Housekeeping(database_url, disk=True) as window:
                 conn.execute(
                     "INSERT INTO housekeeping_probe SELECT n, repeat('x', 200) FROM generate_series(1, 20000) AS n"
                 )
@@ -33,3 +33,12 @@ def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(datab
     assert report["disk_written_mb"] is not None and report["disk_written_mb"] >= 16.0, report
     assert report["largest_write_burst_mb"] is not None and report["largest_write_burst_mb"] >= 4.0, report
     assert report["autovacuum_runs"] >= 0, report
+
+
+def test_a_server_elsewhere_reports_no_disk_figures_of_this_machine(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn, Housekeeping(database_url, disk=False) as window:
+        conn.execute("CHECKPOINT")
+
+    report = window.report()
+    assert report["disk_written_mb"] is None and report["largest_write_burst_mb"] is None, report
+    assert report["checkpoints"] >= 1, report  # the server's own figures are still counted
