@@ -44,7 +44,7 @@ def disk_written_kb() -> int | None:
 
 
 class Housekeeping:
-    """`with Housekeeping(url) as window: ...` then `window.report()`; `url` names the database whose
+    """`with Housekeeping(url, disk=...) as window: ...` then `window.report()`; `url` names the database whose
     tables autovacuum is counted on (the server's own figures are server-wide); `disk`: the server runs on
     this machine, so its disk writes are this machine's."""
 
