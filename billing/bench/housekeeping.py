@@ -67,17 +67,19 @@ class Housekeeping:
             (wal,) = conn.execute(_WAL).fetchone() or (0,)
         return int(checkpoints), int(buffers), float(sync_ms), int(autovacuum), int(wal)
 
+    def _sample_disk(self) -> None:
+        written = disk_written_kb()
+        if written is not None:
+            self._disk.append(written)
+
     def _sample(self) -> None:
-        while True:
-            written = disk_written_kb()
-            if written is not None:
-                self._disk.append(written)
-            if self._stop.wait(SAMPLE_S):
-                return
+        while not self._stop.wait(SAMPLE_S):
+            self._sample_disk()
 
     def __enter__(self) -> Housekeeping:
         self._before = self._server()
-        if self.disk:
+        if self.disk:  # the window's first and last disk samples are taken here and in __exit__
+            self._sample_disk()
             self._thread.start()
         return self
 
@@ -85,8 +87,9 @@ class Housekeeping:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._stop.set()
-        if self._thread.is_alive():
+        if self.disk:
             self._thread.join()
+            self._sample_disk()
         self._after = self._server()
 
     def report(self) -> dict[str, Any]:

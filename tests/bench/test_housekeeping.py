@@ -1,7 +1,6 @@
 """What a latency window contained besides the load: the server's checkpoints and WAL, the disk's writes."""
 
 import os
-import time
 from pathlib import Path
 
 import psycopg
@@ -22,7 +21,6 @@ def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(datab
                     f.write(b"\0" * (16 << 20))
                     f.flush()
                     os.fsync(f.fileno())
-                time.sleep(0.3)  # a few disk samples after the burst
         finally:
             conn.execute("DROP TABLE housekeeping_probe")
 
