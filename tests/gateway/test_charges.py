@@ -5,6 +5,7 @@ import uuid
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import ADMIN, Api, snapshot
@@ -32,6 +33,33 @@ async def test_zero_completion_insurance_waives_token_cost(api: Api, gw: Gateway
     out = (await gw.charge(account=acct, usage=usage, prices=prices, finish_reason=finish_reason)).json()
     assert out["zero_completion_insured"] is True
     assert out["total_cost"] == "0.0081"  # the web search (2 × 0.004) and per-request fee still run
+
+
+async def test_generation_stores_only_counts_that_are_not_zero(api: Api, gw: Gateway, engine: AsyncEngine) -> None:
+    acct = await funded(api, "1.00")
+    insured, plain = f"gen-{uuid.uuid4().hex}", f"gen-{uuid.uuid4().hex}"
+    usage = {"prompt_tokens": 5000, "completion_tokens": 0, "web_search_results": 2}
+    prices = {**PRICES, "web_search": "0.004"}
+    charged = [
+        (await gw.charge(account=acct, generation_id=insured, usage=usage, prices=prices)).json(),
+        (await gw.charge(account=acct, generation_id=plain, cost="0.01")).json(),
+    ]
+    async with engine.connect() as conn:
+        rows = dict(
+            (
+                await conn.execute(
+                    text("SELECT generation_id, usage FROM generations WHERE generation_id IN (:a, :b)"),
+                    {"a": insured, "b": plain},
+                )
+            ).all()
+        )
+    assert rows == {insured: {"prompt_tokens": 5000, "web_search_results": 2, "insured": True}, plain: {}}
+    read = [(await gw.client.get(f"/v1/generations/{g}", headers=gw.headers)).json() for g in (insured, plain)]
+    assert read == charged  # what is left out reads back as 0 / not insured
+    assert [(r["tokens_prompt"], r["tokens_completion"], r["zero_completion_insured"]) for r in read] == [
+        (5000, 0, True),
+        (0, 0, False),
+    ]
 
 
 async def test_zero_completion_with_a_real_finish_is_charged(api: Api, gw: Gateway) -> None:
