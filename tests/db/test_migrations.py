@@ -37,3 +37,22 @@ def test_upgrade_downgrade_upgrade_and_models_agree(scratch_url: str) -> None:
             assert platform == 13
     finally:
         engine.dispose()
+
+
+def test_growing_ledger_tables_are_analyzed_every_million_rows_at_least(scratch_url: str) -> None:
+    """Migration 0014: autovacuum's ANALYZE of a young ledger table no longer runs on each visit."""
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    growing = ["generations", "holds", "journal_entries", "postings"]
+    query = text(
+        "SELECT relname, reloptions FROM pg_class WHERE relname = ANY(:names) AND relkind = 'r' ORDER BY relname"
+    )
+    try:
+        upgrade(scratch_url)
+        with engine.connect() as conn:
+            rows = conn.execute(query, {"names": growing}).all()
+        assert rows == [(name, ["autovacuum_analyze_threshold=1000000"]) for name in growing]
+        downgrade(scratch_url, "0013_drop_unused_ledger_indexes")
+        with engine.connect() as conn:
+            assert conn.execute(query, {"names": growing}).all() == [(name, None) for name in growing]
+    finally:
+        engine.dispose()
