@@ -3,8 +3,8 @@
 
 `generations`, `postings`, `journal_entries` and `holds` each take one or more rows per gateway call. With
 PostgreSQL's default threshold a young table is re-analyzed on autovacuum's every visit (once a minute:
-it grows by far more than 10% a minute), and each ANALYZE samples 30,000 rows, sorting every column of
-them: 100–150 ms of a core. Measured on the 2-core benchmark host at 1,960 charges/s (half the maximum,
+it grows by far more than 10% a minute), and each ANALYZE samples 30,000 rows and builds statistics of
+every column from them: 104–149 ms each under the load below. Measured on the 2-core benchmark host at 1,960 charges/s (half the maximum,
 open loop): an ANALYZE by hand of `generations`, `postings` or `journal_entries` during the load left
 161–258 requests slower than 10 ms behind it, 0.4% of a 20 s window each; autovacuum ran all three in
 the same visit. On a table of millions of rows, 10% is far above 1,000,000, so nothing changes there; the
