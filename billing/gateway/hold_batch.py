@@ -2,7 +2,8 @@
 one process share one transaction, which locks their accounts' balance rows in id order, reads every
 state in one statement, decides each request in arrival order and writes them all with set-based
 statements, then commits once. Each request is answered after that commit; replays are answered from
-the record afterwards; a batch that fails as a whole is retried request by request.
+the record afterwards; a batch that fails as a whole is retried request by request. Unlike charges, a
+backlog of waiting requests starts no second batch of a kind; only a late batch does (`NO_BACKLOG`).
 
 - Holds: each account's and each key's held amount is carried forward in memory, so a later hold in the
   batch is admitted against the earlier ones.
@@ -13,6 +14,7 @@ the record afterwards; a batch that fails as a whole is retried request by reque
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
@@ -40,6 +42,15 @@ from billing.gateway.batch import (
 from billing.ledger.money import ZERO
 from billing.ledger.outcomes import Refused
 from billing.schemas import internal_id
+
+# No second batch for a backlog (only beside a late one, as for every batcher): a hold batch and a capture
+# batch in flight are already two transactions beside each other, and backlog batches of each made up to four
+# on two cores. Alternating runs of hold + capture at 450 pairs/s, on a host where pgbench's own p99 at half
+# its maximum was 17 ms (five pairs, two 12 s windows each, backlog batches off against on): hold p50
+# 7.5–9.5 ms against 9.6–15.7, capture p50 10.1–12.8 against 13.4–21.1, PostgreSQL at 68–75% of a core
+# against 80–85%, the windows' median p99 27 / 34 ms against 30 / 39, and the maximum no lower
+# (docs/performance.md, session 11). Charges keep theirs: one kind alone has one batch in flight.
+NO_BACKLOG = sys.maxsize
 
 _ITEMS = json_rows("items", {"n": "int", "account": "text", "key": "text", "request_id": "text"})
 LOCK_HOLDS = f"""SELECT account_id FROM balances
@@ -72,6 +83,8 @@ class _Opened:
 
 
 class HoldBatcher(Batcher[_Hold]):
+    backlog = NO_BACKLOG
+
     async def hold(self, principal: Principal, data: s.CreateHold) -> tuple[int, Any, bool]:
         amount = service.hold_amount(data)  # bad input is refused before it joins a batch
         return await self.submit(_Hold(principal, new_future(), data.account or data.key, data, amount))
@@ -169,6 +182,8 @@ class _Captured:
 
 
 class CaptureBatcher(Batcher[_Capture]):
+    backlog = NO_BACKLOG
+
     async def capture(self, principal: Principal, hold: str, data: s.Capture) -> tuple[int, Any, bool]:
         hold_id = internal_id("hold", hold, "hold")
         priced = service.price(data)  # bad input is refused before it joins a batch

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.auth.principal import Principal
 from billing.errors import ApiError
 from billing.gateway import schemas as s
-from billing.gateway.batch import Batcher, ChargeBatcher, Queued, new_future
+from billing.gateway.batch import BACKLOG, Batcher, ChargeBatcher, Queued, new_future
 from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.verify import verify_ledger
 from tests.conftest import ADMIN, Api
@@ -382,6 +382,62 @@ async def test_batches_started_beside_a_late_one_retire_once_none_is_late(client
     await asyncio.gather(*arrived)
     assert batcher.most_in_flight == 1
     assert batcher.running == 0
+
+
+async def test_holds_and_captures_waiting_behind_a_batch_go_in_the_next_one_backlog_or_not(
+    api: Api, gw: Gateway, client_ctx: Any, engine: AsyncEngine
+) -> None:
+    """Unlike charges, holds and captures start no second batch for a backlog: a hold batch and a capture
+    batch in flight are two transactions beside each other already. Requests of other payers that wait
+    behind a batch stuck on a row lock go together in the next batch once it is done."""
+    stuck_on, *others = [await funded(api, "1.00") for _ in range(7)]
+    holds = [(await gw.hold(account=account, amount="0.10")).json()["id"] for account in [stuck_on, *others]]
+    tag = uuid.uuid4().hex
+    for kind in ("hold", "capture"):
+        batcher: HoldBatcher | CaptureBatcher = (
+            HoldBatcher(client_ctx) if kind == "hold" else CaptureBatcher(client_ctx)
+        )
+        batcher.late_after = 3600.0  # never late here: only the backlog rule is at work
+
+        def call(n: int, account: str, batcher: HoldBatcher | CaptureBatcher = batcher) -> Any:
+            if isinstance(batcher, HoldBatcher):
+                data = {"account": account, "request_id": f"{tag}-{n}", "amount": "0.10"}
+                return batcher.hold(GATEWAY, msgspec.convert(data, s.CreateHold))
+            capture = msgspec.convert({"generation_id": f"{tag}-{n}", "cost": "0.05"}, s.Capture)
+            return batcher.capture(GATEWAY, holds[n], capture)
+
+        async with engine.connect() as holder:
+            await holder.execute(
+                text(
+                    "SELECT b.balance FROM balances b JOIN accounts a ON a.id = b.account_id"
+                    " WHERE a.public_id = :p FOR UPDATE"
+                ),
+                {"p": stuck_on},
+            )
+            stuck = asyncio.ensure_future(call(0, stuck_on))
+            await _turns()
+            assert batcher.running == 1 and not batcher.pending  # the first batch is in flight, on the lock
+            waiting = [asyncio.ensure_future(call(n, account)) for n, account in enumerate(others, start=1)]
+            await _turns()
+            assert len(batcher.pending) == len(waiting) > BACKLOG  # enough to start a second charge batch
+            assert batcher.running == 1, f"a second {kind} batch started for a backlog"
+            await holder.rollback()
+        answers = await asyncio.wait_for(asyncio.gather(stuck, *waiting), timeout=30)
+        assert {a[0] for a in answers} == {201 if kind == "hold" else 200}
+    async with engine.connect() as conn:
+        written = (
+            await conn.execute(
+                text(
+                    "SELECT 'hold' AS kind, request_id AS id, xmin::text AS tx FROM holds WHERE request_id LIKE :t"
+                    " UNION ALL SELECT 'capture', generation_id, xmin::text FROM generations"
+                    " WHERE generation_id LIKE :t"
+                ),
+                {"t": f"{tag}-%"},
+            )
+        ).all()
+    for kind in ("hold", "capture"):
+        by_tx = {r.tx for r in written if r.kind == kind and r.id != f"{tag}-0"}
+        assert len(by_tx) == 1, f"the {kind}s that waited went in {len(by_tx)} batches"
 
 
 async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_accounts(
