@@ -51,7 +51,8 @@ MAX_BATCH = 64
 # smaller transactions competing for the same cores and WAL flushes. Hold + capture at 1,150 pairs/s: hold
 # p99 8.8–9.3 against 14.7–16.2 ms, capture 10.1–11.8 against 17.7–19.8 ms, and a higher maximum; charges at
 # 2,500/s: p99 10.3–14.8 against 13.7–18.3 ms at the same maximum.
-# A second batch once this many requests of other payers wait. A transaction costs PostgreSQL about as much CPU time
+# A second batch once this many requests of other payers wait (charges; holds and captures take none, hold_batch.py
+# says why). A transaction costs PostgreSQL about as much CPU time
 # as four charges whatever its size (executor start-up of the write, the trigger queue, COMMIT: ~1 ms against ~0.26 ms
 # per charge; in instructions 1.67 M against 1.05 M, docs/performance.md, sessions 7 and 8), so a second one carrying
 # at least four pays its way; for fewer, the requests wait for the next batch. Alternating runs of spread charges at

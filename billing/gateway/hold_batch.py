@@ -47,7 +47,7 @@ from billing.schemas import internal_id
 # batch in flight are already two transactions beside each other, and backlog batches of each made up to four
 # on two cores. Alternating runs of hold + capture at 450 pairs/s, on a host where pgbench's own p99 at half
 # its maximum was 17 ms (five pairs, two 12 s windows each, backlog batches off against on): hold p50
-# 7.5–9.5 ms against 9.6–15.7, capture p50 10.1–12.8 against 13.4–21.1, PostgreSQL at 68–75% of a core
+# 7.5–11.0 ms against 9.6–15.7, capture p50 10.1–15.0 against 13.4–21.1, PostgreSQL at 68–75% of a core
 # against 80–85%, the windows' median p99 27 / 34 ms against 30 / 39, and the maximum no lower
 # (docs/performance.md, session 11). Charges keep theirs: one kind alone has one batch in flight.
 NO_BACKLOG = sys.maxsize
