@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from billing.auth.principal import Principal
 from billing.errors import ApiError
@@ -384,6 +384,17 @@ async def test_batches_started_beside_a_late_one_retire_once_none_is_late(client
     assert batcher.running == 0
 
 
+async def _lock_balance(conn: AsyncConnection, account: str) -> None:
+    """Hold the account's balance row locked on `conn` (as a long support adjustment or a stalled session
+    would) until its transaction ends."""
+    await conn.execute(
+        text(
+            "SELECT b.balance FROM balances b JOIN accounts a ON a.id = b.account_id WHERE a.public_id = :p FOR UPDATE"
+        ),
+        {"p": account},
+    )
+
+
 async def test_holds_and_captures_waiting_behind_a_batch_go_in_the_next_one_backlog_or_not(
     api: Api, gw: Gateway, client_ctx: Any, engine: AsyncEngine
 ) -> None:
@@ -407,13 +418,7 @@ async def test_holds_and_captures_waiting_behind_a_batch_go_in_the_next_one_back
             return batcher.capture(GATEWAY, holds[n], capture)
 
         async with engine.connect() as holder:
-            await holder.execute(
-                text(
-                    "SELECT b.balance FROM balances b JOIN accounts a ON a.id = b.account_id"
-                    " WHERE a.public_id = :p FOR UPDATE"
-                ),
-                {"p": stuck_on},
-            )
+            await _lock_balance(holder, stuck_on)
             stuck = asyncio.ensure_future(call(0, stuck_on))
             await _turns()
             assert batcher.running == 1 and not batcher.pending  # the first batch is in flight, on the lock
@@ -449,13 +454,7 @@ async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_account
     locked, free = await funded(api, "1.00"), await funded(api, "1.00")
     batcher = ChargeBatcher(client_ctx)
     async with engine.connect() as holder:
-        await holder.execute(
-            text(
-                "SELECT b.balance FROM balances b JOIN accounts a ON a.id = b.account_id"
-                " WHERE a.public_id = :p FOR UPDATE"
-            ),
-            {"p": locked},
-        )
+        await _lock_balance(holder, locked)
         stuck = asyncio.ensure_future(batcher.charge(GATEWAY, _charge(account=locked, cost="0.10")))
         async with engine.connect() as watcher:  # until the stuck charge waits on the lock
             for _ in range(500):
