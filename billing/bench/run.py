@@ -468,17 +468,17 @@ def local_postgres(url: str) -> int | None:
     """The postmaster's pid when the PostgreSQL server runs on this machine (else None)."""
     import psycopg
 
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(url) as conn:  # the backend is looked up while it lives: it exits with the connection
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    backend = row[0] if row else 0
-    try:
-        with open(f"/proc/{backend}/comm") as f:
-            if f.read().strip() != "postgres":
-                return None
-        with open(f"/proc/{backend}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError):
-        return None
+        backend = row[0] if row else 0
+        try:
+            with open(f"/proc/{backend}/comm") as f:
+                if f.read().strip() != "postgres":
+                    return None
+            with open(f"/proc/{backend}/stat", "rb") as f:
+                return int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            return None
 
 
 Reading = tuple[float, float | None, float, float]  # service, postgres, machine busy, machine total

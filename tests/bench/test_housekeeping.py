@@ -40,3 +40,20 @@ def test_a_server_elsewhere_reports_no_disk_figures_of_this_machine(database_url
     report = window.report()
     assert report["disk_written_mb"] is None and report["largest_write_burst_mb"] is None, report
     assert report["checkpoints"] >= 1, report  # the server's own figures are still counted
+
+
+def test_a_server_on_this_machine_is_found_so_its_windows_report_disk_figures(database_url: str) -> None:
+    """`local_postgres` decides whether pgbench's windows report this machine's disk writes and whose CPU the
+    meter reads: the tests' server runs here, so it names its postmaster (the parent of every backend)."""
+    from billing.bench.run import local_postgres
+
+    for _ in range(20):  # the backend it asks is gone as soon as its connection closes: ask while it lives
+        postmaster = local_postgres(database_url)
+        assert postmaster is not None
+        with open(f"/proc/{postmaster}/comm") as f:
+            assert f.read().strip() == "postgres"
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            with open(f"/proc/{row[0]}/stat", "rb") as f:
+                assert int(f.read().rsplit(b")", 1)[1].split()[1]) == postmaster
