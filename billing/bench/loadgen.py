@@ -16,7 +16,10 @@ time, in one of two modes:
 - open loop (`rate=R`): operation i is *scheduled* at `start + i / R` whatever happens to the earlier
   ones, and its latency is measured from that scheduled time. When every connection is busy the
   operation waits for one, and that wait is part of its latency: queueing inside the load generator
-  cannot hide a slow server (no coordinated omission).
+  cannot hide a slow server (no coordinated omission). The event loop's timers count whole milliseconds
+  (uvloop's, like libuv's), so a wake-up can come up to a millisecond or so before the scheduled time;
+  an operation sent early is measured from its sending, never from the later scheduled time (that would
+  take the early part off the server's latency).
 
 Every response's status is counted (a broken connection counts as `"transport"` and aborts its
 operation). Latencies are recorded per operation and per call name for operations that finish inside the
@@ -244,6 +247,14 @@ def no_full_collections() -> Iterator[None]:
         gc.unfreeze()
 
 
+async def wait_until(due_ns: int) -> None:
+    """Sleep until about `due_ns` (`time.perf_counter_ns`): the event loop's timers may end it up to a
+    millisecond or so early or late."""
+    now = time.perf_counter_ns()
+    if due_ns > now:
+        await asyncio.sleep((due_ns - now) / 1e9)
+
+
 def percentile_ms(values_ns: list[int], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of nanosecond values, in milliseconds."""
     if not values_ns:
@@ -308,10 +319,10 @@ class LoadGenerator:
         start = measure_from = end = 0  # set once the run begins, after the collection before it (below)
         scheduled = 0
 
-        async def one_op(holder: list[_Connection | None], seq: int, origin: int) -> bool:
+        async def one_op(holder: list[_Connection | None], seq: int, origin: int, scheduled_at: int) -> bool:
             """Run operation `seq` to its end; True when every call succeeded. The first call's latency
-            counts from `origin` (its scheduled time in open loop), later calls' from their sending."""
-            scheduled_at = origin
+            counts from `origin` (in open loop its scheduled time, or its sending if that came first), later
+            calls' from their sending; `scheduled_at` places the operation in the window or not."""
             generator = op(seq)
             ok = True
             try:
@@ -360,7 +371,7 @@ class LoadGenerator:
             nonlocal ops_in_window, failed_ops
             while time.perf_counter_ns() < end:
                 began = time.perf_counter_ns()
-                ok = await one_op(holder, next(counter), began)
+                ok = await one_op(holder, next(counter), began, began)
                 done = time.perf_counter_ns()
                 if not ok:
                     failed_ops += 1
@@ -378,18 +389,17 @@ class LoadGenerator:
                 if due >= end:
                     break
                 scheduled += 1
-                now = time.perf_counter_ns()
-                if due > now:
-                    await asyncio.sleep((due - now) / 1e9)
+                await wait_until(due)
                 began = time.perf_counter_ns()
-                ok = await one_op(holder, seq, due)
+                origin = min(due, began)  # late: the wait counts; early: from the sending, not the later due time
+                ok = await one_op(holder, seq, origin, due)
                 done = time.perf_counter_ns()
                 if not ok:
                     failed_ops += 1
                 elif due >= measure_from:
                     ops_in_window += 1
-                    op_latencies.append(done - due)  # from the scheduled time: waiting counts
-                    send_lag.append(began - due)
+                    op_latencies.append(done - origin)  # from the scheduled time: waiting counts
+                    send_lag.append(began - due)  # < 0: the timer woke early
             if holder[0] is not None:
                 holder[0].close()
 
