@@ -398,7 +398,7 @@ class LoadGenerator:
                     failed_ops += 1
                 elif due >= measure_from:
                     ops_in_window += 1
-                    op_latencies.append(done - origin)  # from the scheduled time: waiting counts
+                    op_latencies.append(done - origin)  # from the due time (or the earlier sending): waiting counts
                     send_lag.append(began - due)  # < 0: the timer woke early
             if holder[0] is not None:
                 holder[0].close()
