@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from billing.bench.housekeeping import Housekeeping
+from billing.bench.housekeeping import Housekeeping, steal_and_total
 from billing.bench.loadgen import (
     Call,
     LoadGenerator,
@@ -455,13 +455,15 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(_cpu_seconds(pid, reaped=pid == root) for pid in process_tree(root))
 
 
-def machine_cpu_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, all cores, since boot."""
+def machine_cpu_seconds() -> tuple[float, float, float]:
+    """(busy, total, stolen) CPU seconds of the whole machine, all cores, since boot. Busy time includes the
+    stolen: time this machine had work to run while the hypervisor ran other guests."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:9]]
+        line = f.readline()
+    values = [int(v) for v in line.split()[1:9]]
     idle = values[3] + values[4]  # idle + iowait
-    total = sum(values)
-    return (total - idle) / _TICKS, total / _TICKS
+    stolen, total = steal_and_total(line)
+    return (total - idle) / _TICKS, total / _TICKS, stolen / _TICKS
 
 
 def local_postgres(url: str) -> int | None:
@@ -481,7 +483,7 @@ def local_postgres(url: str) -> int | None:
             return None
 
 
-Reading = tuple[float, float | None, float, float]  # service, postgres, machine busy, machine total
+Reading = tuple[float, float | None, float, float, float]  # service, postgres, machine busy, total, stolen
 
 
 class CpuMeter:
@@ -492,19 +494,21 @@ class CpuMeter:
         self.postgres = postgres
 
     def read(self) -> Reading:
-        busy, total = machine_cpu_seconds()
+        busy, total, stolen = machine_cpu_seconds()
         pg = tree_cpu_seconds(self.postgres) if self.postgres else None
-        return tree_cpu_seconds(self.service), pg, busy, total
+        return tree_cpu_seconds(self.service), pg, busy, total, stolen
 
     def since(self, before: Reading, wall_s: float) -> dict[str, float | None]:
-        """% of one core for the service and PostgreSQL; % of all cores for the whole machine."""
-        service1, pg1, busy1, total1 = self.read()
-        service0, pg0, busy0, total0 = before
+        """% of one core for the service and PostgreSQL; % of all cores for the whole machine, and of that the
+        share the hypervisor stole."""
+        service1, pg1, busy1, total1, stolen1 = self.read()
+        service0, pg0, busy0, total0, stolen0 = before
         wall = wall_s or float("inf")
         return {
             "service_cpu_pct": round(100 * (service1 - service0) / wall, 1),
             "postgres_cpu_pct": round(100 * (pg1 - pg0) / wall, 1) if pg0 is not None and pg1 is not None else None,
             "machine_cpu_pct": round(100 * (busy1 - busy0) / (total1 - total0), 1) if total1 > total0 else None,
+            "machine_steal_pct": round(100 * (stolen1 - stolen0) / (total1 - total0), 1) if total1 > total0 else None,
         }
 
 
@@ -912,7 +916,7 @@ async def drive(
             f"errors {summary['errors']} {summary['status_counts']} "
             f"| CPU (100% = one core): load generator {summary['loadgen_cpu_pct']}%, service "
             f"{summary['service_cpu_pct']}%, postgres {summary['postgres_cpu_pct']}%; machine "
-            f"{summary['machine_cpu_pct']}% of {os.cpu_count()} cores"
+            f"{summary['machine_cpu_pct']}% of {os.cpu_count()} cores ({summary['machine_steal_pct']}% stolen)"
         )
         return summary
 

@@ -1,6 +1,7 @@
 """What a latency window contained besides the load: the server's checkpoints and WAL, the disk's writes."""
 
 import os
+import time
 from pathlib import Path
 
 import psycopg
@@ -57,3 +58,31 @@ def test_a_server_on_this_machine_is_found_so_its_windows_report_disk_figures(da
             assert row is not None
             with open(f"/proc/{row[0]}/stat", "rb") as f:
                 assert int(f.read().rsplit(b")", 1)[1].split()[1]) == postmaster
+
+
+def test_stolen_time_is_read_from_the_steal_column_of_proc_stat() -> None:
+    """user nice system idle iowait irq softirq steal guest guest_nice: steal is the eighth figure, and the
+    total is the first eight (guest time is already counted in user)."""
+    from billing.bench.housekeeping import steal_and_total
+
+    assert steal_and_total("cpu  85709 0 16505 293100 1838 0 1975 49 7 0") == (
+        49,
+        85709 + 16505 + 293100 + 1838 + 1975 + 49,
+    )
+
+
+def test_a_window_reports_the_share_of_its_time_the_hypervisor_stole(database_url: str) -> None:
+    from billing.bench.housekeeping import cpu_ticks
+
+    before = cpu_ticks()
+    with Housekeeping(database_url, disk=False) as window:
+        time.sleep(0.35)  # a few samples' worth
+    after = cpu_ticks()
+
+    report = window.report()
+    assert before is not None and after is not None  # Linux: /proc/stat is there
+    stolen = after[0] - before[0]
+    assert report["steal_pct"] is not None and 0.0 <= report["steal_pct"] <= 100.0, report
+    assert report["largest_steal_ms"] is not None and 0 <= report["largest_steal_ms"] <= stolen * 1000 / os.sysconf(
+        "SC_CLK_TCK"
+    ), report
