@@ -16,8 +16,9 @@ them falls inside a 20 s window decides much of that window's p99 — for the se
   burst shows as tens to hundreds of MB.
 - `steal_pct`, `largest_steal_ms`: on a virtual machine, the share of all cores' time the hypervisor gave to
   other guests while this one had work to run (`/proc/stat`'s steal), and the most of it in one SAMPLE_S
-  interval, in milliseconds summed over the cores (None where /proc/stat is missing). The same code on the
-  same 2-core host measured p50 8 to 18 ms at one offered rate from one run to the next, with 0 to 10% stolen.
+  interval, in milliseconds summed over the cores (None where /proc/stat is missing). Up to 17% of a scratch
+  window's time was stolen on one benchmark host (docs/performance.md, session 13): such a window measures
+  the neighbours as much as the code.
 """
 
 from __future__ import annotations
