@@ -77,7 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # uvicorn with httptools and uvloop: HTTP is parsed in the event loop's own thread. Measured against
     # granian (HTTP in a Rust thread, handing each request over to the Python thread) on the 2-core
     # benchmark box, where the service shares the cores with PostgreSQL: 10-25% more charges per second
-    # and lower latency at the same offered rate (docs/performance.md).
+    # and lower latency at the same offered rate (docs/performance.md). Its httptools protocol, extended to
+    # answer the gateway's spending calls without an ASGI task each (billing/gateway/protocol.py).
     uvicorn.run(
         APP_FACTORY,
         factory=True,
@@ -85,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port or settings.port,
         workers=args.workers or settings.server_workers,
         loop="uvloop" if _has_uvloop() else "asyncio",
-        http="httptools",
+        http="billing.gateway.protocol:GatewayProtocol",
         log_level=level if level in ("critical", "error", "warning", "info", "debug") else "info",
         access_log=False,
         server_header=False,

@@ -21,6 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import cast
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,6 +32,7 @@ PREFIX = "bil_"
 REFRESH_AHEAD = 1.0  # seconds before an entry expires when a request starts looking it up again
 
 log = logging.getLogger("billing.auth")
+_UNKNOWN = object()  # not answerable without a lookup
 
 
 def new_secret() -> str:
@@ -60,6 +62,19 @@ class TokenResolver:
 
     async def resolve(self, secret: str) -> Principal | None:
         digest = hash_secret(secret)
+        known = self._known(digest)
+        if known is not _UNKNOWN:
+            return cast(Principal | None, known)
+        lookup = self._lookups.get(digest) or self._look_up(digest)
+        # (shielded: a caller that goes away does not cancel the lookup others wait for)
+        return await asyncio.shield(lookup)
+
+    def known(self, secret: str) -> Principal | None:
+        """`resolve`'s answer when it needs no wait (the bootstrap token, or a live cache entry); else None."""
+        known = self._known(hash_secret(secret))
+        return None if known is _UNKNOWN else cast(Principal | None, known)
+
+    def _known(self, digest: str) -> Principal | object | None:
         if self._bootstrap_hash and hmac.compare_digest(digest, self._bootstrap_hash):
             return Principal(token_id="bootstrap", name="bootstrap-admin", scopes=frozenset({ADMIN}))
         now = self._monotonic()
@@ -68,9 +83,7 @@ class TokenResolver:
             if hit[0] - now <= self._ahead and digest not in self._lookups:
                 self._look_up(digest)  # in the background: this request is answered from the entry
             return hit[1]
-        lookup = self._lookups.get(digest) or self._look_up(digest)
-        # (shielded: a caller that goes away does not cancel the lookup others wait for)
-        return await asyncio.shield(lookup)
+        return _UNKNOWN
 
     def _look_up(self, digest: str) -> asyncio.Task[Principal | None]:
         task = asyncio.get_running_loop().create_task(self._fetch(digest, self._epoch))

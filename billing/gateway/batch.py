@@ -349,7 +349,8 @@ class Batcher(Generic[ItemT]):
         self._watch: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
 
-    async def submit(self, item: ItemT) -> tuple[int, Any, bool]:
+    def enqueue(self, item: ItemT) -> asyncio.Future[tuple[int, Any, bool]]:
+        """Queue `item` for a batch; its future receives the outcome once that batch has committed."""
         self.pending.append(item)
         if (
             self.running == 0
@@ -357,7 +358,7 @@ class Batcher(Generic[ItemT]):
             or (self.running < MAX_IN_FLIGHT and self._late())
         ):
             self._start()
-        return await item.future
+        return item.future
 
     def _start(self) -> None:
         self.running += 1
@@ -481,10 +482,18 @@ def new_future() -> asyncio.Future[tuple[int, Any, bool]]:
 
 class ChargeBatcher(Batcher[_Item]):
     async def charge(self, principal: Principal, data: s.CreateCharge) -> tuple[int, Any, bool]:
-        if data.account is None and data.key is None:
+        queued = self.queue_charge(principal, data)
+        if queued is None:
             return await service.charge(self.ctx, principal, data)  # answers the 400
+        return await queued
+
+    def queue_charge(self, principal: Principal, data: s.CreateCharge) -> asyncio.Future[tuple[int, Any, bool]] | None:
+        """The charge queued for a batch (bad input raises its ApiError first), or None for one that names no
+        payer, which no batch takes (`charge` answers it)."""
+        if data.account is None and data.key is None:
+            return None
         priced = service.price(data)  # bad input is refused before it joins a batch
-        return await self.submit(_Item(principal, new_future(), data.account or data.key, data, priced))
+        return self.enqueue(_Item(principal, new_future(), data.account or data.key, data, priced))
 
     async def _single(self, item: _Item) -> tuple[int, Any, bool]:
         return await service.charge(self.ctx, item.principal, item.data)

@@ -7,12 +7,15 @@ resolves to a principal allowed to spend (the `gateway` scope, or admin), a JSON
 request's schema, and batching on. Then the request goes to the same batcher the Litestar route would
 call, and its outcome — success, refusal, replay or `ApiError` — is written with the same status, body
 bytes and headers. Anything else (another path or method, no or an unknown token, a scope that may not
-spend, a body that does not decode) is handed to Litestar untouched, body included, and answered there:
-every error shape keeps one source.
+spend, a body that does not decode, a charge that names no payer) is handed to Litestar untouched, body
+included, and answered there: every error shape keeps one source. Under `billing serve` most of these
+calls never get here: its HTTP protocol serves them from the same functions a step earlier
+(billing/gateway/protocol.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -20,16 +23,20 @@ from typing import Any
 
 import msgspec
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.serialization import encode_json
 
 from billing.auth.middleware import bearer_secret
 from billing.auth.principal import GATEWAY, Principal
 from billing.errors import ApiError, internal_error, unstorable_text
 from billing.gateway import schemas as s
+from billing.gateway.batch import ChargeBatcher
+from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 
 log = logging.getLogger("billing")
 
 Scope = dict[str, Any]
+Headers = list[tuple[bytes, bytes]]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -40,9 +47,65 @@ _JSON = b"application/json"
 # they go to Litestar unread, or with what was read so far, and its own size limit answers them.
 MAX_BODY = 64 * 1024
 
+Outcome = tuple[int, Any, bool]  # status, body, replayed
+# Queues a decoded call for its batch: the future of its outcome, or None for a call no batch takes.
+Queue = Callable[[Principal, Any], "asyncio.Future[Outcome] | None"]
+
+
+def spending_call(state: State, method: str, path: str) -> tuple[type[msgspec.Struct], Queue] | None:
+    """The request schema and batch queue of a charge, hold or capture request; None for any other, and for
+    all of them when batching is off."""
+    if method != "POST":
+        return None
+    if path == "/v1/charges":
+        charges: ChargeBatcher | None = state.charge_batcher
+        return (s.CreateCharge, charges.queue_charge) if charges is not None else None
+    if path == "/v1/holds":
+        holds: HoldBatcher | None = state.hold_batcher
+        return (s.CreateHold, holds.queue_hold) if holds is not None else None
+    if (capture := _CAPTURE.fullmatch(path)) is not None:
+        hold = capture[1]
+        captures: CaptureBatcher | None = state.capture_batcher
+        if captures is None:
+            return None
+        return s.Capture, lambda principal, data: captures.queue_capture(principal, hold, data)
+    return None
+
+
+def decode(kind: type[msgspec.Struct], headers: Headers, body: bytes | bytearray, principal: Principal | None) -> Any:
+    """The call, when a principal that may spend sent a JSON body that decodes to `kind`; else None."""
+    if principal is None or not principal.has_any(GATEWAY) or not _is_json(headers):
+        return None
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.MsgspecError:
+        return None
+
+
+def answer(outcome: Outcome | BaseException) -> tuple[int, bytes, bool]:
+    """Status, JSON body and whether it is a replay, for a batch's outcome or the error a call raised."""
+    if isinstance(outcome, ApiError):
+        return outcome.status, encode_json(outcome.body()), False
+    if isinstance(outcome, BaseException):
+        refused = unstorable_text(outcome) if isinstance(outcome, Exception) else None
+        if refused is None:
+            log.error("unhandled error", exc_info=outcome)
+            refused = internal_error()
+        return refused.status, encode_json(refused.body()), False
+    status, out, replayed = outcome
+    return status, encode_json(out), replayed
+
+
+def bearer(headers: Headers) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            return bearer_secret(value.decode("latin-1"))
+    return None
+
 
 class GatewayFastPath:
-    """An ASGI app: the gateway's three spending calls served directly, everything else by `app`."""
+    """An ASGI app: the gateway's three spending calls served directly, everything else by `app`. (Under
+    `billing serve`, `GatewayProtocol` serves the same calls a step earlier, and sends here what it cannot.)"""
 
     def __init__(self, app: Litestar) -> None:
         self.app = app
@@ -52,24 +115,8 @@ class GatewayFastPath:
         return getattr(self.app, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)  # type: ignore[arg-type]
-        state = self.app.state
-        path: str = scope["path"]
-        capture = None
-        if path == "/v1/charges":
-            kind: type[msgspec.Struct] = s.CreateCharge
-            batcher = state.charge_batcher
-        elif path == "/v1/holds":
-            kind, batcher = s.CreateHold, state.hold_batcher
-        elif (capture := _CAPTURE.fullmatch(path)) is not None:
-            kind, batcher = s.Capture, state.capture_batcher
-        else:
-            batcher = None
-        if batcher is None:
-            return await self.app(scope, receive, send)  # type: ignore[arg-type]
-
-        if _declared_length(scope) > MAX_BODY:
+        call = spending_call(self.app.state, scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if call is None or declared_length(scope["headers"]) > MAX_BODY:
             return await self.app(scope, receive, send)  # type: ignore[arg-type]
         body = bytearray()
         while True:
@@ -82,61 +129,43 @@ class GatewayFastPath:
             if len(body) > MAX_BODY:  # no gateway call is this large: Litestar reads the rest, or refuses it
                 return await self.app(scope, _replay(bytes(body), receive, more=True), send)  # type: ignore[arg-type]
 
-        principal = await self._principal(scope)
-        data = None
-        if principal is not None and principal.has_any(GATEWAY) and _is_json(scope):
-            try:
-                data = msgspec.json.decode(body, type=kind)
-            except msgspec.MsgspecError:
-                data = None
-        if data is None:
-            return await self.app(scope, _replay(bytes(body), receive), send)  # type: ignore[arg-type]
-
-        assert principal is not None
+        kind, queue = call
+        secret = bearer(scope["headers"])
+        principal = await self.app.state.tokens.resolve(secret) if secret is not None else None
+        data = decode(kind, scope["headers"], body, principal)
+        queued = None
+        outcome: Outcome | BaseException
         try:
-            if capture is not None:
-                status, out, replayed = await batcher.capture(principal, capture[1], data)
-            elif kind is s.CreateHold:
-                status, out, replayed = await batcher.hold(principal, data)
-            else:
-                status, out, replayed = await batcher.charge(principal, data)
-        except ApiError as error:
-            status, out, replayed = error.status, error.body(), False
+            if data is not None:
+                queued = queue(principal, data)  # type: ignore[arg-type]  # (decoded: a principal)
         except Exception as exc:
-            refused = unstorable_text(exc)
-            if refused is None:
-                log.exception("unhandled error")
-                refused = internal_error()
-            status, out, replayed = refused.status, refused.body(), False
+            outcome = exc
+        else:
+            if queued is None:  # Litestar answers it, from the body read here
+                return await self.app(scope, _replay(bytes(body), receive), send)  # type: ignore[arg-type]
+            try:
+                outcome = await queued
+            except Exception as exc:
+                outcome = exc
         self.served += 1
-        payload = encode_json(out)
+        status, payload, replayed = answer(outcome)
         headers = [(b"content-type", _JSON), (b"content-length", b"%d" % len(payload))]
         if replayed:
             headers.append((b"idempotent-replayed", b"true"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _principal(self, scope: Scope) -> Principal | None:
-        """The bearer token's principal, the way BearerAuth finds it; None when there is none."""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                secret = bearer_secret(value.decode("latin-1"))
-                if secret is None:
-                    return None
-                principal: Principal | None = await self.app.state.tokens.resolve(secret)
-                return principal
-        return None
 
-
-def _is_json(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
+def _is_json(headers: Headers) -> bool:
+    for name, value in headers:
         if name == b"content-type":
             return bool(value.split(b";", 1)[0].strip().lower() == _JSON)
     return False
 
 
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope["headers"]:
+def declared_length(headers: Headers) -> int:
+    """The Content-Length header's value; 0 when there is none (or it is not a number)."""
+    for name, value in headers:
         if name == b"content-length":
             return int(value) if value.isdigit() else 0
     return 0

@@ -14,6 +14,7 @@ backlog of waiting requests starts no second batch of a kind; only a late batch 
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,8 +87,11 @@ class HoldBatcher(Batcher[_Hold]):
     backlog = NO_BACKLOG
 
     async def hold(self, principal: Principal, data: s.CreateHold) -> tuple[int, Any, bool]:
+        return await self.queue_hold(principal, data)
+
+    def queue_hold(self, principal: Principal, data: s.CreateHold) -> asyncio.Future[tuple[int, Any, bool]]:
         amount = service.hold_amount(data)  # bad input is refused before it joins a batch
-        return await self.submit(_Hold(principal, new_future(), data.account or data.key, data, amount))
+        return self.enqueue(_Hold(principal, new_future(), data.account or data.key, data, amount))
 
     async def _single(self, item: _Hold) -> tuple[int, Any, bool]:
         return await service.create_hold(self.ctx, item.principal, item.data)
@@ -185,9 +189,12 @@ class CaptureBatcher(Batcher[_Capture]):
     backlog = NO_BACKLOG
 
     async def capture(self, principal: Principal, hold: str, data: s.Capture) -> tuple[int, Any, bool]:
+        return await self.queue_capture(principal, hold, data)
+
+    def queue_capture(self, principal: Principal, hold: str, data: s.Capture) -> asyncio.Future[tuple[int, Any, bool]]:
         hold_id = internal_id("hold", hold, "hold")
         priced = service.price(data)  # bad input is refused before it joins a batch
-        return await self.submit(_Capture(principal, new_future(), None, hold, hold_id, data, priced))
+        return self.enqueue(_Capture(principal, new_future(), None, hold, hold_id, data, priced))
 
     async def _single(self, item: _Capture) -> tuple[int, Any, bool]:
         return await service.resolve_hold(self.ctx, item.principal, item.hold, item.data)

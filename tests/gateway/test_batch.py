@@ -274,7 +274,7 @@ class Recording(Batcher[Queued]):
 
 
 def _submit(batcher: Batcher[Queued], payer: str) -> asyncio.Future[tuple[int, Any, bool]]:
-    return asyncio.ensure_future(batcher.submit(Queued(GATEWAY, new_future(), payer)))
+    return batcher.enqueue(Queued(GATEWAY, new_future(), payer))
 
 
 async def _turns(n: int = 10) -> None:

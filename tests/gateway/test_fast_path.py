@@ -5,6 +5,7 @@ is byte for byte what the Litestar route answers for the same outcome."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -13,7 +14,8 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from billing.gateway.fast import GatewayFastPath
-from tests.conftest import Api
+from billing.settings import Settings
+from tests.conftest import Api, served
 from tests.gateway.conftest import Gateway, funded
 
 
@@ -152,3 +154,32 @@ async def test_a_body_larger_than_any_gateway_call_is_left_to_litestars_limit(
     client.blocking_portal.call(call)
     assert answer[0]["status"] == 413
     assert consumed <= (1 if declared else 12), consumed  # 10 MB and the first chunk past it, at most
+
+
+async def test_a_charge_naming_no_payer_is_answered_by_litestar(
+    client: AsyncTestClient, fast: GatewayFastPath, gw: Gateway
+) -> None:
+    before = fast.served
+    r = await client.post("/v1/charges", json={"generation_id": f"gen-{uuid.uuid4().hex}", "cost": "0.01"},
+                          headers=gw.headers)  # fmt: skip
+    assert r.status_code == 400 and "account" in r.json()["error"]["message"]
+    assert fast.served == before
+
+
+async def test_with_batching_off_every_call_is_litestars(api: Api, settings: Settings) -> None:
+    from billing.app import create_asgi
+
+    account = await funded(api, "1.00")
+    headers = await api.token(["gateway"])
+    unbatched = create_asgi(dataclasses.replace(settings, charge_batching=False))
+    async with served(unbatched) as client:
+        charge = {"account": account, "generation_id": f"gen-{uuid.uuid4().hex}", "cost": "0.10"}
+        assert (await client.post("/v1/charges", json=charge, headers=headers)).status_code == 201
+        hold = {"account": account, "request_id": f"r-{uuid.uuid4().hex}", "amount": "0.20"}
+        held = await client.post("/v1/holds", json=hold, headers=headers)
+        assert held.status_code == 201
+        capture = {"generation_id": f"gen-{uuid.uuid4().hex}", "cost": "0.05"}
+        r = await client.post(f"/v1/holds/{held.json()['id']}/capture", json=capture, headers=headers)
+        assert r.status_code == 200
+    assert unbatched.served == 0
+    assert (await api.balance(account))["balance"] == "0.85"
