@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
+import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -479,3 +480,116 @@ async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_account
     assert (await stuck)[0] == 201
     assert (await api.balance(free))["balance"] == "0.70"
     assert (await api.balance(locked))["balance"] == "0.90"
+
+
+class Writing(Batcher[Queued]):
+    """Each batch stays in flight until its gate opens; the first waits for `decided`, then sends its write
+    (`_writing`). Records each batch's payers and the most batches in flight at once."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.decided = asyncio.Event()
+        self.gates: list[asyncio.Event] = []
+        self.batches: list[list[str]] = []
+        self.in_flight = self.most_in_flight = 0
+
+    async def _run(self, batch: list[Queued]) -> None:
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        self.batches.append([str(item.payer) for item in batch])
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if len(self.batches) == 1:
+                await self.decided.wait()
+                self._writing(batch)
+            await gate.wait()  # the write + COMMIT, in flight
+        finally:
+            self.in_flight -= 1
+        for item in batch:
+            item.future.set_result((200, item.payer, False))
+
+
+@pytest.mark.parametrize("waiting", [3, 2], ids=["enough-waiting", "too-few"])
+async def test_a_batch_that_writes_lets_the_next_one_take_its_payers(client_ctx: Any, waiting: int) -> None:
+    """While a batch decides, requests of its payer wait in memory; once it sends its write, `write_ahead`
+    of them start the next batch at once (its lock would wait in the database for the COMMIT). Fewer wait
+    for the batch's answer, as before."""
+    batcher = Writing(client_ctx)
+    batcher.late_after = 3600.0
+    batcher.backlog = 10**6
+    batcher.write_ahead = 3
+    first = _submit(batcher, "hot")
+    await _turns()
+    later = [_submit(batcher, "hot") for _ in range(waiting)]
+    await _turns()
+    assert batcher.batches == [["hot"]]  # held back while the first decides
+    batcher.decided.set()
+    await _turns()
+    if waiting >= batcher.write_ahead:
+        assert batcher.batches == [["hot"], ["hot"] * waiting] and not first.done()  # beside the first's write
+        assert batcher.busy == {"hot"}  # the second batch's, not the first's any more
+        batcher.gates[0].set()
+        await first
+        assert batcher.busy == {"hot"} and batcher.running == 1  # the first let go of nothing twice
+        batcher.gates[1].set()
+        assert batcher.most_in_flight == 2
+    else:
+        assert batcher.batches == [["hot"]]
+        batcher.gates[0].set()
+        await first
+        await _turns()
+        assert batcher.batches == [["hot"], ["hot"] * waiting]
+        batcher.gates[1].set()
+        assert batcher.most_in_flight == 1
+    await asyncio.gather(*later)
+    assert batcher.running == 0 and not batcher.busy
+
+
+class Overlapping(ChargeBatcher):
+    """Records each batch's size and how many batches were in flight when it began."""
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.in_flight = 0
+        self.began: list[tuple[int, int]] = []
+
+    async def _run(self, batch: list[Any]) -> None:
+        self.began.append((len(batch), self.in_flight))
+        self.in_flight += 1
+        try:
+            await super()._run(batch)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_charges_written_ahead_on_one_account_spend_exactly_the_balance(
+    api: Api, client_ctx: Any, engine: AsyncEngine
+) -> None:
+    """Sixty $0.01 charges on a $0.50 account, in two batches where the second begins beside the first's
+    write (its lock waiting in PostgreSQL for that COMMIT): exactly fifty are charged, nothing overspent."""
+    account = await funded(api, "0.50")
+    batcher = Overlapping(client_ctx)
+    batcher.late_after = 3600.0
+    batcher.backlog = 10**6
+    batcher.write_ahead = 1
+
+    def charges(n: int) -> list[asyncio.Future[tuple[int, Any, bool]]]:
+        return [asyncio.ensure_future(batcher.charge(GATEWAY, _charge(account=account, cost="0.01"))) for _ in range(n)]
+
+    async with engine.connect() as holder:
+        await _lock_balance(holder, account)  # the first batch waits on it: the rest arrive meanwhile
+        first = charges(10)
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if account in batcher.busy:
+                break
+        assert account in batcher.busy, "the first batch never started"
+        rest = charges(50)
+        await _turns()
+        assert len(batcher.pending) == 50
+        await holder.rollback()
+    answers = await asyncio.wait_for(asyncio.gather(*first, *rest), timeout=60)
+    assert [a[0] for a in answers] == [201] * 50 + [402] * 10
+    assert batcher.began == [(10, 0), (50, 1)]  # the second began while the first was in flight
+    assert (await api.balance(account))["balance"] == "0.00"
