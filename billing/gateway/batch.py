@@ -65,13 +65,6 @@ BACKLOG = 4
 # up to MAX_IN_FLIGHT batches of a kind.
 LATE_AFTER_S = 0.05
 MAX_IN_FLIGHT = 4
-# When a charge batch sends its write + COMMIT and this many requests wait (its own payers' included), the next
-# batch starts then: its BEGIN, lock and state read travel while the write does, its lock waits in PostgreSQL
-# for that COMMIT, and its state is read after it. Otherwise the next batch starts only once the batch in
-# flight is answered, one round trip later. The hot account at 32 connections, nine alternating pairs on a host
-# moving by ±15% between runs (session 14, docs/performance.md): −15% to +20%, median +5% charges per second,
-# PostgreSQL 7–8 points of a core busier (more, smaller transactions); at half the maximum rarely this many wait.
-WRITE_AHEAD = 4
 
 
 def json_rows(param: str, columns: dict[str, str]) -> str:
@@ -342,20 +335,16 @@ class Batcher(Generic[ItemT]):
     One batch is in flight at a time, unless `backlog` requests of other payers wait (then a second takes
     them), or one has been in flight `late_after` seconds: then the requests waiting for other payers go ahead
     in another (found by the next request to arrive, or by a check every `late_after` while batches are in
-    flight). The batches started that way retire once there is no backlog and none is late. A batch that
-    has decided and sends its write (`_writing`) holds no payer back: with `write_ahead` requests waiting, the
-    next batch starts then, and its lock waits in the database for the first one's COMMIT."""
+    flight). The batches started that way retire once there is no backlog and none is late."""
 
     late_after = LATE_AFTER_S
     backlog = BACKLOG
-    write_ahead = WRITE_AHEAD
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.pending: list[ItemT] = []
         self.running = 0  # drains (tasks taking batches one after another)
-        self.busy: set[str | None] = set()  # payers of the batches in flight, until they write (`_writing`)
-        self._writing_now: set[int] = set()  # batches (by id) whose payers `_writing` already let go
+        self.busy: set[str | None] = set()  # payers of the batches in flight
         self._began: dict[object, float] = {}  # batches in flight → when (loop time)
         self._watch: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
@@ -425,25 +414,12 @@ class Batcher(Generic[ItemT]):
                 except Exception:
                     await self._one_by_one([item for item in batch if not item.future.done()])
                 finally:
-                    if id(batch) in self._writing_now:
-                        self._writing_now.discard(id(batch))
-                    else:
-                        self.busy -= payers
+                    self.busy -= payers
                     del self._began[token]
                 if self.running > 1 and not self._late() and not (self.running == 2 and self._backlog()):
                     break  # started beside a late batch or for a backlog: back to one in flight
         finally:
             self.running -= 1
-
-    def _writing(self, batch: list[ItemT]) -> None:
-        """Called by `_run` once `batch` is decided, just before its write + COMMIT is sent. Its payers are no
-        longer held back in memory: a next batch may take their requests, since its lock waits in PostgreSQL
-        until this batch commits and its state is read after that. A next batch starts now when
-        `write_ahead` requests wait for payers no other batch has (WRITE_AHEAD says why)."""
-        self.busy -= {item.payer for item in batch}
-        self._writing_now.add(id(batch))
-        if self.running < MAX_IN_FLIGHT and sum(1 for item in self.pending if self._free(item)) >= self.write_ahead:
-            self._start()
 
     def _next_batch(self) -> list[ItemT]:
         """Up to MAX_BATCH waiting requests, in arrival order, leaving those whose payer a batch in flight
@@ -575,9 +551,7 @@ class ChargeBatcher(Batcher[_Item]):
                     continue
                 entry_n = writes.spend(state, row, data, item.priced, spend, now, hold_id=None)
                 answers[n] = _Written(row, spend, entry_n)
-            statement = writes.statement(now.date().replace(day=1))
-            self._writing(batch)
-            (entry_ids,) = await tx.run(statement, commit=True)
+            (entry_ids,) = await tx.run(writes.statement(now.date().replace(day=1)), commit=True)
 
         def charged(item: _Item, done: _Written) -> tuple[int, Any, bool]:
             entry_id = entry_ids[done.entry_n - 1].id if done.entry_n else None
