@@ -9,7 +9,8 @@ backlog of waiting requests starts no second batch of a kind; only a late batch 
   batch is admitted against the earlier ones.
 - Captures: what each spends goes through the same `BatchWrites` as a charge (entry, generation, key
   counters, BYOK month, carried forward per account); the holds are marked captured in the same commit.
-  Releases stay one transaction each.
+  A capture naming a generation id already recorded for something else is answered 409 on its own,
+  writing nothing; the batch's other captures go ahead. Releases stay one transaction each.
 """
 
 from __future__ import annotations
@@ -157,12 +158,13 @@ class HoldBatcher(Batcher[_Hold]):
         await self._answer(batch, answers, opened, later)
 
 
-_CAPTURES = json_rows("items", {"n": "int", "hold": "bigint"})
+_CAPTURES = json_rows("items", {"n": "int", "hold": "bigint", "generation": "text"})
 LOCK_CAPTURES = f"""SELECT account_id FROM balances
 WHERE account_id = ANY(ARRAY(SELECT (SELECT account_id FROM holds WHERE id = x.hold) FROM {_CAPTURES}))
 ORDER BY account_id FOR UPDATE"""
 STATE_CAPTURES = (
-    f"SELECT x.n, st.* FROM {_CAPTURES} JOIN LATERAL ({service.RESOLVE_BYOK_SQL.replace(':hold', 'x.hold')}) st"
+    f"SELECT x.n, st.* FROM {_CAPTURES} JOIN LATERAL"
+    f" ({service.RESOLVE_BYOK_SQL.replace(':hold', 'x.hold').replace(':generation', 'x.generation')}) st"
     " ON true ORDER BY x.n"
 )
 CAPTURE_HOLDS = f"""UPDATE holds SET status = 'captured', resolved_at = now(), resolution = x.resolution
@@ -204,7 +206,7 @@ class CaptureBatcher(Batcher[_Capture]):
         await ctx.journal.ensure_loaded(ctx.db)
         now = clock.now()
         month = now.date().replace(day=1)
-        items = [{"n": n, "hold": i.hold_id} for n, i in enumerate(batch, start=1)]
+        items = [{"n": n, "hold": i.hold_id, "generation": i.data.generation_id} for n, i in enumerate(batch, start=1)]
         params = {"items": JSON.encode(items).decode(), "now": now, "month": month}
         answers: dict[int, tuple[int, Any, bool] | BaseException | _Captured] = {}
         later: list[_Capture] = []  # resolved already, or twice in this batch: answered on their own afterwards
@@ -232,6 +234,10 @@ class CaptureBatcher(Batcher[_Capture]):
                     continue
                 if row.hx_status != "open" or row.hx_id in holds or data.generation_id in generations:
                     later.append(item)
+                    continue
+                reused = service.generation_reused(row, data.generation_id)
+                if reused is not None:
+                    answers[n] = reused
                     continue
                 holds.add(row.hx_id)
                 generations.add(data.generation_id)

@@ -118,20 +118,15 @@ HOLD_SQL = _state_sql(
 )
 _HOLDER = "(SELECT account_id FROM holds WHERE id = :hold)"
 LOCK_HOLDER = _lock_sql(_HOLDER)
-RESOLVE_SQL = _state_sql(
-    _HOLDER,
-    "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
+# A hold's state, and whether the capture's generation id (`:generation`; NULL for a release) is taken.
+_RESOLVE_COLUMNS = (
     ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
-    " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution",
-    "JOIN holds hx ON hx.id = :hold",
+    " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution" + _GEN_COLUMNS
 )
-RESOLVE_BYOK_SQL = _state_sql(
-    _HOLDER,
-    "k.id = (SELECT key_id FROM holds WHERE id = :hold)",
-    ", hx.id AS hx_id, hx.request_id AS hx_request_id, hx.amount AS hx_amount, hx.status AS hx_status,"
-    " hx.expires_at AS hx_expires_at, hx.created_at AS hx_created_at, hx.resolution AS hx_resolution" + _BYOK_COLUMNS,
-    "JOIN holds hx ON hx.id = :hold\n" + _BYOK_JOINS,
-)
+_RESOLVE_JOINS = "JOIN holds hx ON hx.id = :hold\n" + _GEN_JOINS
+_HOLD_KEY = "k.id = (SELECT key_id FROM holds WHERE id = :hold)"
+RESOLVE_SQL = _state_sql(_HOLDER, _HOLD_KEY, _RESOLVE_COLUMNS, _RESOLVE_JOINS)
+RESOLVE_BYOK_SQL = _state_sql(_HOLDER, _HOLD_KEY, _RESOLVE_COLUMNS + _BYOK_COLUMNS, _RESOLVE_JOINS + "\n" + _BYOK_JOINS)
 
 GENERATION_VIEW = text("""
 SELECT g.*, a.public_id AS account, k.public_id AS key, m.public_id AS member, e.id AS entry
@@ -624,7 +619,8 @@ async def resolve_hold(
     ctx: Context, principal: Principal, hold: str, data: s.Capture | s.Release
 ) -> tuple[int, Any, bool]:
     """Capture (post the actual cost; less releases the rest, more is still charged) or release a hold.
-    A hold resolves at most once; the same resolution again is replayed; an expired hold cannot resolve.
+    A hold resolves at most once; the same resolution again is replayed; an expired hold cannot resolve;
+    a capture naming a generation id recorded for something else is a 409 (`generation_reused`).
     """
     hold_id = internal_id("hold", hold, "hold")
     capture = isinstance(data, s.Capture)
@@ -633,38 +629,56 @@ async def resolve_hold(
     now = clock.now()
     fp = fingerprint(data)
     sql = RESOLVE_BYOK_SQL if isinstance(data, s.Capture) and data.is_byok else RESOLVE_SQL
-    params = {"hold": hold_id, "now": now, "month": now.date().replace(day=1)}
-    async with pipeline.transaction(ctx.db) as tx:
-        row = await _locked(tx, principal, LOCK_HOLDER, sql, params, "hold", hold)
-        if data.account is not None and data.account != row.account:
-            raise not_found("hold", hold)
-        if row.hx_status == "refused":
-            raise not_found("hold", hold)
-        hold_out = resolved_view(row, "captured" if capture else "released")
-        if expired(row, now):
-            raise hold_expired(hold, row)
-        if row.hx_status != "open":
-            previous = row.hx_resolution or {}
-            if previous.get("fingerprint") != fp:
-                raise ApiError(
-                    409, INVALID_REQUEST, "hold_already_resolved", f"Hold {hold!r} is already {row.hx_status}."
-                )
-            replay: Any = hold_out
-            if previous.get("generation_id"):
-                async with ctx.db.connect() as conn:
-                    generation = await generation_view(conn, previous["generation_id"])
-                replay = s.CaptureOut(hold=hold_out, generation=generation)  # type: ignore[arg-type]
-            return 200, replay, True
-        if isinstance(data, s.Capture):
-            assert priced is not None
-            spend = spend_for(row, priced)
-            rider = _resolution_rider(hold_id, "captured", fp, data.generation_id)
-            entry_id = await _write_spend(ctx, tx, row, data, priced, spend, now, hold_id=hold_id, extra=[rider])
-            generation = generation_out(row, data, priced, spend, now, entry_id, hold_id)
-            return 200, s.CaptureOut(hold=hold_out, generation=generation), False
-        statement = ctx.journal.riders_statement([_resolution_rider(hold_id, "released", fp, None)])
-        await tx.run((statement.sql, statement.params), commit=True)
-        return 200, hold_out, False
+    generation_id = data.generation_id if isinstance(data, s.Capture) else None
+    params = {"hold": hold_id, "now": now, "month": now.date().replace(day=1), "generation": generation_id}
+    try:
+        async with pipeline.transaction(ctx.db) as tx:
+            row = await _locked(tx, principal, LOCK_HOLDER, sql, params, "hold", hold)
+            if data.account is not None and data.account != row.account:
+                raise not_found("hold", hold)
+            if row.hx_status == "refused":
+                raise not_found("hold", hold)
+            hold_out = resolved_view(row, "captured" if capture else "released")
+            if expired(row, now):
+                raise hold_expired(hold, row)
+            if row.hx_status != "open":
+                previous = row.hx_resolution or {}
+                if previous.get("fingerprint") != fp:
+                    raise ApiError(
+                        409, INVALID_REQUEST, "hold_already_resolved", f"Hold {hold!r} is already {row.hx_status}."
+                    )
+                replay: Any = hold_out
+                if previous.get("generation_id"):
+                    async with ctx.db.connect() as conn:
+                        generation = await generation_view(conn, previous["generation_id"])
+                    replay = s.CaptureOut(hold=hold_out, generation=generation)  # type: ignore[arg-type]
+                return 200, replay, True
+            if isinstance(data, s.Capture):
+                assert priced is not None
+                if (reused := generation_reused(row, data.generation_id)) is not None:
+                    raise reused
+                spend = spend_for(row, priced)
+                rider = _resolution_rider(hold_id, "captured", fp, data.generation_id)
+                entry_id = await _write_spend(ctx, tx, row, data, priced, spend, now, hold_id=hold_id, extra=[rider])
+                generation = generation_out(row, data, priced, spend, now, entry_id, hold_id)
+                return 200, s.CaptureOut(hold=hold_out, generation=generation), False
+            statement = ctx.journal.riders_statement([_resolution_rider(hold_id, "released", fp, None)])
+            await tx.run((statement.sql, statement.params), commit=True)
+            return 200, hold_out, False
+    except UniqueViolation as exc:
+        # Recorded by another account's charge or capture after this state read (on the same account it
+        # would have waited for the lock and been read).
+        if generation_id is None or "uq_generations_generation_id" not in str(exc):
+            raise
+        raise _conflict("generation_id", generation_id) from None
+
+
+def generation_reused(row: Any, generation_id: str) -> ApiError | None:
+    """A capture of an open hold whose generation id is already recorded — for a charge, or for another
+    hold's capture — reuses an idempotency key with a different request: 409 `idempotency_key_reused`,
+    nothing written (SPEC §4). (The same capture again finds its hold captured and replays first.)
+    `row` is a RESOLVE_SQL state row read with the capture's generation id."""
+    return _conflict("generation_id", generation_id) if row.g_id is not None else None
 
 
 def resolved_view(row: Any, status: str) -> s.HoldOut:

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
 
-from tests.conftest import Api
+from billing.settings import Settings
+from tests.conftest import Api, served
 
 
 class Gateway:
@@ -47,6 +50,23 @@ class Gateway:
 @pytest.fixture
 async def gw(api: Api, client: AsyncTestClient) -> Gateway:
     return Gateway(client, await api.token(["gateway"]))
+
+
+@pytest.fixture(params=["batched", "single"])
+async def gw_path(
+    request: pytest.FixtureRequest, api: Api, client: AsyncTestClient, settings: Settings
+) -> AsyncIterator[Gateway]:
+    """The gateway's calls served by batches, then (the second run) each in a transaction of its own, as with
+    batching off or a failed batch's retry: both paths decide with the same rules, and a test of a rule
+    runs on both."""
+    headers = await api.token(["gateway"])
+    if request.param == "batched":
+        yield Gateway(client, headers)
+        return
+    from billing.app import create_asgi
+
+    async with served(create_asgi(dataclasses.replace(settings, charge_batching=False))) as single:
+        yield Gateway(single, headers)
 
 
 async def funded(api: Api, amount: str = "1.00", kind: str = "user") -> str:

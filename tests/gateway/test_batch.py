@@ -244,6 +244,54 @@ async def test_one_batch_of_captures_charges_each_once_and_closes_its_holds(
     assert len({r.tx for r in rows}) == 1  # one transaction captured them all
 
 
+async def test_a_capture_naming_a_taken_generation_id_is_409_and_its_batch_still_captures_the_rest(
+    api: Api, gw: Gateway, client_ctx: Any, engine: AsyncEngine
+) -> None:
+    """A capture in a batch naming a generation id recorded already — by a charge, or by an earlier capture in
+    the same batch — is answered 409 on its own and writes nothing; the batch's other captures commit together."""
+    account = await funded(api, "1.00")
+    charged = f"gen-{uuid.uuid4().hex}"
+    await gw.charge(account=account, generation_id=charged, cost="0.10")
+    h1, h2, h3, h4 = [(await gw.hold(account=account, amount="0.10")).json()["id"] for _ in range(4)]
+    tag = uuid.uuid4().hex
+
+    def capture(generation_id: str) -> s.Capture:
+        return msgspec.convert({"generation_id": generation_id, "cost": "0.10"}, s.Capture)
+
+    captures = [
+        (h1, capture(f"{tag}-1")),
+        (h2, capture(charged)),  # a charge's generation id
+        (h3, capture(f"{tag}-1")),  # the generation id h1's capture takes in this batch
+        (h4, capture(f"{tag}-4")),
+    ]
+    batcher = CaptureBatcher(client_ctx)
+    outcomes = [
+        _answer(o)
+        for o in await asyncio.gather(*(batcher.capture(GATEWAY, h, c) for h, c in captures), return_exceptions=True)
+    ]
+
+    assert [o[0] for o in outcomes] == [200, 409, 409, 200]
+    assert {outcomes[i][1]["error"]["code"] for i in (1, 2)} == {"idempotency_key_reused"}
+    balance = await api.balance(account)
+    assert (balance["balance"], balance["held"]) == ("0.70", "0.20")  # h2 and h3 still open
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT g.generation_id, g.hold_id, g.xmin::text AS tx FROM generations g"
+                    " WHERE g.generation_id LIKE :tagged OR g.generation_id = :charged ORDER BY g.id"
+                ),
+                {"tagged": f"{tag}-%", "charged": charged},
+            )
+        ).all()
+    assert [(r.generation_id, r.hold_id) for r in rows] == [
+        (charged, None),
+        (f"{tag}-1", int(h1.removeprefix("hold_"))),
+        (f"{tag}-4", int(h4.removeprefix("hold_"))),
+    ]
+    assert rows[1].tx == rows[2].tx  # one transaction captured both: the batch did not fail as a whole
+
+
 class Recording(Batcher[Queued]):
     """Records each batch's payers and how many batches were in flight at once; the first batch stays in
     flight until `release` is set."""
@@ -445,6 +493,24 @@ async def test_holds_and_captures_waiting_behind_a_batch_go_in_the_next_one_back
         assert len(by_tx) == 1, f"the {kind}s that waited went in {len(by_tx)} batches"
 
 
+async def waiting_on_a_lock(engine: AsyncEngine, gone: asyncio.Future[Any] | None = None) -> bool:
+    """Whether a session of this test database comes to wait on a lock within 5 s (checked every 10 ms; not
+    once `gone`, the call expected to wait, has ended)."""
+    async with engine.connect() as watcher:
+        for _ in range(500):
+            waiting = await watcher.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                )
+            )
+            await watcher.rollback()  # (each check in a transaction of its own: pg_stat_activity is a snapshot)
+            if waiting or (gone is not None and gone.done()):
+                return bool(waiting)
+            await asyncio.sleep(0.01)
+    return False
+
+
 async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_accounts(
     api: Api, client_ctx: Any, engine: AsyncEngine
 ) -> None:
@@ -456,19 +522,7 @@ async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_account
     async with engine.connect() as holder:
         await _lock_balance(holder, locked)
         stuck = asyncio.ensure_future(batcher.charge(GATEWAY, _charge(account=locked, cost="0.10")))
-        async with engine.connect() as watcher:  # until the stuck charge waits on the lock
-            for _ in range(500):
-                waiting = await watcher.scalar(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND datname = current_database()"
-                    )
-                )
-                await watcher.rollback()
-                if waiting:
-                    break
-                await asyncio.sleep(0.01)
-            assert waiting, "the charge never waited on the locked row"
+        assert await waiting_on_a_lock(engine), "the charge never waited on the locked row"
         answers = await asyncio.wait_for(
             asyncio.gather(*(batcher.charge(GATEWAY, _charge(account=free, cost="0.10")) for _ in range(3))),
             timeout=30,

@@ -1,9 +1,21 @@
-"""Holds: reserve, capture (less, more), release, at most once, expiry, 402 refusals."""
+"""Holds: reserve, capture (less, more), release, at most once, expiry, 402 refusals, generation ids."""
 
+import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import msgspec
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from billing.errors import ApiError
+from billing.gateway import schemas as s
+from billing.gateway import service
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway, funded
+from tests.gateway.test_batch import GATEWAY, waiting_on_a_lock
 
 
 async def test_capture_less_releases_the_rest(api: Api, gw: Gateway) -> None:
@@ -53,6 +65,71 @@ async def test_capture_retry_replays_and_never_double_charges(api: Api, gw: Gate
     other = await gw.capture(hold["id"], expect=409, generation_id=body["generation_id"], cost="0.30")
     assert other.json()["error"]["code"] == "hold_already_resolved"
     assert (await api.balance(acct))["balance"] == "0.80"
+
+
+async def _generations(engine: AsyncEngine, generation_id: str) -> list[Any]:
+    async with engine.connect() as conn:
+        return list(
+            (
+                await conn.execute(
+                    text("SELECT hold_id, total_cost FROM generations WHERE generation_id = :g"), {"g": generation_id}
+                )
+            ).all()
+        )
+
+
+async def test_capture_naming_another_generations_id_is_409_and_writes_nothing(
+    api: Api, gw_path: Gateway, engine: AsyncEngine
+) -> None:
+    """SPEC §4: a generation id is an idempotency key. A capture naming one already recorded — by a one-shot
+    charge, or by another hold's capture — reuses it with a different request: 409, nothing written, the hold
+    still open. The same capture again still replays."""
+    gw = gw_path
+    acct = await funded(api, "1.00")
+    charged, captured = f"gen-{uuid.uuid4().hex}", f"gen-{uuid.uuid4().hex}"
+    await gw.charge(account=acct, generation_id=charged, cost="0.10")
+    first = (await gw.hold(account=acct, amount="0.20")).json()["id"]
+    done = await gw.capture(first, generation_id=captured, cost="0.10")
+    hold = (await gw.hold(account=acct, amount="0.20")).json()["id"]
+    for taken in (charged, captured):
+        r = await gw.capture(hold, expect=409, generation_id=taken, cost="0.10")
+        assert r.json()["error"]["code"] == "idempotency_key_reused"
+        assert len(await _generations(engine, taken)) == 1
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["held"], balance["total_usage"]) == ("0.80", "0.20", "0.20")
+    again = await gw.capture(first, generation_id=captured, cost="0.10")
+    assert again.json() == done.json() and again.headers.get("idempotent-replayed") == "true"
+    await gw.capture(hold, cost="0.10")  # still open: captured under a generation id of its own
+    assert (await api.balance(acct))["balance"] == "0.70"
+
+
+async def test_capture_whose_generation_id_another_account_records_meanwhile_is_409(
+    api: Api, gw: Gateway, client_ctx: Any, engine: AsyncEngine
+) -> None:
+    """Another account's charge records the generation id after the capture read its state (it takes another
+    balance row's lock, so nothing makes the two wait for each other until the unique constraint does): still a
+    409, not the constraint's error."""
+    acct, other = await funded(api, "1.00"), await funded(api, "1.00")
+    hold = (await gw.hold(account=acct, amount="0.20")).json()["id"]
+    generation_id = f"gen-{uuid.uuid4().hex}"
+    capture = msgspec.convert({"generation_id": generation_id, "cost": "0.10"}, s.Capture)
+    async with engine.connect() as charging:
+        await charging.execute(  # what a $0 charge on the other account writes: its generation, no entry
+            text(
+                "INSERT INTO generations (generation_id, account_id, status, fingerprint, total_cost)"
+                " SELECT :g, id, 'charged', 'another request', 0 FROM accounts WHERE public_id = :a"
+            ),
+            {"g": generation_id, "a": other},
+        )
+        capturing = asyncio.ensure_future(service.resolve_hold(client_ctx, GATEWAY, hold, capture))
+        assert await waiting_on_a_lock(engine, capturing), "the capture never waited on the other generation"
+        await charging.commit()
+    with pytest.raises(ApiError) as refused:
+        await capturing
+    assert (refused.value.status, refused.value.code) == (409, "idempotency_key_reused")
+    assert await _generations(engine, generation_id) == [(None, 0)]
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["held"]) == ("1.00", "0.20")
 
 
 async def test_hold_refused_when_available_cannot_cover(api: Api, gw: Gateway) -> None:
