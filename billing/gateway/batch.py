@@ -248,7 +248,7 @@ class BatchWrites:
         self.generation(entry_n, service.generation_row(row, g, priced, spend, now, hold_id=hold_id))
         byok = priced.byok_list_cost or ZERO
         if row.key_id is not None:
-            state.keys[row.key_id] = state.keys[row.key_id].plus(now, ZERO if g.is_byok else spend.amount, byok)
+            state.keys[row.key_id] = service.key_usage_after(state.keys[row.key_id], priced, spend, now)
             self.keys[row.key_id] = state.keys[row.key_id]
         if g.is_byok:
             state.month_list_usage += byok

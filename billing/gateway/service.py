@@ -45,6 +45,7 @@ from billing.ledger.usage import (
     MAX_REQUEST_COST,
     ByokPolicy,
     KeyLimit,
+    KeyUsage,
     Prices,
     TokenUsage,
     admit,
@@ -294,6 +295,13 @@ def spend_for(row: Any, priced: Priced) -> Spend:
     return Spend(fee, fee, policy.id, EntryKind.BYOK_FEE, Platform.BYOK_FEE_REVENUE)
 
 
+def key_usage_after(usage: KeyUsage, priced: Priced, spend: Spend, now: datetime) -> KeyUsage:
+    """A key's counters after one generation (SPEC §5 Per-key limits): `usage*` counts the credits it took —
+    its cost, or its BYOK fee, as a key's limit caps the credits spent through it, fees included — and
+    `byok_usage*` its BYOK list-price cost (paid upstream)."""
+    return usage.plus(now, spend.amount, priced.byok_list_cost or ZERO)
+
+
 def generation_row(
     row: Any,
     g: s.Generation,
@@ -358,9 +366,8 @@ def riders_for(
     ]
     if status != "charged":
         return riders
-    byok_usage = priced.byok_list_cost or ZERO
     if row.key_id is not None:
-        counters = key_usage(row).plus(now, spend.amount if not g.is_byok else ZERO, byok_usage)
+        counters = key_usage_after(key_usage(row), priced, spend, now)
         riders.append(
             Rider("k", UPDATE_KEY, {"k_id": row.key_id, **{f"k_{n}": getattr(counters, n) for n in counters.__slots__}})
         )  # type: ignore[attr-defined]
@@ -372,7 +379,7 @@ def riders_for(
                 {
                     "m_account": row.account_id,
                     "m_month": now.date().replace(day=1),
-                    "m_list": byok_usage,
+                    "m_list": priced.byok_list_cost,
                     "m_fee": spend.amount,
                 },
             )

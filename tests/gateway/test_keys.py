@@ -78,6 +78,28 @@ async def test_byok_counts_toward_limit_only_when_included(api: Api, gw: Gateway
     assert (b["byok_usage"], b["usage"], b["limit_remaining"]) == ("0.60", "0.00", "1.00")
 
 
+async def test_byok_fees_count_as_the_keys_usage_and_against_its_limit(
+    api: Api, gw_path: Gateway, client: AsyncTestClient, clock_at: Any
+) -> None:
+    """A BYOK fee is credits spent through the key: it counts in the key's `usage*` like a cost, and the key's
+    limit caps it (SPEC §5 Per-key limits). The list-price cost counts in `byok_usage*` only."""
+    gw = gw_path
+    clock_at(datetime(2026, 8, 10, tzinfo=UTC))
+    acct = await funded(api, "100.00")
+    for cost in ("9000.00", "9000.00", "7000.00"):  # the month's $25,000 allowance used up
+        await gw.charge(account=acct, is_byok=True, byok_list_cost=cost)
+    key = (await new_key(client, acct, limit="1.00", limit_reset="monthly"))["id"]
+    for _ in range(2):
+        assert (await gw.charge(key=key, is_byok=True, byok_list_cost="10.00")).json()["byok_fee"] == "0.50"
+    view = await read_key(client, key)
+    assert (view["usage"], view["usage_monthly"], view["byok_usage"], view["limit_remaining"]) == (
+        "1.00", "1.00", "20.00", "0.00",
+    )  # fmt: skip
+    r = await gw.charge(expect=402, key=key, is_byok=True, byok_list_cost="10.00")
+    assert r.json()["error"]["limit_source"] == "key_limit"
+    assert (await api.balance(acct))["balance"] == "99.00"
+
+
 async def test_disabled_expired_and_deleted_keys_cannot_spend(
     api: Api, gw: Gateway, client: AsyncTestClient, engine: AsyncEngine, clock_at
 ) -> None:  # type: ignore[no-untyped-def]
