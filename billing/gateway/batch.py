@@ -535,8 +535,7 @@ class ChargeBatcher(Batcher[_Item]):
                 try:
                     key = service.check_key(row, data.key, now)
                     spend = service.spend_for(row, item.priced)
-                    if spend.amount > 0:
-                        service.admit_on(row, spend.amount, key, now)
+                    service.admit_spend(row, item.priced, spend, key, now)
                 except ApiError as error:
                     answers[n] = error
                     continue

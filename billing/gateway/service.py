@@ -218,7 +218,7 @@ def lots_of(row: Any) -> tuple[LotBalance, ...]:
     return tuple(LotBalance(*t) for t in zip(row.lot_ids, row.lot_remaining, row.lot_expires, strict=True))
 
 
-def admit_on(row: Any, amount: Decimal, key: KeyLimit | None, now: datetime) -> None:
+def admit_on(row: Any, amount: Decimal, key: KeyLimit | None, now: datetime, byok: Decimal = ZERO) -> None:
     """`admit` against an account's state row: its spendable balance, open holds and the key's holds."""
     admit(
         amount,
@@ -227,6 +227,7 @@ def admit_on(row: Any, amount: Decimal, key: KeyLimit | None, now: datetime) -> 
         key=key,
         key_held=row.key_held or ZERO,
         now=now,
+        byok=byok,
     )
 
 
@@ -293,6 +294,14 @@ def spend_for(row: Any, priced: Priced) -> Spend:
         enterprise=row.enterprise,
     )
     return Spend(fee, fee, policy.id, EntryKind.BYOK_FEE, Platform.BYOK_FEE_REVENUE)
+
+
+def admit_spend(row: Any, priced: Priced, spend: Spend, key: KeyLimit | None, now: datetime) -> None:
+    """May a one-shot charge spend (the single and the batched path)? Credits must cover what it takes — its
+    cost, or its BYOK fee — and the key's limit what it counts there: that, plus the BYOK list-price cost on a
+    key that includes BYOK in its limit (SPEC §5 Per-key limits; `admit`). A charge that takes nothing and
+    counts nothing against a limit is never refused."""
+    admit_on(row, spend.amount, key, now, byok=priced.byok_list_cost or ZERO)
 
 
 def key_usage_after(usage: KeyUsage, priced: Priced, spend: Spend, now: datetime) -> KeyUsage:
@@ -455,8 +464,7 @@ async def charge(ctx: Context, principal: Principal, data: s.CreateCharge) -> tu
             key = check_key(row, data.key, now)
             spend = spend_for(row, priced)
             try:
-                if spend.amount > 0:
-                    admit_on(row, spend.amount, key, now)
+                admit_spend(row, priced, spend, key, now)
             except Refused as refused:
                 error = from_refusal(refused)
                 riders = riders_for(

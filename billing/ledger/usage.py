@@ -172,25 +172,29 @@ def admit(
     key: KeyLimit | None,
     key_held: Decimal,
     now: datetime,
+    byok: Decimal = ZERO,
 ) -> None:
-    """May a request reserve or spend `amount`? (SPEC §5 Refusals.) Refused with 402 when the balance is
-    ≤ 0, when available credits cannot cover it, or when the key's limit cannot; `limit_source` says which
-    and `available` is the most that would fit. `balance` is the spendable balance (see `spendable`).
+    """May a request reserve or spend `amount` of credits? (SPEC §5 Refusals, Per-key limits.) Refused with
+    402 when it takes credits and the balance is ≤ 0 or available credits cannot cover it, or when the key's
+    limit cannot cover what the request counts there: `amount`, plus `byok` — a BYOK generation's list-price
+    cost, paid upstream — when the key includes BYOK in its limit (credits cover the fee alone). `limit_source`
+    says which and `available` is the most that would fit. `balance` is the spendable balance (see `spendable`).
     """
     available = max(balance - held, ZERO)
     key_room = key.remaining(now, key_held) if key is not None else None
     fits = available if key_room is None else min(available, key_room)
-    if balance <= 0 or available < amount:
+    if amount > 0 and (balance <= 0 or available < amount):
         raise Refused(
             outcomes.INSUFFICIENT_CREDITS,
             f"Available credits ({format_money(available)} USD) cannot cover {format_money(amount)} USD.",
             limit_source="credits",
             available=format_money(fits),
         )
-    if key_room is not None and key_room < amount:
+    counted = amount + (byok if key is not None and key.include_byok else ZERO)
+    if key_room is not None and key_room < counted:
         raise Refused(
             outcomes.INSUFFICIENT_CREDITS,
-            f"The key's limit leaves {format_money(key_room)} USD; cannot cover {format_money(amount)} USD.",
+            f"The key's limit leaves {format_money(key_room)} USD; cannot cover {format_money(counted)} USD.",
             limit_source="key_limit",
             available=format_money(fits),
         )

@@ -131,6 +131,40 @@ async def test_one_batch_of_mixed_charges_writes_what_single_charges_would(
     assert generations == 1
 
 
+async def test_one_batch_admits_byok_charges_against_a_key_limit_that_includes_byok(
+    api: Api, client: AsyncTestClient, client_ctx: Any
+) -> None:
+    """A key that includes BYOK in its limit: in one batch each BYOK charge needs room for its list-price cost
+    (and fee) under the limit as the batch's earlier charges left it, as when charged on its own."""
+    account = await funded(api, "10.00")
+    key = (
+        await client.post(
+            f"/v1/accounts/{account}/keys", json={"name": "k", "limit": "1.00", "include_byok_in_limit": True},
+            headers=ADMIN,
+        )
+    ).json()["id"]  # fmt: skip
+    charges = [
+        _charge(key=key, is_byok=True, byok_list_cost="0.60"),
+        _charge(key=key, is_byok=True, byok_list_cost="0.60"),  # 0.40 left: refused, key_limit
+        _charge(key=key, cost="0.30"),
+        _charge(key=key, is_byok=True, byok_list_cost="0.20"),  # 0.10 left: refused
+        _charge(key=key, is_byok=True, byok_list_cost="0.10"),  # exactly what is left
+    ]
+    batcher = ChargeBatcher(client_ctx)
+    outcomes = [
+        _answer(o) for o in await asyncio.gather(*(batcher.charge(GATEWAY, c) for c in charges), return_exceptions=True)
+    ]
+
+    assert [o[0] for o in outcomes] == [201, 402, 201, 402, 201]
+    assert [(outcomes[i][1]["error"]["limit_source"], outcomes[i][1]["error"]["available"]) for i in (1, 3)] == [
+        ("key_limit", "0.40"),
+        ("key_limit", "0.10"),
+    ]
+    view = (await client.get(f"/v1/keys/{key}", headers=ADMIN)).json()
+    assert (view["byok_usage"], view["usage"], view["limit_remaining"]) == ("0.70", "0.30", "0.00")
+    assert (await api.balance(account))["balance"] == "9.70"
+
+
 async def test_one_batch_of_holds_admits_in_arrival_order_against_credits_and_key_limits(
     api: Api, client: AsyncTestClient, client_ctx: Any, engine: AsyncEngine
 ) -> None:

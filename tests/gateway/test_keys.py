@@ -100,6 +100,36 @@ async def test_byok_fees_count_as_the_keys_usage_and_against_its_limit(
     assert (await api.balance(acct))["balance"] == "99.00"
 
 
+async def test_byok_included_in_a_keys_limit_is_enforced_on_byok_charges(
+    api: Api, gw_path: Gateway, client: AsyncTestClient, clock_at: Any
+) -> None:
+    """include_byok_in_limit (SPEC §5 Per-key limits): a BYOK charge needs room under the key's limit for its
+    list-price cost plus its fee, and is refused like any other charge when there is none (402 key_limit, the
+    room left as `available`). Credits still cover only the fee: an account with one cent may run a BYOK
+    generation inside the allowance."""
+    gw = gw_path
+    clock_at(datetime(2026, 8, 10, tzinfo=UTC))
+    acct = await funded(api, "100.00")
+    key = (await new_key(client, acct, limit="1.00", include_byok_in_limit=True))["id"]
+    await gw.charge(key=key, is_byok=True, byok_list_cost="0.60")
+    r = await gw.charge(expect=402, key=key, is_byok=True, byok_list_cost="0.60")
+    assert (r.json()["error"]["limit_source"], r.json()["error"]["available"]) == ("key_limit", "0.40")
+    await gw.charge(key=key, is_byok=True, byok_list_cost="0.40")
+    view = await read_key(client, key)
+    assert (view["byok_usage"], view["usage"], view["limit_remaining"]) == ("1.00", "0.00", "0.00")
+
+    for cost in ("9000.00", "9000.00", "7000.00"):  # the month's $25,000 allowance used up: 5% fees from here
+        await gw.charge(account=acct, is_byok=True, byok_list_cost=cost)
+    key = (await new_key(client, acct, limit="1.00", include_byok_in_limit=True))["id"]
+    r = await gw.charge(expect=402, key=key, is_byok=True, byok_list_cost="0.96")  # 0.96 + 0.048 > 1.00
+    assert (r.json()["error"]["limit_source"], r.json()["error"]["available"]) == ("key_limit", "1.00")
+    assert (await gw.charge(key=key, is_byok=True, byok_list_cost="0.95")).json()["byok_fee"] == "0.0475"
+
+    poor = await funded(api, "0.01")
+    key = (await new_key(client, poor, limit="5.00", include_byok_in_limit=True))["id"]
+    assert (await gw.charge(key=key, is_byok=True, byok_list_cost="2.00")).json()["byok_fee"] == "0.00"
+
+
 async def test_disabled_expired_and_deleted_keys_cannot_spend(
     api: Api, gw: Gateway, client: AsyncTestClient, engine: AsyncEngine, clock_at
 ) -> None:  # type: ignore[no-untyped-def]
