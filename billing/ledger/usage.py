@@ -205,8 +205,9 @@ def admit(
 
 @dataclass(frozen=True, slots=True)
 class ByokPolicy:
-    """Versioned fee rule. `allowance_usd`: the first N USD of list-price BYOK usage a month are free.
-    `free_requests`: the first N BYOK requests a month are free (the older policy). Beyond: `rate` × list cost.
+    """Versioned fee rule. `allowance_usd`: the first N USD of list-price BYOK usage a month are free
+    (`enterprise_allowance_usd` for enterprise accounts, where the policy gives one). `free_requests`: the
+    first N BYOK requests a month are free (the older policy). Beyond: `rate` × list cost.
     """
 
     id: int
@@ -221,13 +222,18 @@ def byok_fee(
     policy: ByokPolicy, *, list_cost: Decimal, month_list_usage: Decimal, month_requests: int, enterprise: bool
 ) -> Decimal:
     """The fee on one BYOK request. A request straddling the allowance pays only on the part above it.
-    Rounded half-up to 1e-12 USD (the ledger's resolution), the one rounding this rule makes.
+    An enterprise account's allowance is the policy's `enterprise_allowance_usd`; under a policy that gives
+    none it is the standard `allowance_usd`, never nothing (SPEC §5 BYOK gives enterprise accounts the larger
+    allowance, not a smaller one). Rounded half-up to 1e-12 USD (the ledger's resolution), the one rounding
+    this rule makes.
     """
     if policy.kind == "free_requests":
         billable = ZERO if month_requests < (policy.free_requests or 0) else list_cost
     else:
-        allowance = (policy.enterprise_allowance_usd if enterprise else policy.allowance_usd) or ZERO
-        free_left = max(allowance - month_list_usage, ZERO)
+        allowance = policy.allowance_usd
+        if enterprise and policy.enterprise_allowance_usd is not None:
+            allowance = policy.enterprise_allowance_usd
+        free_left = max((allowance or ZERO) - month_list_usage, ZERO)
         billable = max(list_cost - free_left, ZERO)
     return (billable * policy.rate).quantize(QUANTUM, rounding=ROUND_HALF_UP)
 

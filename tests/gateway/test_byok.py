@@ -2,10 +2,13 @@
 list-price cost from credits, only on the part above the allowance; the older per-request policy too."""
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 
+from billing.context import Context
+from billing.jobs.byok import reconcile_byok
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway
 
@@ -61,6 +64,36 @@ async def test_enterprise_allowance_is_200k(api: Api, gw: Gateway, client: Async
     acct = await _account(api, client, enterprise=True)
     for _ in range(3):
         assert (await _byok(gw, acct, "9000.00"))["byok_fee"] == "0.00"  # 27,000 > 25,000: still free
+
+
+async def test_enterprise_allowance_falls_back_to_the_standard_one(
+    api: Api, gw: Gateway, client: AsyncTestClient, client_ctx: Context, clock_at
+) -> None:  # type: ignore[no-untyped-def]
+    """A policy version that gives only `allowance_usd` gives it to enterprise accounts too, not nothing: an
+    enterprise account never gets less than a standard one. The fee reconciliation applies the same rule."""
+    r = await client.post(
+        "/v1/byok_fee_policies",
+        json={
+            "kind": "allowance_usd",
+            "allowance_usd": "30000",
+            "rate": "0.05",
+            "effective_from": "2040-01-01T00:00:00Z",
+        },
+        headers=ADMIN,
+    )
+    assert r.status_code == 201, r.text
+    clock_at(datetime(2040, 2, 1, tzinfo=UTC))
+    accounts = [await _account(api, client), await _account(api, client, enterprise=True)]
+    for acct in accounts:
+        fees = [(await _byok(gw, acct, cost))["byok_fee"] for cost in ("9000.00", "9000.00", "9000.00", "3000.00")]
+        assert fees == ["0.00"] * 4, acct  # the $30,000 allowance
+        assert (await _byok(gw, acct, "10.00"))["byok_fee"] == "0.50"  # and no more
+    async with client_ctx.db.connect() as conn:
+        ids = list(
+            (await conn.execute(text("SELECT id FROM accounts WHERE public_id = ANY(:a)"), {"a": accounts})).scalars()
+        )
+    run = await reconcile_byok(client_ctx, date(2040, 2, 1), now=datetime(2040, 2, 2, tzinfo=UTC), account_ids=ids)
+    assert (run.accounts, run.corrections) == (2, [])
 
 
 async def test_older_free_requests_policy_is_expressible(
