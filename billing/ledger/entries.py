@@ -256,10 +256,12 @@ def dispute_won(
     description: str,
 ) -> Entry:
     """A dispute decided for us: what its clawback took is given back — the credits as a new `paid` lot
-    (with the purchase lot's expiry; existing debt is paid from it first), the fee to fee revenue."""
-    if credits <= 0:
-        raise ValueError("a won dispute gives back credits")
-    postings = new_lot_postings(customer, credits, debt)
+    (with the purchase lot's expiry; existing debt is paid from it first), the fee to fee revenue. Either may
+    be zero: a dispute of a purchase whose credits were already refunded took only the fee, and gives only
+    the fee back (no lot)."""
+    if credits < 0 or fee < 0 or credits + fee <= 0:
+        raise ValueError("a won dispute gives back a positive amount")
+    postings = new_lot_postings(customer, credits, debt) if credits else []
     if fee:
         postings.append(Posting(Platform.PURCHASE_FEE_REVENUE, fee))
     postings.append(Posting(Platform.DISPUTES, -(credits + fee)))
@@ -268,7 +270,7 @@ def dispute_won(
         customer=customer,
         postings=tuple(postings),
         credits_delta=credits,
-        new_lot=NewLot(LotCategory.PAID, credits, expires_at),
+        new_lot=NewLot(LotCategory.PAID, credits, expires_at) if credits else None,
         description=description,
         reverses=reverses,
     )

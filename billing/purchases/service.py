@@ -944,7 +944,10 @@ async def dispute_closed(ctx: Context, conn: AsyncConnection, dispute: Dispute) 
         Customer(row.account_id), credits=row.amount, fee=row.fee_amount,
         expires_at=lot.expires_at if lot else clock.now() + timedelta(days=ctx.settings.default_lot_expiry_days),
         debt=state.debt, reverses=row.entry_id,
-        description=f"dispute {dispute.id} of purchase {p.public_id} won: credits given back",
+        description=(
+            f"dispute {dispute.id} of purchase {p.public_id} won:"
+            f" {format_money(row.amount + row.fee_amount)} USD given back"
+        ),
     )  # fmt: skip
     rider = Rider(
         "won",

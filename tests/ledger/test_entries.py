@@ -72,6 +72,25 @@ def test_grant_refusals() -> None:
     assert info.value.code == "expiry_in_past"
 
 
+def test_won_dispute_gives_back_what_its_opening_took() -> None:
+    both = entries.dispute_won(C, credits=D("15"), fee=D("0.83"), expires_at=LATER, debt=D(0), reverses=1,
+                               description="d")  # fmt: skip
+    assert both.postings == (
+        Posting(C, D("15"), NEW_LOT),
+        Posting(Platform.PURCHASE_FEE_REVENUE, D("0.83")),
+        Posting(Platform.DISPUTES, D("-15.83")),
+    )
+    fee_only = entries.dispute_won(C, credits=D(0), fee=D("0.83"), expires_at=LATER, debt=D("-3"), reverses=1,
+                                   description="d")  # fmt: skip
+    assert fee_only.postings == (
+        Posting(Platform.PURCHASE_FEE_REVENUE, D("0.83")),
+        Posting(Platform.DISPUTES, D("-0.83")),
+    )
+    assert fee_only.new_lot is None and fee_only.balance_delta == 0 and fee_only.credits_delta == 0
+    with pytest.raises(ValueError, match="positive amount"):
+        entries.dispute_won(C, credits=D(0), fee=D(0), expires_at=LATER, debt=D(0), reverses=1, description="d")
+
+
 def test_consume_takes_soonest_expiring_live_lots_first() -> None:
     lots = [
         LotBalance(1, D("5"), NOW + timedelta(days=30)),

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tests.conftest import ADMIN, Api
 from tests.purchases.conftest import buy, pay, spend
+from tests.purchases.test_refunds import charge_refunded
 from tests.stripe_helpers import event, signed_headers
 
 
@@ -100,6 +101,30 @@ async def test_won_dispute_gives_the_credits_back_once(api: Api, client: AsyncTe
     assert (await dispute_row(engine, dp)).status == "won"
     lots = (await client.get(f"/v1/accounts/{acct}/lots", headers=ADMIN)).json()["data"]
     assert sorted(lot["remaining"] for lot in lots) == ["0.00", "5.00"]  # the new lot paid the debt first
+
+
+async def test_won_dispute_after_a_fee_only_dispute_gives_the_fee_back(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    """The credits were refunded at Stripe first, so the dispute took only the fee: winning it gives back
+    what its opening took, the fee to revenue, and no credits."""
+    acct, p = await paid(api, client)  # 15.00 credits + 0.83 fee
+    payload = charge_refunded(p, 1500)  # the credits refunded in Stripe's dashboard
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.json()["outcome"] == "refund_booked", r.text
+    fee_before = await platform_total(engine, "purchase_fee_revenue")
+    dp = "dp_" + uuid.uuid4().hex[:14]
+    opened = await send(client, "charge.dispute.created", dispute(p, "needs_response", 83, dispute_id=dp))
+    assert opened["outcome"] == "dispute_booked"
+    row = await dispute_row(engine, dp)
+    assert (row.amount, row.fee_amount) == (Decimal(0), Decimal("0.83"))
+    assert await platform_total(engine, "purchase_fee_revenue") == fee_before - Decimal("0.83")
+    for outcome in ("dispute_won", "dispute is won"):
+        assert (await send(client, "charge.dispute.closed", dispute(p, "won", 83, dispute_id=dp)))["outcome"] == outcome
+    assert (await dispute_row(engine, dp)).status == "won"
+    assert await platform_total(engine, "purchase_fee_revenue") == fee_before
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["total_credits"]) == ("0.00", "0.00")
 
 
 async def test_closing_event_before_the_opening_one(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
