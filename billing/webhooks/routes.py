@@ -28,8 +28,9 @@ class WebhookReceipt(msgspec.Struct):
     tags=["stripe"],
     summary="Stripe webhooks (signed; deduplicated on event id)",
     description=(
-        "2xx: recorded (handled, ignored as an unknown type, or kept for review). 400: bad signature, stale"
-        " timestamp or malformed event; nothing changed. 5xx: handling failed and nothing was kept; Stripe retries."
+        "2xx: recorded (handled, ignored as an unknown type, or kept for review: no purchase matches, or the"
+        " object lacks a field its handler uses). 400: bad signature, stale timestamp or malformed event (no `id`,"
+        " `type` or `data.object`); nothing changed. 5xx: handling failed and nothing was kept; Stripe retries."
     ),
     responses=error_responses(400, 503),
     status_code=200,

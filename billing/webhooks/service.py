@@ -6,7 +6,9 @@ Stripe delivers at least once, in any order, and retries for days. So:
   failure rolls the row back too, the endpoint answers 5xx, and Stripe's retry handles it afresh;
 - money moves only through `fulfil_payment`, keyed by the PaymentIntent, so two different events for one
   payment (a PaymentIntent and its Checkout Session) still credit it once;
-- an unknown event type is recorded as `ignored`; an event no purchase matches is kept as `needs_review`.
+- an unknown event type is recorded as `ignored`; an event no purchase matches is kept as `needs_review`, and
+  so is one whose object lacks a field its handler uses (an `id`, an integer amount): it is signed, so it
+  is kept for a person to look at, never a 5xx that Stripe would retry for days.
 """
 
 from __future__ import annotations
@@ -50,11 +52,24 @@ def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def _text(value: Any) -> str | None:
+    """A string field of an event's object; None when it is absent, empty or not a string."""
+    return value if isinstance(value, str) and value else None
+
+
 def _id(value: Any) -> str | None:
     """A Stripe reference, expanded or not."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    return value if isinstance(value, str) and value else None
+    return _text(value.get("id") if isinstance(value, dict) else value)
+
+
+def _purchase_id(obj: dict[str, Any]) -> str | None:
+    """Our purchase id, from the object's metadata."""
+    return _text(_metadata(obj).get("purchase_id"))
+
+
+def _session_purchase_id(session: dict[str, Any]) -> str | None:
+    """A Checkout Session names our purchase in its metadata or as its `client_reference_id`."""
+    return _purchase_id(session) or _text(session.get("client_reference_id"))
 
 
 def _fulfilled(f: purchases.Fulfilment) -> Handled:
@@ -65,14 +80,15 @@ def _fulfilled(f: purchases.Fulfilment) -> Handled:
 
 async def payment_intent_succeeded(ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any]) -> Handled:
     """Credit the payment (once)."""
+    payment_intent = _text(pi.get("id"))
     received = pi.get("amount_received", pi.get("amount"))
-    if not isinstance(received, int):
-        return Handled("needs_review", "payment intent without an integer amount")
+    if payment_intent is None or not isinstance(received, int):
+        return Handled("needs_review", "payment intent without an id or an integer amount")
     payment = Payment(
-        payment_intent=pi["id"],
+        payment_intent=payment_intent,
         amount_cents=received,
         currency=str(pi.get("currency", "")),
-        purchase_id=_metadata(pi).get("purchase_id"),
+        purchase_id=_purchase_id(pi),
         source=f"stripe_event:{event_id}",
     )
     return _fulfilled(await purchases.fulfil_payment(ctx, payment, conn=conn))
@@ -80,9 +96,13 @@ async def payment_intent_succeeded(ctx: Context, conn: AsyncConnection, event_id
 
 async def payment_intent_failed(ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any]) -> Handled:
     """Mark the purchase failed (no money moved; a purchase already paid stays paid)."""
-    error = pi.get("last_payment_error") or {}
+    payment_intent = _text(pi.get("id"))
+    if payment_intent is None:
+        return Handled("needs_review", "payment intent without an id")
+    error = pi.get("last_payment_error")
+    error = error if isinstance(error, dict) else {}
     purchase = await purchases.fail_payment(
-        conn, pi["id"], _metadata(pi).get("purchase_id"), error.get("code"), error.get("message")
+        conn, payment_intent, _purchase_id(pi), _text(error.get("code")), _text(error.get("message"))
     )
     if purchase is None:
         return Handled("needs_review", "no purchase matches this payment")
@@ -92,13 +112,16 @@ async def payment_intent_failed(ctx: Context, conn: AsyncConnection, event_id: s
 async def checkout_session_paid(ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any]) -> Handled:
     """`checkout.session.completed` (paid now, or awaiting an asynchronous payment) and
     `checkout.session.async_payment_succeeded`: credit the session's PaymentIntent once."""
+    session_id = _text(session.get("id"))
+    if session_id is None:
+        return Handled("needs_review", "checkout session without an id")
     payment_intent = _id(session.get("payment_intent"))
-    purchase_id = _metadata(session).get("purchase_id") or session.get("client_reference_id")
+    purchase_id = _session_purchase_id(session)
     if session.get("payment_status") != "paid":
         found = await purchases.find_purchase(conn, payment_intent, purchase_id)
         if found is None:
             return Handled("needs_review", "no purchase matches this checkout session")
-        await purchases.bind_checkout_session(conn, found.id, session["id"], payment_intent)
+        await purchases.bind_checkout_session(conn, found.id, session_id, payment_intent)
         return Handled("processed", "awaiting_payment", found.id)
     amount = session.get("amount_total")
     if payment_intent is None or not isinstance(amount, int):
@@ -109,7 +132,7 @@ async def checkout_session_paid(ctx: Context, conn: AsyncConnection, event_id: s
         currency=str(session.get("currency", "")),
         purchase_id=purchase_id,
         source=f"stripe_event:{event_id}",
-        checkout_session=session["id"],
+        checkout_session=session_id,
     )
     return _fulfilled(await purchases.fulfil_payment(ctx, payment, conn=conn))
 
@@ -118,9 +141,12 @@ async def checkout_session_failed(
     ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any]
 ) -> Handled:
     """`checkout.session.async_payment_failed`: the purchase failed (no money moved)."""
-    purchase_id = _metadata(session).get("purchase_id") or session.get("client_reference_id")
     purchase = await purchases.fail_payment(
-        conn, _id(session.get("payment_intent")), purchase_id, "async_payment_failed", "The payment did not complete."
+        conn,
+        _id(session.get("payment_intent")),
+        _session_purchase_id(session),
+        "async_payment_failed",
+        "The payment did not complete.",
     )
     if purchase is None:
         return Handled("needs_review", "no purchase matches this checkout session")
@@ -144,7 +170,7 @@ async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, ch
                 payment_intent=payment_intent,
                 amount_cents=amount,
                 currency=str(charge.get("currency", "")),
-                purchase_id=_metadata(charge).get("purchase_id"),
+                purchase_id=_purchase_id(charge),
                 source=f"stripe_event:{event_id}",
             ),
             conn=conn,
@@ -156,7 +182,7 @@ async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, ch
         ctx,
         conn,
         payment_intent=payment_intent,
-        purchase_id=_metadata(charge).get("purchase_id"),
+        purchase_id=_purchase_id(charge),
         amount_refunded_cents=refunded,
         stripe_refund=None,  # the charge's cumulative amount is the key; its refund list may be elided
         source=f"stripe_event:{event_id}",
@@ -185,10 +211,10 @@ async def refund_changed(ctx: Context, conn: AsyncConnection, event_id: str, obj
     refund = purchases.StripeRefund(
         id=obj["id"],
         payment_intent=_id(obj.get("payment_intent")),
-        purchase_id=_metadata(obj).get("purchase_id"),
+        purchase_id=_purchase_id(obj),
         amount_cents=amount,
         status=str(obj.get("status") or ""),
-        failure_reason=obj.get("failure_reason"),
+        failure_reason=_text(obj.get("failure_reason")),
         reported_at=await _event_created(conn, event_id),
     )
     result = await purchases.refund_undone(ctx, conn, refund)
@@ -208,7 +234,7 @@ def _dispute(obj: dict[str, Any]) -> purchases.Dispute | None:
         payment_intent=_id(obj.get("payment_intent")),
         amount_cents=amount,
         status=str(obj.get("status", "")),
-        reason=obj.get("reason"),
+        reason=_text(obj.get("reason")),
     )
 
 

@@ -260,6 +260,50 @@ async def test_payment_failed_marks_the_purchase_and_never_undoes_a_success(
     assert (await api.balance(acct))["balance"] == "10.00"
 
 
+@pytest.mark.parametrize(
+    ("type_", "status"),
+    [
+        ("payment_intent.succeeded", "succeeded"),
+        ("payment_intent.payment_failed", "requires_payment_method"),
+        ("checkout.session.completed", "paid"),
+        ("checkout.session.completed", "unpaid"),
+    ],
+)
+async def test_an_event_whose_object_lacks_its_id_is_kept_for_review_and_changes_nothing(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, type_: str, status: str
+) -> None:
+    """Signed, so not a 400 for a bad signature, and never a 5xx that Stripe retries for days: the handler
+    checks the fields it uses and keeps the event `needs_review`, as for any other event it cannot apply."""
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]
+    if type_.startswith("checkout"):
+        obj = checkout_session(p["payment_intent"], cents(p), p["id"], payment_status=status)
+    else:
+        obj = payment_intent(p["payment_intent"], cents(p), p["id"], status=status)
+    del obj["id"]
+    before = await full_snapshot(engine)
+    payload = event(type_, obj)
+    r = await deliver(client, payload)
+    assert r.status_code == 200 and r.json()["status"] == "needs_review", r.text
+    assert "without an id" in (await event_row(engine, payload)).outcome
+    after = await full_snapshot(engine)
+    assert after["counts"]["stripe_events"] == before["counts"]["stripe_events"] + 1
+    after["counts"]["stripe_events"] = before["counts"]["stripe_events"]
+    assert after == before
+
+
+async def test_a_payment_failure_whose_error_is_not_an_object_still_fails_the_purchase(
+    api: Api, client: AsyncTestClient
+) -> None:
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "10"))["purchase"]
+    failed = payment_intent(p["payment_intent"], cents(p), p["id"], last_payment_error="card_declined")
+    r = await deliver(client, event("payment_intent.payment_failed", failed))
+    assert r.status_code == 200 and r.json()["outcome"] == "payment_failed", r.text
+    got = await purchase(client, p["id"])
+    assert (got["status"], got["failure_code"]) == ("failed", None)
+
+
 async def test_checkout_session_async_payment(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
     acct = (await api.account())["id"]
     p = (await buy(client, acct, "20"))["purchase"]
