@@ -63,6 +63,15 @@ def money_field(
     return value
 
 
+def storable_text(raw: str | None, field: str) -> str | None:
+    """A text field of a request, or a 400 `unstorable_text` naming it: PostgreSQL cannot store the NUL
+    character. Checked up front where the write comes after something that cannot be undone (a Stripe call);
+    elsewhere the database's own refusal is answered the same way (`errors.unstorable_text`)."""
+    if raw is not None and "\x00" in raw:
+        raise invalid("unstorable_text", f"`{field}` must not contain the NUL character (\\u0000).", field)
+    return raw
+
+
 def rate_field(raw: str, field: str, *, upto_one: bool) -> Decimal:
     """A fraction with at most 6 decimals (the rate columns' scale: a finer rate would be rounded by the
     database, silently), from 0 to 1 (or below 1)."""

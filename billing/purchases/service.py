@@ -9,6 +9,7 @@ entry, so a payment is credited once however many events or callers point at it.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -34,8 +35,10 @@ from billing.ledger.outcomes import Refused
 from billing.organizations.service import authorize, find_account_to_act_for
 from billing.purchases import fees, refunds
 from billing.purchases import schemas as s
-from billing.schemas import ListOf, money_field, public_id, rate_field
+from billing.schemas import ListOf, money_field, public_id, rate_field, storable_text
 from billing.stripe_client import CURRENCY, payment_method_params
+
+log = logging.getLogger("billing.purchases")
 
 MAX_PAGE = 100
 
@@ -233,6 +236,16 @@ def purchase_public_id(scope: str, key: str, request_fingerprint: str) -> str:
 def stripe_unavailable(exc: Exception) -> ApiError:
     return ApiError(
         503, API, "stripe_unavailable", f"Stripe did not accept the payment: {exc}. Nothing was charged; retry."
+    )
+
+
+def refund_not_recorded(stripe_refund: str) -> ApiError:
+    return ApiError(
+        503,
+        API,
+        "refund_not_recorded",
+        f"Stripe made refund {stripe_refund}, but the ledger could not record it. Retry with the same"
+        " Idempotency-Key: Stripe answers with this refund, never a second one.",
     )
 
 
@@ -664,12 +677,18 @@ async def refund_purchase(
     (SPEC §5). Stripe refunds first (idempotently), then one `refund` entry takes the credits out of the
     purchase's lot, in the same transaction, under the account's lock.
 
-    Should the commit fail after Stripe refunded, Stripe's `charge.refunded` event reflects the refund
-    through `reflect_stripe_refunds`, so the ledger still ends up right.
+    A 4xx always means no money moved: every input — the amount, the refund rules, text the database could
+    not store (`reason`) — is checked before Stripe is asked. Once Stripe has refunded, nothing is answered
+    as a 4xx, which would invite a corrected request and so a second refund: a failure to record the refund
+    rolls the transaction back and answers 503 `refund_not_recorded`. A retry with the same Idempotency-Key
+    gets the same Stripe refund (Stripe's idempotency key is derived from ours) and records it; without one,
+    Stripe's `charge.refunded` event reflects it through `reflect_stripe_refunds`, as it does should the
+    commit itself fail, so the ledger still ends up right.
     """
     if stripe_client is None:
         raise ApiError(503, API, "stripe_not_configured", "Payments are not configured (STRIPE_API_KEY).")
     requested = None if data.amount is None else _amount(data.amount)
+    storable_text(data.reason, "reason")
     body = msgspec.json.encode(data)
     scope = principal.idempotency_scope
     refund_id = "ref_" + purchase_public_id(scope, idempotency_key, fingerprint("POST", path, body))[4:]
@@ -700,16 +719,20 @@ async def refund_purchase(
             )
         except stripe.StripeError as exc:
             raise stripe_unavailable(exc) from exc
-        entry = entries.refund(
-            Customer(p.account_id), credits=credits, lot=lot.id, purchase_id=p.public_id, reason=data.reason,
-            actor=principal.actor,
-        )  # fmt: skip
-        rider = _refund_rider(
-            public=refund_id, purchase=p.id, account=p.account_id, credits=credits, fee=Decimal(0), source="api",
-            stripe_refund=stripe_refund.id, reason=data.reason, actor=principal.actor,
-        )  # fmt: skip
-        await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
-        fresh = await _purchase_row(conn, principal, purchase)
+        try:
+            entry = entries.refund(
+                Customer(p.account_id), credits=credits, lot=lot.id, purchase_id=p.public_id, reason=data.reason,
+                actor=principal.actor,
+            )  # fmt: skip
+            rider = _refund_rider(
+                public=refund_id, purchase=p.id, account=p.account_id, credits=credits, fee=Decimal(0),
+                source="api", stripe_refund=stripe_refund.id, reason=data.reason, actor=principal.actor,
+            )  # fmt: skip
+            await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+            fresh = await _purchase_row(conn, principal, purchase)
+        except Exception as exc:  # Stripe has refunded: never the caller's fault from here on (see above)
+            log.error("refund %s made at Stripe as %s, not recorded", refund_id, stripe_refund.id, exc_info=exc)
+            raise refund_not_recorded(stripe_refund.id) from exc
         view = purchase_view(fresh, now)
         [made] = [x for x in view.refunds if x.id == refund_id]
         return 201, msgspec.to_builtins(s.RefundCreated(refund=made, purchase=view))

@@ -100,6 +100,12 @@ async def refund(client: AsyncTestClient, purchase: str, headers: dict[str, str]
     return await client.post(f"/v1/purchases/{purchase}/refunds", json=body, headers=headers or {**ADMIN, **key()})
 
 
+def refunds_at_stripe(localstripe: str, payment_intent: str) -> list[int]:
+    """The amounts (cents) Stripe refunded of a PaymentIntent, smallest first."""
+    r = httpx.get(f"{localstripe}/v1/refunds", params={"payment_intent": payment_intent}, auth=(LOCAL_API_KEY, ""))
+    return sorted(x["amount"] for x in r.json()["data"])
+
+
 async def refund_postings(engine: AsyncEngine, entry: str) -> list[tuple[str, str]]:
     async with engine.connect() as conn:
         rows = await conn.execute(
@@ -202,6 +208,46 @@ async def test_who_may_refund(api: Api, client: AsyncTestClient, localstripe: st
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "idempotency_key_required"
 
 
+async def test_input_refused_as_a_4xx_refunds_nothing_at_stripe(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
+) -> None:
+    """A 4xx invites a corrected request: so every input is checked before Stripe is asked, text the
+    database cannot store included, and the corrected request is the only refund."""
+    acct, p = await paid_purchase(api, client, localstripe)
+    before = await full_snapshot(engine)
+    r = await refund(client, p["id"], amount="5.00", reason="customer\u0000asked")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unstorable_text", r.text
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == []
+    assert await full_snapshot(engine) == before
+    r = await refund(client, p["id"], amount="5.00", reason="customer asked")
+    assert r.status_code == 201, r.text
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [500]
+    assert (await api.balance(acct))["balance"] == "10.00"
+
+
+async def test_a_failure_after_stripe_refunded_is_never_a_4xx_and_the_retry_records_the_same_refund(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once Stripe has refunded, a failure to record it (here the database refusing text) is a 503 with
+    nothing kept; a retry with the same Idempotency-Key gets the same Stripe refund and records it once."""
+    from billing.purchases import service as purchases
+
+    acct, p = await paid_purchase(api, client, localstripe)
+    real = purchases._refund_rider
+    monkeypatch.setattr(purchases, "_refund_rider", lambda **kw: real(**{**kw, "reason": "un\u0000storable"}))
+    headers = {**ADMIN, **key()}
+    before = await full_snapshot(engine)
+    r = await refund(client, p["id"], headers, amount="5.00")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "refund_not_recorded", r.text
+    assert await full_snapshot(engine) == before
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [500]
+    monkeypatch.setattr(purchases, "_refund_rider", real)
+    r = await refund(client, p["id"], headers, amount="5.00")
+    assert r.status_code == 201, r.text
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [500]
+    assert (await api.balance(acct))["balance"] == "10.00"
+
+
 def charge_refunded(p: dict[str, Any], cumulative_cents: int, **extra: Any) -> bytes:
     return event(
         "charge.refunded",
@@ -298,8 +344,5 @@ async def test_concurrent_refunds_never_exceed_the_lot(
     assert {a.json()["error"]["code"] for a in answers if a.status_code == 409} == {"refund_exceeds_remaining"}
     purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
     assert (purchase["refunded"], purchase["lot"]["remaining"]) == ("12.00", "3.00")
-    at_stripe = httpx.get(
-        f"{localstripe}/v1/refunds", params={"payment_intent": p["payment_intent"]}, auth=(LOCAL_API_KEY, "")
-    ).json()["data"]
-    assert sorted(r["amount"] for r in at_stripe) == [400, 400, 400]  # Stripe refunded exactly what was booked
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [400, 400, 400]  # exactly what was booked
     assert (await api.balance(acct))["balance"] == "3.00"
