@@ -643,7 +643,8 @@ class ByokMonthClosingRow(Base):
 
 class AutoTopupRow(Base):
     """An account's auto top-up: when its balance is below `threshold`, buy `amount` off-session with the
-    saved card. `declines` counts consecutive declines; at 3 it is disabled with `disabled_reason`."""
+    saved card. `declines` counts consecutive declines; at 3 it is disabled with `disabled_reason`, as it is
+    when the pricing in force refuses `amount`."""
 
     __tablename__ = "auto_topups"
 

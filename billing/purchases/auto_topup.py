@@ -4,12 +4,19 @@ amount off-session with the saved card, through an ordinary purchase.
 The gateway's hot path is not touched: the periodic job `run_auto_topups` (actor `auto_topup`) finds the
 accounts below their threshold. For each it first claims an attempt — a `pending` row that the partial
 unique index keeps to one per account, inserted under the settings row's lock with the cooldown and the
-monthly cap re-checked — and commits it; only the winner of that claim creates the purchase and its
-off-session PaymentIntent (confirmed at once, idempotency key per attempt). Credits arrive the normal
-way: `payment_intent.succeeded` → `fulfil_payment` (or the reconciler). Each run settles pending attempts
-from their purchases' status. A decline (at once as a card error, or later as `payment_intent.payment_failed`
-failing the purchase) counts: the next attempt waits `cooldown_seconds * 2^declines`; the third
-consecutive decline disables auto top-up and records why. A success resets the count.
+monthly cap re-checked and the amount priced — and commits it; only the winner of that claim creates the
+purchase and its off-session PaymentIntent (confirmed at once, idempotency key per attempt). Credits arrive
+the normal way: `payment_intent.succeeded` → `fulfil_payment` (or the reconciler). Each run settles pending
+attempts from their purchases' status. A decline (at once as a card error, or later as
+`payment_intent.payment_failed` failing the purchase) counts: the next attempt waits
+`cooldown_seconds * 2^declines`; the third consecutive decline disables auto top-up and records why. A
+success resets the count.
+
+The amount was valid under the pricing in force when it was saved, but a newer pricing version may refuse
+it (a higher minimum purchase, a lower maximum): retrying cannot help, so the claim disables that account's
+auto top-up and records why, as for declines, and leaves no attempt (a `PUT` with an amount the pricing
+allows re-enables it). One account's failure never stops the run for the others: it is logged, counted as
+`failed`, and the next account is tried.
 
 A run can die after asking Stripe for the payment and before saving what Stripe answered. Stripe may then
 have charged the card, so such an attempt is never given up and tried afresh (that could charge twice):
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -293,8 +301,9 @@ _DUE = text(
 )
 
 
-async def _claim(conn: AsyncConnection, account_id: int, now: datetime) -> Any:
-    """Under the settings row's lock, re-check everything and insert the one pending attempt (or None)."""
+async def _claim(conn: AsyncConnection, account_id: int, now: datetime, run: Run) -> Any:
+    """Under the settings row's lock, re-check everything, price the amount and insert the one pending
+    attempt (or None). An amount the pricing in force refuses disables auto top-up, saying why."""
     t = (
         await conn.execute(
             text(
@@ -319,6 +328,21 @@ async def _claim(conn: AsyncConnection, account_id: int, now: datetime) -> Any:
         )
         if Decimal(spent) + t.amount > t.monthly_cap:
             return None
+    pricing = await pricing_in_force(conn, now)
+    volume = await trailing_volume(conn, account_id, pricing.volume_window_days, now)
+    try:
+        q = fees.quote(pricing, fees.Method.CARD, t.amount, volume)
+    except Refused as refused:
+        why = f"the pricing in force refuses {format_money(t.amount)} USD ({refused.code}): {refused.message}"
+        await conn.execute(
+            text(
+                "UPDATE auto_topups SET enabled = false, disabled_reason = :why, updated_at = now()"
+                " WHERE account_id = :a"
+            ),
+            {"a": account_id, "why": why},
+        )
+        run.disabled += 1
+        return None
     attempt = await conn.scalar(
         text(
             "INSERT INTO auto_topup_attempts (account_id, status, amount, created_at) VALUES (:a, 'pending', :amt, :now)"
@@ -335,22 +359,19 @@ async def _claim(conn: AsyncConnection, account_id: int, now: datetime) -> Any:
         ),
         {"a": account_id, "now": now},
     )
-    return attempt, t
+    return attempt, t, q
 
 
 async def _attempt(ctx: Context, sdk: stripe.StripeClient, account_id: int, now: datetime, run: Run) -> None:
     async with ctx.db.begin() as conn:
-        claimed = await _claim(conn, account_id, now)
+        claimed = await _claim(conn, account_id, now, run)
     if claimed is None:
         return
-    attempt, t = claimed
+    attempt, t, q = claimed
     run.attempted += 1
     purchase_id = "pur_" + hashlib.sha256(f"auto_topup\n{attempt}".encode()).hexdigest()[:24]
     async with ctx.db.begin() as conn:
         account = await conn.scalar(text("SELECT public_id FROM accounts WHERE id = :a"), {"a": account_id})
-        pricing = await pricing_in_force(conn, now)
-        volume = await trailing_volume(conn, account_id, pricing.volume_window_days, now)
-        q = fees.quote(pricing, fees.Method.CARD, t.amount, volume)
         purchase = await conn.scalar(
             text(
                 "INSERT INTO purchases (public_id, account_id, method, status, amount, fee, fee_before_discount,"
@@ -486,7 +507,16 @@ async def resume(ctx: Context, sdk: stripe.StripeClient, now: datetime, run: Run
         run.resumed += 1
         payment = Payment(r.attempt, r.purchase, r.purchase_id, r.account_id, r.account, to_cents(r.total), r.amount,
                           r.fee, r.stripe_customer, r.payment_method)  # fmt: skip
-        await _pay(ctx, sdk, payment, now, run)
+        await _for_one_account(r.account_id, _pay(ctx, sdk, payment, now, run), run)
+
+
+async def _for_one_account(account_id: int, work: Awaitable[None], run: Run) -> None:
+    """One account's failure is logged and counted, and never stops the run for the others."""
+    try:
+        await work
+    except Exception:
+        log.exception("auto top-up of account %s failed", account_id)
+        run.failed += 1
 
 
 async def run_auto_topups(
@@ -500,5 +530,5 @@ async def run_auto_topups(
     async with ctx.db.connect() as conn:
         due = (await conn.execute(_DUE, {"now": now, "n": limit})).scalars().all()
     for account_id in due:
-        await _attempt(ctx, sdk, account_id, now, run)
+        await _for_one_account(account_id, _attempt(ctx, sdk, account_id, now, run), run)
     return run

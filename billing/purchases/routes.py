@@ -85,7 +85,8 @@ class PurchasesController(Controller):
         "/auto_topup",
         summary="Set auto top-up: below `threshold`, buy `amount` off-session with the saved card",
         description="At most one payment in flight, a cooldown between attempts, an optional monthly cap; "
-        "3 declines in a row disable it (`disabled_reason`). Re-enabling clears the declines.",
+        "3 declines in a row, or an amount a newer pricing version refuses, disable it (`disabled_reason`)."
+        " Re-enabling clears the declines.",
         responses=error_responses(400, 401, 403, 404),
         status_code=200,
     )

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
+import pytest
 import stripe
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
@@ -18,6 +20,7 @@ from billing.settings import Settings
 from billing.stripe_client import make_stripe
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway
+from tests.purchases.conftest import future_epoch
 from tests.stripe_helpers import event, signed_headers
 
 PRICES = {"prompt": "0", "completion": "0", "cache_read": "0", "request": "0.30"}
@@ -41,7 +44,9 @@ async def intents_of(sdk: stripe.StripeClient, customer: str) -> list[Any]:
     return [pi async for pi in page.auto_paging_iter() if pi.customer == customer]
 
 
-async def setup(api: Api, client: AsyncTestClient, sdk: stripe.StripeClient, number: str, grant: str) -> dict[str, Any]:
+async def setup(
+    api: Api, client: AsyncTestClient, sdk: stripe.StripeClient, number: str, grant: str, amount: str = "20.00"
+) -> dict[str, Any]:
     account = (await api.account())["id"]
     await api.grant(account, grant)
     customer, method = await saved_card(sdk, number)
@@ -49,7 +54,7 @@ async def setup(api: Api, client: AsyncTestClient, sdk: stripe.StripeClient, num
         f"/v1/accounts/{account}/auto_topup",
         json={
             "threshold": "5.00",
-            "amount": "20.00",
+            "amount": amount,
             "stripe_customer": customer,
             "payment_method": method,
             "monthly_cap": "100.00",
@@ -300,3 +305,52 @@ async def test_a_purchase_in_review_holds_auto_topup_and_says_so(
     assert pending["purchase_status"] == "needs_review" and pending["payment_intent"] == pi.id
     assert pending["review_reason"] == "paid amount differs from the purchase"
     assert pending["purchase"].startswith("pur_")
+
+
+async def test_an_amount_a_newer_pricing_refuses_disables_that_auto_topup_and_the_others_still_run(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
+) -> None:
+    """Saved under the pricing of its day, the amount may be refused by a newer version: retrying cannot
+    help, so that account's auto top-up is disabled saying why, with no attempt left in flight."""
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    small = await setup(api, client, sdk, "4242424242424242", "1.00", amount="20.00")  # handled first
+    big = await setup(api, client, sdk, "4242424242424242", "1.00", amount="60.00")
+    start = future_epoch()  # finance raises the minimum purchase to 50.00
+    version = {"effective_from": start.isoformat(), "min_purchase": "50"}
+    assert (await client.post("/v1/pricing_versions", json=version, headers=ADMIN)).status_code == 201
+    run = await run_auto_topups(client_ctx, sdk, now=start + timedelta(hours=1))
+    assert run.attempted >= 1 and run.disabled >= 1
+    assert len(await intents_of(sdk, big["customer"])) == 1
+    assert await intents_of(sdk, small["customer"]) == []
+    assert await attempts_of(client_ctx, small["account"]) == []  # nothing left "in flight"
+    state = (await client.get(f"/v1/accounts/{small['account']}/auto_topup", headers=ADMIN)).json()
+    assert state["enabled"] is False and state["pending_attempt"] is None
+    assert state["disabled_reason"] == (
+        "the pricing in force refuses 20.00 USD (purchase_below_minimum): The smallest purchase is 50.00 USD."
+    )
+    await run_auto_topups(client_ctx, sdk, now=start + timedelta(days=1))
+    assert await intents_of(sdk, small["customer"]) == []
+
+
+async def test_one_accounts_failure_never_stops_the_run_for_the_others(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing.purchases import fees
+
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    broken = await setup(api, client, sdk, "4242424242424242", "1.00", amount="21.00")  # handled first
+    fine = await setup(api, client, sdk, "4242424242424242", "1.00", amount="22.00")
+    real = fees.quote
+
+    def quote(pricing: Any, method: Any, amount: Decimal, volume: Decimal) -> Any:
+        if amount == Decimal("21"):
+            raise RuntimeError("database went away")
+        return real(pricing, method, amount, volume)
+
+    monkeypatch.setattr(fees, "quote", quote)
+    run = await run_auto_topups(client_ctx, sdk, now=clock.now() + timedelta(hours=1))
+    assert run.failed >= 1
+    assert await intents_of(sdk, broken["customer"]) == []
+    assert len(await intents_of(sdk, fine["customer"])) == 1
