@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import stripe
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,6 +27,10 @@ from billing.stripe_client import LOCAL_API_KEY
 from tests.conftest import ROOT, snapshot
 
 WEBHOOK_SECRET = "whsec_test_" + uuid.uuid4().hex
+# Stripe that never answers (nothing listens there): the outcome of a call is unknown.
+UNREACHABLE = stripe.StripeClient(
+    "sk_test_unreachable", base_addresses={"api": "http://127.0.0.1:9"}, max_network_retries=0
+)
 PURCHASE_TABLES = ("purchases", "fulfilments", "stripe_events")
 
 

@@ -1,4 +1,5 @@
-"""Reading payments back from Stripe, for the reconciler and support tickets.
+"""Reading payments back from Stripe, for the reconciler, support tickets and a dispute whose payment the
+ledger has not credited yet (its webhook).
 
 Stripe lists PaymentIntents newest first and takes a `created[gte]` filter, so a window is a bounded
 walk with the SDK's pagination (`auto_paging_iter`, `starting_after` under the hood). The local emulator

@@ -42,7 +42,7 @@ async def stripe_webhook(request: Request, ctx: NamedDependency[Context]) -> Web
         raise ApiError(503, API, "webhooks_not_configured", "STRIPE_WEBHOOK_SECRET is not set.")
     payload = await request.body()
     event = verified_event(payload, request.headers.get("stripe-signature"), secret)
-    receipt = await service.receive(ctx, event)
+    receipt = await service.receive(ctx, event, request.app.state.stripe)
     return WebhookReceipt(
         received=True,
         event=receipt.event,

@@ -5,7 +5,8 @@ Stripe delivers at least once, in any order, and retries for days. So:
   the event: a concurrent duplicate waits on it and then sees the event as already received; a handling
   failure rolls the row back too, the endpoint answers 5xx, and Stripe's retry handles it afresh;
 - money moves only through `fulfil_payment`, keyed by the PaymentIntent, so two different events for one
-  payment (a PaymentIntent and its Checkout Session) still credit it once;
+  payment (a PaymentIntent and its Checkout Session) still credit it once; an event about a paid charge
+  that arrives before the payment's own (a refund, a dispute) credits the payment first, the same way;
 - an unknown event type is recorded as `ignored`; an event no purchase matches is kept as `needs_review`, and
   so is one whose object lacks a field its handler uses (an `id`, an integer amount): it is signed, so it
   is kept for a person to look at, never a 5xx that Stripe would retry for days.
@@ -19,13 +20,16 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+import stripe
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
 from billing.context import Context
+from billing.errors import API, ApiError
 from billing.purchases import service as purchases
 from billing.purchases.service import Payment, Result
+from billing.reconcile.stripe_payments import retrieve_payment, unavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +48,8 @@ class Receipt:
     duplicate: bool
 
 
-Handler = Callable[[Context, AsyncConnection, str, dict[str, Any]], Awaitable[Handled]]
+# (context, the event's transaction, event id, the event's object, the Stripe client: None if not configured)
+Handler = Callable[[Context, AsyncConnection, str, dict[str, Any], stripe.StripeClient | None], Awaitable[Handled]]
 
 
 def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +83,9 @@ def _fulfilled(f: purchases.Fulfilment) -> Handled:
     return Handled("processed", f.result.value, f.purchase_id)
 
 
-async def payment_intent_succeeded(ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any]) -> Handled:
+async def payment_intent_succeeded(
+    ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any], sdk: stripe.StripeClient | None
+) -> Handled:
     """Credit the payment (once)."""
     payment_intent = _text(pi.get("id"))
     received = pi.get("amount_received", pi.get("amount"))
@@ -94,7 +101,9 @@ async def payment_intent_succeeded(ctx: Context, conn: AsyncConnection, event_id
     return _fulfilled(await purchases.fulfil_payment(ctx, payment, conn=conn))
 
 
-async def payment_intent_failed(ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any]) -> Handled:
+async def payment_intent_failed(
+    ctx: Context, conn: AsyncConnection, event_id: str, pi: dict[str, Any], sdk: stripe.StripeClient | None
+) -> Handled:
     """Mark the purchase failed (no money moved; a purchase already paid stays paid)."""
     payment_intent = _text(pi.get("id"))
     if payment_intent is None:
@@ -109,7 +118,9 @@ async def payment_intent_failed(ctx: Context, conn: AsyncConnection, event_id: s
     return Handled("processed", "payment_failed", purchase)
 
 
-async def checkout_session_paid(ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any]) -> Handled:
+async def checkout_session_paid(
+    ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any], sdk: stripe.StripeClient | None
+) -> Handled:
     """`checkout.session.completed` (paid now, or awaiting an asynchronous payment) and
     `checkout.session.async_payment_succeeded`: credit the session's PaymentIntent once."""
     session_id = _text(session.get("id"))
@@ -138,7 +149,7 @@ async def checkout_session_paid(ctx: Context, conn: AsyncConnection, event_id: s
 
 
 async def checkout_session_failed(
-    ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any]
+    ctx: Context, conn: AsyncConnection, event_id: str, session: dict[str, Any], sdk: stripe.StripeClient | None
 ) -> Handled:
     """`checkout.session.async_payment_failed`: the purchase failed (no money moved)."""
     purchase = await purchases.fail_payment(
@@ -153,7 +164,9 @@ async def checkout_session_failed(
     return Handled("processed", "payment_failed", purchase)
 
 
-async def charge_refunded(ctx: Context, conn: AsyncConnection, event_id: str, charge: dict[str, Any]) -> Handled:
+async def charge_refunded(
+    ctx: Context, conn: AsyncConnection, event_id: str, charge: dict[str, Any], sdk: stripe.StripeClient | None
+) -> Handled:
     """`charge.refunded`: book what Stripe refunded in total that the ledger has not (a dashboard refund);
     refunds made through the API are already booked, so their events change nothing."""
     refunded = charge.get("amount_refunded")
@@ -202,7 +215,9 @@ async def _event_created(conn: AsyncConnection, event_id: str) -> datetime:
     return created if created is not None else clock.now()
 
 
-async def refund_changed(ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any]) -> Handled:
+async def refund_changed(
+    ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any], sdk: stripe.StripeClient | None
+) -> Handled:
     """`refund.failed`, `refund.updated`, `charge.refund.updated` (each carries the refund): a refund of ours
     that Stripe reports `failed` or `canceled` gives its credits back, once; any other status changes nothing."""
     amount = obj.get("amount")
@@ -238,11 +253,58 @@ def _dispute(obj: dict[str, Any]) -> purchases.Dispute | None:
     )
 
 
-async def dispute_created(ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any]) -> Handled:
-    """`charge.dispute.created`: the disputed money is taken back from the account, once per dispute."""
+async def _credit_disputed_payment(
+    ctx: Context, conn: AsyncConnection, event_id: str, dispute: purchases.Dispute, sdk: stripe.StripeClient | None
+) -> Handled | None:
+    """Only a paid charge can be disputed, but the dispute's event may arrive before the payment's (Stripe
+    sends events in any order, and one may be lost). So, as for `charge_refunded`: when the purchase the
+    dispute names is not credited yet and Stripe says its PaymentIntent succeeded, the payment is credited
+    first, through the one fulfilment path. The dispute carries neither the charge's status nor its amount,
+    so Stripe is asked (as the reconciler and support tickets do).
+
+    A dispute is never acknowledged against a payment the ledger has not credited — that is how disputed
+    credits were kept: if Stripe cannot be asked, or does not show the payment succeeded, nothing is kept
+    and the endpoint answers 503, so Stripe's retry books the dispute once the payment's own event (or the
+    reconciler) has credited it. Returns what to answer instead of booking the dispute (fulfilment refused
+    the payment: kept for review, as for `charge_refunded`), else None."""
+    if dispute.status in purchases.INQUIRY_STATUSES or dispute.payment_intent is None:
+        return None
+    found = await purchases.find_purchase(conn, dispute.payment_intent, None)
+    if found is None or found.status == "succeeded":
+        return None
+    if sdk is None:
+        raise _payment_not_credited(found.public_id, "Stripe cannot be asked (STRIPE_API_KEY is not set)")
+    try:
+        payment = await retrieve_payment(sdk, dispute.payment_intent)
+    except stripe.StripeError as exc:
+        raise unavailable(exc) from exc
+    if payment is None or payment.status != "succeeded":
+        shown = f"Stripe shows it {payment.status}" if payment else "Stripe has no such PaymentIntent"
+        raise _payment_not_credited(found.public_id, shown)
+    fulfilled = await purchases.fulfil_payment(ctx, payment.to_fulfil(f"stripe_event:{event_id}"), conn=conn)
+    return _fulfilled(fulfilled) if fulfilled.result is Result.NEEDS_REVIEW else None
+
+
+def _payment_not_credited(purchase: str, why: str) -> ApiError:
+    return ApiError(
+        503,
+        API,
+        "payment_not_credited",
+        f"Disputed purchase {purchase} is not credited yet and {why}: nothing was kept; retry once it is.",
+    )
+
+
+async def dispute_created(
+    ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any], sdk: stripe.StripeClient | None
+) -> Handled:
+    """`charge.dispute.created`: the disputed money is taken back from the account, once per dispute (the
+    payment credited first if its own event has not come yet)."""
     dispute = _dispute(obj)
     if dispute is None:
         return Handled("needs_review", "dispute without an id or an integer amount")
+    refused = await _credit_disputed_payment(ctx, conn, event_id, dispute, sdk)
+    if refused is not None:
+        return refused
     result = await purchases.dispute_opened(ctx, conn, dispute)
     if result.result is Result.NEEDS_REVIEW:
         return Handled("needs_review", result.reason or "needs review", result.purchase_id)
@@ -251,11 +313,17 @@ async def dispute_created(ctx: Context, conn: AsyncConnection, event_id: str, ob
     )
 
 
-async def dispute_closed(ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any]) -> Handled:
-    """`charge.dispute.closed`: won gives the credits back, lost keeps them taken back."""
+async def dispute_closed(
+    ctx: Context, conn: AsyncConnection, event_id: str, obj: dict[str, Any], sdk: stripe.StripeClient | None
+) -> Handled:
+    """`charge.dispute.closed`: won gives back what the dispute took, lost keeps it taken back. Arriving before
+    the dispute's opening, or the payment's own event, it books them first."""
     dispute = _dispute(obj)
     if dispute is None:
         return Handled("needs_review", "dispute without an id or an integer amount")
+    refused = await _credit_disputed_payment(ctx, conn, event_id, dispute, sdk)
+    if refused is not None:
+        return refused
     result = await purchases.dispute_closed(ctx, conn, dispute)
     if result.result is Result.NEEDS_REVIEW:
         return Handled("needs_review", result.reason or "needs review", result.purchase_id)
@@ -278,8 +346,9 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-async def receive(ctx: Context, event: dict[str, Any]) -> Receipt:
-    """Record and handle one verified event, exactly once per event id."""
+async def receive(ctx: Context, event: dict[str, Any], sdk: stripe.StripeClient | None) -> Receipt:
+    """Record and handle one verified event, exactly once per event id; `sdk` asks Stripe what an event
+    does not say (None when payments are not configured)."""
     event_id, type_ = event["id"], event["type"]
     async with ctx.db.begin() as conn:
         claimed = await conn.scalar(
@@ -299,7 +368,7 @@ async def receive(ctx: Context, event: dict[str, Any]) -> Receipt:
         if handler is None:
             handled = Handled("ignored", "event type not handled")
         else:
-            handled = await handler(ctx, conn, event_id, event["data"]["object"])
+            handled = await handler(ctx, conn, event_id, event["data"]["object"], sdk)
         await conn.execute(
             text("UPDATE stripe_events SET status = :s, outcome = :o, purchase_id = :p WHERE id = :id"),
             {"s": handled.status, "o": handled.outcome, "p": handled.purchase_id, "id": event_id},

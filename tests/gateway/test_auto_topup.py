@@ -21,13 +21,9 @@ from billing.stripe_client import make_stripe
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway
 from tests.purchases.conftest import future_epoch
-from tests.stripe_helpers import event, signed_headers
+from tests.stripe_helpers import UNREACHABLE, event, signed_headers
 
 PRICES = {"prompt": "0", "completion": "0", "cache_read": "0", "request": "0.30"}
-# Stripe that never answers (nothing listens there): the outcome of a call is unknown.
-UNREACHABLE = stripe.StripeClient(
-    "sk_test_unreachable", base_addresses={"api": "http://127.0.0.1:9"}, max_network_retries=0
-)
 
 
 async def saved_card(sdk: stripe.StripeClient, number: str) -> tuple[str, str]:

@@ -7,6 +7,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tests.conftest import ADMIN, Api
 from tests.purchases.conftest import buy, pay, spend
 from tests.purchases.test_refunds import charge_refunded
-from tests.stripe_helpers import event, signed_headers
+from tests.stripe_helpers import UNREACHABLE, event, full_snapshot, pay_at_emulator, signed_headers
 
 
 def dispute(p: dict[str, Any], status: str, amount_cents: int | None = None, dispute_id: str = "") -> dict[str, Any]:
@@ -138,6 +139,71 @@ async def test_closing_event_before_the_opening_one(api: Api, client: AsyncTestC
     assert (await send(client, "charge.dispute.closed", dispute(p, "lost", dispute_id=other)))[
         "outcome"
     ] == "dispute_lost"
+    assert (await api.balance(acct))["balance"] == "0.00"
+
+
+@pytest.mark.parametrize(
+    ("type_", "status", "outcome", "balance"),
+    [
+        ("charge.dispute.created", "needs_response", "dispute_booked", "0.00"),
+        ("charge.dispute.closed", "lost", "dispute_lost", "0.00"),
+        ("charge.dispute.closed", "won", "dispute_won", "15.00"),
+    ],
+)
+async def test_dispute_arriving_before_the_payment_credits_the_payment_first_then_books_the_dispute(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, type_: str, status: str, outcome: str,
+    balance: str,
+) -> None:  # fmt: skip
+    """Paid at Stripe, but the payment's own event is late or lost: the dispute's event credits it through the
+    one fulfilment path first (Stripe says it succeeded), then books the dispute, so the credits taken back
+    are never handed out again when the payment event comes."""
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]
+    await pay_at_emulator(localstripe, p["payment_intent"])
+    dp = "dp_" + uuid.uuid4().hex[:14]
+    assert (await send(client, type_, dispute(p, status, dispute_id=dp)))["outcome"] == outcome
+    purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
+    assert purchase["status"] == "succeeded"
+    assert (await pay(client, p))["outcome"] == "already_credited"  # the late payment event
+    assert (await dispute_row(engine, dp)).status == {"needs_response": "open"}.get(status, status)
+    assert (await api.balance(acct))["balance"] == balance
+
+
+async def test_dispute_of_a_payment_neither_credited_nor_shown_paid_is_retried_until_it_is_credited(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    """Never acknowledged against a payment the ledger has not credited (that is how the disputed credits
+    were kept): nothing is kept, 503, and Stripe's retry books it once the payment's own event came."""
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]  # not paid at the emulator either
+    dp = "dp_" + uuid.uuid4().hex[:14]
+    opened = event("charge.dispute.created", dispute(p, "needs_response", dispute_id=dp))
+    before = await full_snapshot(engine)
+    r = await client.post("/v1/stripe/webhooks", content=opened, headers=signed_headers(opened))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "payment_not_credited", r.text
+    assert await full_snapshot(engine) == before
+    assert (await pay(client, p))["outcome"] == "credited"
+    r = await client.post("/v1/stripe/webhooks", content=opened, headers=signed_headers(opened))  # the retry
+    assert r.status_code == 200 and r.json()["outcome"] == "dispute_booked", r.text
+    assert (await dispute_row(engine, dp)).status == "open"
+    assert (await api.balance(acct))["balance"] == "0.00"
+
+
+async def test_dispute_of_an_uncredited_payment_while_stripe_cannot_be_asked_keeps_nothing_for_the_retry(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]
+    await pay_at_emulator(localstripe, p["payment_intent"])
+    payload = event("charge.dispute.created", dispute(p, "needs_response", dispute_id="dp_" + uuid.uuid4().hex[:14]))
+    monkeypatch.setattr(client.app.state, "stripe", UNREACHABLE)
+    before = await full_snapshot(engine)
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "stripe_unavailable", r.text
+    assert await full_snapshot(engine) == before
+    monkeypatch.undo()
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))  # the retry
+    assert r.status_code == 200 and r.json()["outcome"] == "dispute_booked", r.text
     assert (await api.balance(acct))["balance"] == "0.00"
 
 
