@@ -17,17 +17,15 @@ from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import LEDGER, PERMISSION, ApiError, invalid, not_found
 from billing.free import schemas as s
-from billing.free.quota import FreeLimiter, Usage, Verdict, day_limit
+from billing.free.quota import FreeLimiter, Usage, Verdict, day_limit, purchased_sql
 from billing.ledger.money import format_money
 
 FREE_SUFFIX = ":free"
 RATE_LIMIT = "rate_limit_error"
 
-# One round trip on the hot path: the account, its balance, and what it has purchased ("paid" lots).
+# One round trip on the hot path: the account, its balance, and what it has purchased.
 _ACCOUNT = text(
-    "SELECT a.id, b.balance,"
-    " (SELECT coalesce(sum(l.amount), 0) FROM lots l WHERE l.account_id = a.id AND l.category = 'paid')"
-    " AS purchased,"
+    f"SELECT a.id, b.balance, {purchased_sql('a.id')} AS purchased,"
     " k.id AS key_id, k.disabled, k.expires_at AS key_expires_at, k.deleted_at AS key_deleted_at"
     " FROM accounts a JOIN balances b ON b.account_id = a.id"
     " LEFT JOIN api_keys k ON k.public_id = :k AND k.account_id = a.id"

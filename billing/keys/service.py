@@ -17,23 +17,21 @@ from billing.accounts.service import find_account
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import invalid, not_found
+from billing.free.quota import PURCHASE_THRESHOLD, purchased_sql
 from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
 from billing.organizations.service import role_of
 from billing.schemas import money_field, money_or_none
 
-KEY_COLUMNS = """k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
+KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
     k.include_byok_in_limit, k.disabled, k.expires_at, k.created_at, k.usage_total, k.byok_total, k.day_start,
     k.usage_day, k.byok_day, k.week_start, k.usage_week, k.byok_week, k.month_start, k.usage_month,
     k.byok_month, k.account_id,
     (SELECT coalesce(sum(h.amount), 0) FROM holds h
       WHERE h.key_id = k.id AND h.status = 'open' AND h.expires_at > :now) AS key_held,
-    (SELECT coalesce(sum(l.amount), 0) FROM lots l WHERE l.account_id = k.account_id AND l.category = 'paid')
-      AS purchased"""
+    {purchased_sql("k.account_id")} AS purchased"""
 KEY_FROM = "api_keys k JOIN accounts a ON a.id = k.account_id LEFT JOIN accounts m ON m.id = k.member_id"
-# An account that has bought at least this much leaves the free tier (SPEC §5, free models).
-FREE_TIER_BELOW = Decimal("10")
 
 
 def new_key_id() -> str:
@@ -72,7 +70,8 @@ def view(row: Row[Any]) -> s.Key:
         byok_usage_daily=format_money(current.byok_day),
         byok_usage_weekly=format_money(current.byok_week),
         byok_usage_monthly=format_money(current.byok_month),
-        is_free_tier=row.purchased < FREE_TIER_BELOW,
+        # An account that has purchased $10 in total leaves the free tier (SPEC §5, free models).
+        is_free_tier=row.purchased < PURCHASE_THRESHOLD,
         disabled=row.disabled,
         expires_at=row.expires_at,
         created_at=row.created_at,

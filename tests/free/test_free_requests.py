@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,8 @@ from billing.free.quota import FreeLimiter, MemoryCounter, windows
 from billing.ledger.model import Customer, Entry, EntryKind, Platform, Posting
 from billing.settings import Settings
 from tests.conftest import ADMIN, ROOT, Api, served
+from tests.purchases.conftest import buy, pay
+from tests.webhooks.test_disputes import dispute, send
 
 MODEL = "meta-llama/llama-3.3-70b-instruct:free"
 T0 = datetime(2031, 5, 14, 10, 0, 5, tzinfo=UTC)  # 5 s into a minute: 55 s of real time to spare
@@ -229,6 +232,32 @@ async def test_10_dollars_purchased_raises_the_day_limit_to_1000(
     assert refused.status_code == 429
     assert error(refused)["limit_window"] == "day"
     assert error(refused)["limit"] == 1000
+
+
+async def test_a_won_dispute_does_not_count_its_purchase_twice(client: AsyncTestClient, fresh, api: Api):
+    """What was purchased is what was paid for: a won dispute gives the disputed credits back as a new `paid` lot,
+    which must not count as a second purchase — for the day quota or for a key's `is_free_tier`."""
+    account = await fresh()
+    key = (await client.post(f"/v1/accounts/{account}/keys", json={"name": "k"}, headers=ADMIN)).json()["id"]
+    first = (await buy(client, account, "5.00"))["purchase"]
+    await pay(client, first)
+    dp = "dp_" + uuid.uuid4().hex[:14]
+    await send(client, "charge.dispute.created", dispute(first, "needs_response", dispute_id=dp))
+    await send(client, "charge.dispute.closed", dispute(first, "won", dispute_id=dp))
+    assert (await api.balance(account))["total_credits"] == "5.00"  # $5 bought once, credited once
+
+    async def day_limit_and_free_tier() -> tuple[int, bool]:
+        r = await free(client, account)
+        assert r.status_code == 200, r.text
+        k = await client.get(f"/v1/keys/{key}", headers=ADMIN)
+        return r.json()["limits"]["per_day"]["limit"], k.json()["is_free_tier"]
+
+    at(T0)
+    assert await day_limit_and_free_tier() == (50, True)
+
+    second = (await buy(client, account, "5.00"))["purchase"]  # $10 purchased in total
+    await pay(client, second)
+    assert await day_limit_and_free_tier() == (1000, False)
 
 
 async def spend(engine: AsyncEngine, account: str, amount: Decimal) -> None:
