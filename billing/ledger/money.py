@@ -16,8 +16,10 @@ ZERO = Decimal(0).quantize(QUANTUM)
 # No single money input may exceed this ($1 billion): far above any real request, far below NUMERIC(38,12).
 MAX_INPUT = Decimal("1000000000")
 
-# Plain decimal notation only: optional minus, digits, optional fraction of at most 12 digits.
-_MONEY_RE = re.compile(r"^-?(0|[1-9][0-9]{0,17})(\.[0-9]{1,12})?$")
+# Plain decimal notation only: optional minus, digits, optional fraction of at most 12 digits. Both patterns
+# are matched against the whole string (`fullmatch`): `$` alone also matches before a final newline.
+_MONEY_RE = re.compile(r"-?(0|[1-9][0-9]{0,17})(\.[0-9]{1,12})?")
+_TOO_PRECISE_RE = re.compile(r"-?[0-9]*\.[0-9]{13,}")
 # Wide enough for every intermediate product of price × tokens without rounding.
 _EXACT = Context(prec=80)
 
@@ -32,15 +34,16 @@ class MoneyError(ValueError):
 
 
 def parse_money(raw: object, *, field: str = "amount") -> Decimal:
-    """Parse a decimal string into an exact amount at 1e-12 resolution, or raise `MoneyError`."""
+    """Parse a decimal string into an exact amount at 1e-12 resolution, or raise `MoneyError`. The whole
+    string is the number: no sign but `-`, no exponent, no surrounding whitespace, not even a final newline."""
     if isinstance(raw, (bool, int, float)):
         raise MoneyError(
             "money_must_be_string", f'`{field}` must be a decimal string such as "12.50", not a JSON number.'
         )
     if not isinstance(raw, str):
         raise MoneyError("invalid_money", f'`{field}` must be a decimal string such as "12.50".')
-    if not _MONEY_RE.match(raw):
-        if re.match(r"^-?[0-9]*\.[0-9]{13,}$", raw):
+    if not _MONEY_RE.fullmatch(raw):
+        if _TOO_PRECISE_RE.fullmatch(raw):
             raise MoneyError("too_precise", f"`{field}` has more than {PLACES} decimal places.")
         raise MoneyError(
             "invalid_money",

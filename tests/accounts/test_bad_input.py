@@ -26,6 +26,7 @@ GRANT = {"amount": "5.00", "reason": "goodwill"}
         ({**GRANT, "amount": "5,00"}, 400, "invalid_money"),
         ({**GRANT, "amount": "100000000000000"}, 400, "amount_too_large"),
         ({**GRANT, "amount": ""}, 400, "invalid_money"),
+        ({**GRANT, "amount": "5.00\n"}, 400, "invalid_money"),
         ({"reason": "no amount"}, 400, "invalid_parameter"),
         ({"amount": "5.00"}, 400, "invalid_parameter"),
         ({**GRANT, "reason": ""}, 400, "invalid_parameter"),

@@ -34,6 +34,11 @@ def test_parses_exact_decimal_strings(raw: str, expected: str) -> None:
         ("5.", "invalid_money"),
         (".5", "invalid_money"),
         ("0x10", "invalid_money"),
+        # The whole string must be the number: `re.match` with `$` let a final newline through.
+        ("5.00\n", "invalid_money"),
+        ("5\n", "invalid_money"),
+        ("-1.5\n", "invalid_money"),
+        ("0.0000000000001\n", "invalid_money"),
         ("1,000", "invalid_money"),
         ("0.0000000000001", "too_precise"),
         ("1000000000.01", "amount_too_large"),
