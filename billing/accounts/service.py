@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -145,7 +145,8 @@ async def get_balance(ctx: Context, principal: Principal, account: str) -> s.Bal
 
 
 async def balance_as_of(ctx: Context, principal: Principal, account: str, as_of: datetime) -> s.BalanceAsOf:
-    """The balance right after the last posting at or before `as_of` (0 before the first)."""
+    """The balance right after the last posting at or before `as_of` (0 before the first), answered with
+    `as_of` in UTC, as every timestamp the API answers (SPEC §7), whatever offset it was asked in."""
     async with ctx.db.connect() as conn:
         row = await find_account(conn, principal, account)
         balance = await conn.scalar(
@@ -154,7 +155,7 @@ async def balance_as_of(ctx: Context, principal: Principal, account: str, as_of:
             ),
             {"id": row.id, "t": as_of},
         )
-    return s.BalanceAsOf(account=account, balance=format_money(balance or Decimal(0)), as_of=as_of)
+    return s.BalanceAsOf(account=account, balance=format_money(balance or Decimal(0)), as_of=as_of.astimezone(UTC))
 
 
 async def ledger(

@@ -120,6 +120,18 @@ async def test_balance_as_of_a_past_time(api: Api, client: AsyncTestClient, engi
         assert r.status_code == 400 and r.json()["error"]["param"] == "as_of", (number, r.text)
 
 
+async def test_balance_as_of_answers_its_time_in_utc(api: Api, client: AsyncTestClient) -> None:
+    """Every timestamp the API answers is UTC (SPEC §7), the `as_of` it was asked for too, as "...Z"."""
+    acct = (await api.account())["id"]
+    await api.grant(acct, "1.00")
+    url = f"/v1/accounts/{acct}/balance"
+    r = await client.get(url, params={"as_of": "2030-01-01T02:00:00+02:00"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["as_of"] == "2030-01-01T00:00:00Z"
+    r = await client.get(url, params={"as_of": "2029-12-31T19:30:00.25-04:30"}, headers=ADMIN)
+    assert r.json()["as_of"] == "2030-01-01T00:00:00.250000Z"
+
+
 async def test_grants_are_audit_logged_with_actor_and_reason(api: Api, engine: AsyncEngine) -> None:
     acct = (await api.account())["id"]
     move = await api.grant(acct, "7.00", reason="ticket 4411")
