@@ -1,9 +1,10 @@
-"""API contract pieces shared by every domain: lists, ids, and money fields."""
+"""API contract pieces shared by every domain: lists, ids, money and timestamp fields."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Generic, TypeVar, overload
 
 import msgspec
 
@@ -82,6 +83,30 @@ def rate_field(raw: str, field: str, *, upto_one: bool) -> Decimal:
     if value < 0 or value > 1 or (value == 1 and not upto_one):
         raise invalid("invalid_rate", f"`{field}` is a fraction from 0 to {'1' if upto_one else 'below 1'}.", field)
     return value
+
+
+# The times a request may carry: the years 2000 to 9000, UTC. PostgreSQL stores times far beyond them, but
+# Python's datetime cannot read back one past 9999-12-31 UTC ("9999-12-31T23:59:59-05:00" is year 10000 in
+# UTC): stored, it would fail every later read of its row. 2000-01-01 is where the seeded rules begin.
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST_TIMESTAMP = datetime(9001, 1, 1, tzinfo=UTC)  # exclusive
+
+
+@overload
+def timestamp_field(value: datetime, field: str) -> datetime: ...
+@overload
+def timestamp_field(value: None, field: str) -> None: ...
+def timestamp_field(value: datetime | None, field: str) -> datetime | None:
+    """One timestamp of a request, in UTC (SPEC §7), or a 400 naming the field: it must carry a UTC offset
+    (`timezone_required`) and fall in the years 2000 to 9000 in UTC (`invalid_parameter`), so that whatever
+    is stored can be read back (SPEC §3: bad input gets a 4xx and changes nothing)."""
+    if value is None:
+        return None
+    if value.utcoffset() is None:
+        raise invalid("timezone_required", f"`{field}` must carry a UTC offset, e.g. 2027-01-01T00:00:00Z.", field)
+    if not EARLIEST_TIMESTAMP <= value < LATEST_TIMESTAMP:
+        raise invalid("invalid_parameter", f"`{field}` must fall in the years 2000 to 9000 (UTC).", field)
+    return value.astimezone(UTC)
 
 
 def money_or_none(value: Decimal | None) -> str | None:

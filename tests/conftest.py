@@ -134,6 +134,8 @@ def served(asgi: Any) -> AsyncTestClient:
 
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# A time PostgreSQL stores but Python cannot read back: 10000-01-01T04:59:59Z. Every request refuses it (400).
+BEYOND_YEAR_9999_UTC = "9999-12-31T23:59:59-05:00"
 
 
 def key() -> dict[str, str]:

@@ -17,7 +17,7 @@ from billing.context import Context
 from billing.errors import invalid
 from billing.http import IdempotencyKey, already_there, error_responses, money_response
 from billing.idempotency import require_key
-from billing.schemas import ListOf
+from billing.schemas import ListOf, timestamp_field
 
 Limit = Annotated[int, QueryParameter(ge=1, le=service.MAX_PAGE, description="Page size, 1-100.")]
 Cursor = Annotated[str | None, QueryParameter(description="Return entries older than this entry id (cursor).")]
@@ -76,12 +76,10 @@ class AccountsController(Controller):
         principal: Principal = request.user
         if as_of is None:
             return await service.get_balance(ctx, principal, account_id)
-        if as_of.tzinfo is None:
-            raise invalid("timezone_required", "`as_of` must carry a UTC offset, e.g. 2026-11-01T00:00:00Z.", "as_of")
         if request.query_params.get("as_of", "").lstrip("+-").replace(".", "", 1).isdigit():
             # (the parser reads a bare number as Unix seconds: `as_of=2026` would be a balance of 1970)
             raise invalid("invalid_parameter", "`as_of` is an ISO 8601 time, e.g. 2026-11-01T00:00:00Z.", "as_of")
-        return await service.balance_as_of(ctx, principal, account_id, as_of)
+        return await service.balance_as_of(ctx, principal, account_id, timestamp_field(as_of, "as_of"))
 
     @get(
         "/{account_id:str}/ledger",

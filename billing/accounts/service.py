@@ -19,12 +19,12 @@ from billing import clock
 from billing.accounts import schemas as s
 from billing.auth.principal import Principal
 from billing.context import Context
-from billing.errors import INVALID_REQUEST, ApiError, invalid, not_found
+from billing.errors import INVALID_REQUEST, ApiError, not_found
 from billing.idempotency import Outcome, run_once
 from billing.ledger import entries
 from billing.ledger.model import Customer, LotCategory
 from billing.ledger.money import format_money
-from billing.schemas import ListOf, internal_id, money_field, public_id
+from billing.schemas import ListOf, internal_id, money_field, public_id, timestamp_field
 
 # `held` counts open holds not yet expired: an expired hold stops counting at its expiry, job or not.
 # `expired` is what is left of expired lots until the expiry job moves it to breakage.
@@ -281,13 +281,9 @@ async def move_money(
     amount = money_field(data.amount, "amount", negative=None if not is_grant else "amount_must_be_positive")
     assert amount is not None
     now = clock.now()
-    expires_at = data.expires_at or now + timedelta(days=ctx.settings.default_lot_expiry_days)
-    if expires_at.tzinfo is None:
-        raise invalid(
-            "timezone_required",
-            "`expires_at` must carry a UTC offset, e.g. 2027-01-01T00:00:00Z.",
-            "expires_at",
-        )
+    expires_at = timestamp_field(data.expires_at, "expires_at")
+    if expires_at is None:
+        expires_at = now + timedelta(days=ctx.settings.default_lot_expiry_days)
 
     async def work(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
         customer = Customer(row.id)

@@ -18,7 +18,7 @@ from billing.auth.tokens import TokenResolver, hash_secret, new_secret
 from billing.context import Context
 from billing.errors import invalid, not_found
 from billing.http import error_responses
-from billing.schemas import ListOf
+from billing.schemas import ListOf, timestamp_field
 
 Scope = Literal["admin", "support", "gateway", "account"]
 
@@ -103,6 +103,7 @@ class TokensController(Controller):
             raise invalid("account_scope_alone", "An account-scoped token carries no other scope.", "scopes")
         if data.expires_at is not None and (data.expires_at.tzinfo is None or data.expires_at <= clock.now()):
             raise invalid("invalid_expiry", "`expires_at` must be a future time with a UTC offset.", "expires_at")
+        expires_at = timestamp_field(data.expires_at, "expires_at")
         secret = new_secret()
         async with ctx.db.begin() as conn:
             account_id = None
@@ -126,7 +127,7 @@ class TokensController(Controller):
                     "s": scopes,
                     "a": account_id,
                     "by": principal.actor,
-                    "exp": data.expires_at,
+                    "exp": expires_at,
                 },
             )
             await _audit(conn, principal, "token.create", account_id, {"token": public, "scopes": scopes})

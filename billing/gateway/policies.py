@@ -18,7 +18,7 @@ from billing.auth.principal import ADMIN
 from billing.context import Context
 from billing.errors import invalid
 from billing.http import error_responses
-from billing.schemas import ListOf, MoneyStr, money_field, money_or_none, public_id, rate_field
+from billing.schemas import ListOf, MoneyStr, money_field, money_or_none, public_id, rate_field, timestamp_field
 
 Ctx = NamedDependency[Context]
 
@@ -51,8 +51,7 @@ class ByokPoliciesController(Controller):
     @post("/", summary="Add a BYOK fee policy version", responses=error_responses(400, 401, 403), status_code=201)
     async def create_policy(self, data: JSONBody[CreatePolicy], ctx: Ctx) -> Policy:
         rate = rate_field(data.rate, "rate", upto_one=True)
-        if data.effective_from.tzinfo is None:
-            raise invalid("timezone_required", "`effective_from` must carry a UTC offset.", "effective_from")
+        effective_from = timestamp_field(data.effective_from, "effective_from")
         if data.kind == "allowance_usd" and data.allowance_usd is None:
             raise invalid("allowance_required", "An `allowance_usd` policy gives `allowance_usd`.", "allowance_usd")
         if data.kind == "free_requests" and data.free_requests is None:
@@ -70,7 +69,7 @@ class ByokPoliciesController(Controller):
                         "e": money_field(data.enterprise_allowance_usd, "enterprise_allowance_usd"),
                         "f": data.free_requests,
                         "r": rate,
-                        "t": data.effective_from,
+                        "t": effective_from,
                     },
                 )
             ).one()

@@ -22,7 +22,7 @@ from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
 from billing.organizations.service import role_of
-from billing.schemas import money_field, money_or_none
+from billing.schemas import money_field, money_or_none, timestamp_field
 
 KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
     k.include_byok_in_limit, k.disabled, k.expires_at, k.created_at, k.usage_total, k.byok_total, k.day_start,
@@ -96,8 +96,7 @@ async def _row(conn: AsyncConnection, principal: Principal, key: str) -> Row[Any
 
 async def create_key(ctx: Context, principal: Principal, account: str, data: s.CreateKey) -> s.Key:
     limit = _limit(data.limit)
-    if data.expires_at is not None and data.expires_at.tzinfo is None:
-        raise invalid("timezone_required", "`expires_at` must carry a UTC offset.", "expires_at")
+    expires_at = timestamp_field(data.expires_at, "expires_at")
     async with ctx.db.begin() as conn:
         owner = await find_account(conn, principal, account)
         member_id = None
@@ -116,7 +115,7 @@ async def create_key(ctx: Context, principal: Principal, account: str, data: s.C
             ),
             {
                 "p": public, "a": owner.id, "m": member_id, "n": data.name, "l": limit, "r": data.limit_reset,
-                "b": data.include_byok_in_limit, "x": data.expires_at,
+                "b": data.include_byok_in_limit, "x": expires_at,
             },
         )  # fmt: skip
         return view(await _row(conn, principal, public))
@@ -145,8 +144,8 @@ async def update_key(ctx: Context, principal: Principal, key: str, data: s.Updat
         value = getattr(data, field.name)
         if value is not msgspec.UNSET:
             changes[field.name] = _limit(value) if field.name == "limit" else value
-    if "expires_at" in changes and changes["expires_at"] is not None and changes["expires_at"].tzinfo is None:
-        raise invalid("timezone_required", "`expires_at` must carry a UTC offset.", "expires_at")
+    if "expires_at" in changes:
+        changes["expires_at"] = timestamp_field(changes["expires_at"], "expires_at")
     async with ctx.db.begin() as conn:
         row = await _row(conn, principal, key)
         if changes:

@@ -35,7 +35,7 @@ from billing.ledger.outcomes import Refused
 from billing.organizations.service import authorize, find_account_to_act_for
 from billing.purchases import fees, refunds
 from billing.purchases import schemas as s
-from billing.schemas import ListOf, money_field, public_id, rate_field, storable_text
+from billing.schemas import ListOf, money_field, public_id, rate_field, storable_text, timestamp_field
 from billing.stripe_client import CURRENCY, payment_method_params
 
 log = logging.getLogger("billing.purchases")
@@ -556,8 +556,7 @@ def pricing_view(row: Row[Any], pricing: fees.Pricing) -> s.PricingVersion:
 
 async def create_pricing_version(ctx: Context, principal: Principal, data: s.CreatePricingVersion) -> s.PricingVersion:
     """A new version of the purchase rules from `effective_from`; purchases priced before keep theirs."""
-    if data.effective_from.tzinfo is None:
-        raise invalid("timezone_required", "`effective_from` must carry a UTC offset.", "effective_from")
+    effective_from = timestamp_field(data.effective_from, "effective_from")
     amounts = {
         field: _parse_amount(getattr(data, field), field)
         for field in ("min_purchase", "max_purchase", "card_minimum", "crypto_minimum")
@@ -567,7 +566,7 @@ async def create_pricing_version(ctx: Context, principal: Principal, data: s.Cre
             raise invalid("amount_not_whole_cents", f"`{field}` is charged in whole cents: at most 2 decimals.", field)
     low, high = amounts["min_purchase"], amounts["max_purchase"]
     values = {
-        "t": data.effective_from,
+        "t": effective_from,
         "cr": rate_field(data.card_rate, "card_rate", upto_one=False),
         "cm": amounts["card_minimum"],
         "xr": rate_field(data.crypto_rate, "crypto_rate", upto_one=False),

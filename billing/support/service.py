@@ -51,7 +51,7 @@ from billing.reconcile.stripe_payments import (
     retrieve_session,
     unavailable,
 )
-from billing.schemas import ListOf, internal_id, public_id
+from billing.schemas import ListOf, internal_id, public_id, timestamp_field
 from billing.support import schemas as s
 
 CREDITED = "credited"
@@ -94,6 +94,7 @@ def _validate(data: s.CreateTicket) -> tuple[str | None, str | None, tuple[datet
             raise invalid("incomplete_window", "Give both `created_after` and `created_before`.", "created_after")
         if start.tzinfo is None or end.tzinfo is None:
             raise invalid("timestamp_without_zone", "Timestamps need a time zone, e.g. `Z`.", "created_after")
+        start, end = timestamp_field(start, "created_after"), timestamp_field(end, "created_before")
         if not start < end <= start + MAX_WINDOW:
             raise invalid(
                 "invalid_window", "`created_after` must be before `created_before`, at most 31 days apart.",

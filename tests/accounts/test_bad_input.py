@@ -6,7 +6,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import ADMIN, Api, key, snapshot
+from tests.conftest import ADMIN, BEYOND_YEAR_9999_UTC, Api, key, snapshot
 
 GRANT = {"amount": "5.00", "reason": "goodwill"}
 
@@ -64,6 +64,44 @@ async def test_bad_adjustment_is_refused(
     )
     assert (r.status_code, r.json()["error"]["code"]) == (status, code)
     assert await snapshot(engine) == before
+
+
+@pytest.mark.parametrize("kind", ["grants", "adjustments"])
+@pytest.mark.parametrize("expires_at", [BEYOND_YEAR_9999_UTC, "9001-01-01T00:00:00Z"])
+async def test_an_expiry_outside_the_years_2000_to_9000_utc_is_refused_and_changes_nothing(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, kind: str, expires_at: str
+) -> None:
+    acct = (await api.account())["id"]
+    before = await snapshot(engine)
+    r = await client.post(
+        f"/v1/accounts/{acct}/{kind}",
+        json={"amount": "5.00", "reason": "x", "expires_at": expires_at},
+        headers={**ADMIN, **key()},
+    )
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "expires_at")
+    assert await snapshot(engine) == before
+
+
+@pytest.mark.parametrize(
+    ("as_of", "status"),
+    [
+        ("1999-12-31T23:59:59Z", 400),
+        ("2000-01-01T00:00:00Z", 200),
+        ("9000-12-31T23:59:59Z", 200),
+        ("9001-01-01T00:00:00Z", 400),
+        ("9000-12-31T23:00:00-01:00", 400),  # 9001-01-01T00:00:00Z
+        (BEYOND_YEAR_9999_UTC, 400),
+    ],
+)
+async def test_as_of_outside_the_years_2000_to_9000_utc_is_refused(
+    api: Api, client: AsyncTestClient, as_of: str, status: int
+) -> None:
+    acct = (await api.account())["id"]
+    r = await client.get(f"/v1/accounts/{acct}/balance", params={"as_of": as_of}, headers=ADMIN)
+    assert r.status_code == status, r.text
+    if status == 400:
+        assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "as_of")
 
 
 async def test_malformed_json_is_400(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:

@@ -6,7 +6,7 @@ import uuid
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import ADMIN, Api, key, snapshot
+from tests.conftest import ADMIN, BEYOND_YEAR_9999_UTC, Api, key, snapshot
 
 
 async def test_account_token_sees_only_its_own_account(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
@@ -76,6 +76,18 @@ async def test_tokens_are_stored_hashed_and_revocable(api: Api, client: AsyncTes
     assert (await client.delete(f"/v1/tokens/{minted['id']}", headers=ADMIN)).json()["revoked_at"] is not None
     r = await client.get(f"/v1/accounts/{acct}", headers=bearer)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_token"
+
+
+async def test_a_token_expiring_after_the_year_9000_utc_is_refused(
+    client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    before = await snapshot(engine)
+    r = await client.post(
+        "/v1/tokens", json={"name": "t", "scopes": ["support"], "expires_at": BEYOND_YEAR_9999_UTC}, headers=ADMIN
+    )
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "expires_at")
+    assert await snapshot(engine) == before
 
 
 async def test_options_answers_every_path_and_opens_nothing(client: AsyncTestClient) -> None:

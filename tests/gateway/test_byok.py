@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from billing.context import Context
 from billing.jobs.byok import reconcile_byok
-from tests.conftest import ADMIN, Api
+from tests.conftest import ADMIN, BEYOND_YEAR_9999_UTC, Api
 from tests.gateway.conftest import Gateway
 
 
@@ -94,6 +94,18 @@ async def test_enterprise_allowance_falls_back_to_the_standard_one(
         )
     run = await reconcile_byok(client_ctx, date(2040, 2, 1), now=datetime(2040, 2, 2, tzinfo=UTC), account_ids=ids)
     assert (run.accounts, run.corrections) == (2, [])
+
+
+async def test_a_policy_effective_after_the_year_9000_utc_is_refused(client: AsyncTestClient) -> None:
+    before = (await client.get("/v1/byok_fee_policies", headers=ADMIN)).json()
+    r = await client.post(
+        "/v1/byok_fee_policies",
+        json={"kind": "free_requests", "free_requests": 2, "rate": "0.05", "effective_from": BEYOND_YEAR_9999_UTC},
+        headers=ADMIN,
+    )
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "effective_from")
+    assert (await client.get("/v1/byok_fee_policies", headers=ADMIN)).json() == before
 
 
 async def test_older_free_requests_policy_is_expressible(

@@ -6,7 +6,7 @@ from typing import Any
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.conftest import ADMIN, Api, snapshot
+from tests.conftest import ADMIN, BEYOND_YEAR_9999_UTC, Api, snapshot
 from tests.gateway.conftest import Gateway, funded
 
 
@@ -175,6 +175,21 @@ async def test_member_keys_spend_from_the_organization_pool(api: Api, gw: Gatewa
     assert (await api.balance(org))["balance"] == "6.50"
     assert (await api.balance(alice))["balance"] == "0.00"
     assert (await read_key(client, bob_key))["usage"] == "2.50"
+
+
+async def test_a_key_expiring_after_the_year_9000_utc_is_refused(api: Api, client: AsyncTestClient) -> None:
+    acct = (await api.account())["id"]
+    r = await client.post(
+        f"/v1/accounts/{acct}/keys", json={"name": "k", "expires_at": BEYOND_YEAR_9999_UTC}, headers=ADMIN
+    )
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "expires_at")
+    assert (await client.get(f"/v1/accounts/{acct}/keys", headers=ADMIN)).json()["data"] == []
+    view = await new_key(client, acct)
+    r = await client.patch(f"/v1/keys/{view['id']}", json={"expires_at": BEYOND_YEAR_9999_UTC}, headers=ADMIN)
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "expires_at")
+    assert (await read_key(client, view["id"]))["expires_at"] is None
 
 
 async def test_key_view_fields_and_bad_limits(api: Api, client: AsyncTestClient) -> None:

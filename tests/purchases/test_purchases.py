@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.stripe_client import LOCAL_API_KEY
-from tests.conftest import ADMIN, Api, key
+from tests.conftest import ADMIN, BEYOND_YEAR_9999_UTC, Api, key
 from tests.purchases.conftest import buy, future_epoch, pay
 from tests.stripe_helpers import full_snapshot
 
@@ -243,6 +243,7 @@ async def test_pricing_versions_tiers_and_a_purchase_keeps_its_version(
         ({"card_minimum": "0.805"}, "amount_not_whole_cents"),
         ({"tiers": [{"name": "a", "min_volume": "1", "fee_discount": "0.1"}] * 2}, "duplicate_tier"),
         ({"tiers": [{"name": "a", "min_volume": "-1", "fee_discount": "0.1"}]}, "amount_must_not_be_negative"),
+        ({"effective_from": BEYOND_YEAR_9999_UTC}, "invalid_parameter"),
     ],
 )
 async def test_bad_pricing_version_is_refused(client: AsyncTestClient, body: dict[str, Any], code: str) -> None:

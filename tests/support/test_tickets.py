@@ -21,7 +21,7 @@ from billing.db.journal import Journal
 from billing.settings import Settings
 from billing.support import service
 from billing.support.schemas import CreateTicket
-from tests.conftest import ADMIN, Api, key
+from tests.conftest import ADMIN, BEYOND_YEAR_9999_UTC, Api, key
 from tests.purchases.conftest import buy
 from tests.stripe_helpers import checkout_session, full_snapshot, pay_at_emulator
 
@@ -190,6 +190,8 @@ async def test_tickets_are_listed_by_status_and_account_newest_first(api: Api, c
         ({"created_after": "2026-01-01T00:00:00", "created_before": "2026-01-02T00:00:00"}, "timestamp_without_zone"),
         ({"created_after": "2026-01-02T00:00:00Z", "created_before": "2026-01-01T00:00:00Z"}, "invalid_window"),
         ({"created_after": "2026-01-01T00:00:00Z", "created_before": "2026-03-01T00:00:00Z"}, "invalid_window"),
+        ({"created_after": "9999-12-30T00:00:00Z", "created_before": BEYOND_YEAR_9999_UTC}, "invalid_parameter"),
+        ({"created_after": "1999-12-31T00:00:00Z", "created_before": "2000-01-02T00:00:00Z"}, "invalid_parameter"),
         ({"payment_intent": 12}, "invalid_parameter"),
         ({"payment_intent": "pi_a", "amount": "1.00"}, "invalid_parameter"),
     ],
