@@ -22,6 +22,10 @@ MoneyStr = Annotated[
     ),
 ]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=1000, description="Why (kept in the audit log).")]
+# An id the caller chooses (generation, request, external id): printable ASCII, no spaces. `(?!\n)`: Python's
+# `$` also matches before a final newline ("gen_1\n" would pass); the lookahead refuses it and reads the same
+# in the JSON Schema (ECMA-262) the OpenAPI document publishes.
+ID_PATTERN = r"^[\x21-\x7e]+$(?!\n)"
 
 
 class ListOf(msgspec.Struct, Generic[T]):

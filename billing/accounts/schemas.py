@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from billing.schemas import MoneyStr, Reason
+from billing.schemas import ID_PATTERN, MoneyStr, Reason
 
 ExternalId = Annotated[
-    str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$", description="Your id for it.")
+    str, msgspec.Meta(min_length=1, max_length=200, pattern=ID_PATTERN, description="Your id for it.")
 ]
 
 

@@ -6,9 +6,9 @@ from typing import Annotated
 import msgspec
 
 from billing.ledger.usage import MAX_TOKENS
-from billing.schemas import MoneyStr
+from billing.schemas import ID_PATTERN, MoneyStr
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=ID_PATTERN)]
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS)]
 Label = Annotated[str, msgspec.Meta(max_length=200)]
 

@@ -209,3 +209,15 @@ async def test_a_nul_character_in_a_query_parameter_is_400(api: Api, client: Asy
     r = await client.get(f"/v1/accounts/{acct}/purchases", params={"starting_after": "pur_\x00"}, headers=ADMIN)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "unstorable_text"
+
+
+@pytest.mark.parametrize("external_id", ["acme\n", "ac me", ""])
+async def test_an_external_id_outside_printable_ascii_is_400(
+    client: AsyncTestClient, engine: AsyncEngine, external_id: str
+) -> None:
+    """Ids are printable ASCII without spaces; a trailing newline is not one (Python's `$` would let it by)."""
+    before = await snapshot(engine)
+    r = await client.post("/v1/accounts", json={"external_id": external_id, "kind": "user"}, headers=ADMIN)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_parameter"
+    assert await snapshot(engine) == before

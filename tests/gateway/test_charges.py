@@ -110,6 +110,8 @@ BAD: list[tuple[dict[str, Any], int, str]] = [
     ({"cost": "0.01", "surprise": True}, 400, "invalid_parameter"),
     ({"is_byok": True, "upstream_inference_cost": "0.01"}, 400, "byok_list_cost_required"),
     ({"cost": "0.01", "model": "gpt\x00"}, 400, "unstorable_text"),
+    ({"cost": "0.01", "generation_id": "gen_1\n"}, 400, "invalid_parameter"),
+    ({"cost": "0.01", "generation_id": "gen 1"}, 400, "invalid_parameter"),
 ]
 
 
