@@ -12,7 +12,8 @@ uvicorn would: other paths and methods, a body without Content-Length or over `M
 `Expect: 100-continue`, a token not already in the resolver's cache (the ASGI path looks it up, and the
 next request finds it there), a principal that may not spend, a body that does not decode, a charge that
 names no payer. One request per connection is served at a time, in order, as uvicorn does: pipelined
-requests wait in uvicorn's own queue.
+requests wait in uvicorn's own queue. An answer is never written inside a parser callback, not even a
+refusal known at once: like an ASGI task's, it comes from the event loop, once the bytes at hand are parsed.
 
 A client that hangs up before its answer changes nothing about the call: its batch commits or not as it
 goes, the answer is dropped, and a retry with the same id finds it.
@@ -97,7 +98,11 @@ class GatewayProtocol(HttpToolsProtocol):
         try:
             queued = queue(principal, data)  # type: ignore[arg-type]  # (decoded: a principal)
         except Exception as exc:
-            return self._answer(cycle, exc)
+            # Answered after this callback, not inside it: a cycle completed mid-parse arms the idle timer
+            # under the pipelined request still being parsed, and each queued refusal answered inside the
+            # previous one's completion nests one level deeper.
+            self.loop.call_soon(self._answer, cycle, exc)
+            return
         if queued is None:
             return super()._start_asgi_task(cycle, self.app)
         queued.add_done_callback(lambda done: self._answer(cycle, _outcome(done)))

@@ -1,25 +1,30 @@
 """`billing serve`'s HTTP protocol (billing/gateway/protocol.py): uvicorn's, with the gateway's spending calls
 answered from their batch without an ASGI cycle. Here a real uvicorn server runs it in a thread, in front of
 an app that records every request that reaches ASGI, and raw sockets speak HTTP/1.1 to it: which requests
-the protocol serves, that its bytes are the ASGI path's, and keep-alive, pipelining, a body that arrives
-late, `Connection: close`, `Expect: 100-continue` and a client that hangs up before its answer."""
+the protocol serves, that its bytes are the ASGI path's, and keep-alive, pipelining (behind a refusal too), a
+body that arrives late, `Connection: close`, `Expect: 100-continue` and a client that hangs up before its
+answer; and, on a transport of the test's own, requests parsed in one go."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 import uvicorn
+from litestar.testing import AsyncTestClient
+from uvicorn.server import ServerState
 
 from billing.settings import Settings
-from tests.conftest import Api
+from tests.conftest import ADMIN_TOKEN, Api
 from tests.gateway.conftest import funded
 
 Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
@@ -44,12 +49,14 @@ class Server:
     app: Recording
     uvicorn: uvicorn.Server
 
-    def until(self, condition: Any) -> None:
-        """Until `condition(protocol)` holds for one of the server's connections (polled, with a deadline)."""
+    def until(self, condition: Any) -> Any:
+        """Until `condition(protocol)` holds for one of the server's connections (polled, with a deadline);
+        that connection's protocol."""
         deadline = time.monotonic() + 20
-        while not any(condition(p) for p in list(self.uvicorn.server_state.connections)):
+        while not (found := [p for p in list(self.uvicorn.server_state.connections) if condition(p)]):
             assert time.monotonic() < deadline, "the server never reached the state waited for"
             time.sleep(0.005)
+        return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +82,60 @@ def server(settings: Settings) -> Iterator[Server]:
     yield Server(port, app, serving)
     serving.should_exit = True
     thread.join(30)
+
+
+class Unread(asyncio.Transport):
+    """A connection's transport whose peer reads nothing: what is written stays here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def write(self, data: Any) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def unread(client: AsyncTestClient) -> AsyncIterator[tuple[Any, Unread]]:
+    """The protocol on an `Unread` transport, in front of the suite's app in the test's own event loop: what
+    the test hands to `data_received` in one call is parsed in one go."""
+    from billing.gateway.protocol import GatewayProtocol
+
+    config = uvicorn.Config(client.app, http=GatewayProtocol, log_config=None, server_header=False)
+    config.load()
+    protocol = GatewayProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    transport = Unread()
+    protocol.connection_made(transport)
+    assert protocol.fast is not None
+    yield protocol, transport
+    protocol.connection_lost(None)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until `condition()` holds, the event loop running meanwhile (for a bounded number of its turns)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the protocol never reached the state waited for")
 
 
 class Connection:
@@ -111,6 +172,21 @@ def request(path: str, body: dict[str, Any], token: str, *, chunked: bool = Fals
     return (head + extra + f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
 
 
+def refused(token: str) -> bytes:
+    """A charge refused before it joins a batch (a negative cost): its error is known at once."""
+    return request("/v1/charges", {"account": "acct_x", "generation_id": "gen-x", "cost": "-0.01"}, token)
+
+
+def lock_balance(settings: Settings, account: str) -> psycopg.Connection[Any]:
+    """A transaction holding the account's balance row: its charges wait in their batch until it ends."""
+    conn = psycopg.connect(settings.database_url)
+    conn.execute(
+        "SELECT 1 FROM balances WHERE account_id = (SELECT id FROM accounts WHERE public_id = %s) FOR UPDATE",
+        (account,),
+    )
+    return conn
+
+
 def without_date(reply: Reply) -> Reply:
     status, headers, body = reply
     return status, [h for h in headers if h[0] != b"date"], body
@@ -118,6 +194,19 @@ def without_date(reply: Reply) -> Reply:
 
 async def gateway_token(api: Api) -> str:
     return (await api.token(["gateway"]))["Authorization"].removeprefix("Bearer ")
+
+
+async def warm_token(api: Api, server: Server, account: str) -> str:
+    """A gateway token in the server's cache, after a charge of 0.01 through ASGI: the protocol's from now."""
+    token = await gateway_token(api)
+    first = {"account": account, "generation_id": f"g-{uuid.uuid4().hex}", "cost": "0.01"}
+    warm = Connection(server.port)
+    try:
+        warm.send(request("/v1/charges", first, token))
+        assert warm.reply()[0] == 201
+    finally:
+        warm.close()
+    return token
 
 
 async def test_spending_calls_skip_asgi_and_answer_its_bytes(api: Api, server: Server) -> None:
@@ -229,13 +318,7 @@ async def test_expect_100_continue_is_left_to_uvicorn(api: Api, server: Server) 
 async def test_a_client_that_hangs_up_before_its_answer_finds_its_charge_on_retry(api: Api, server: Server) -> None:
     port = server.port
     account = await funded(api, "1.00")
-    token = await gateway_token(api)
-    warm = Connection(port)
-    warm.send(
-        request("/v1/charges", {"account": account, "cost": "0.01", "generation_id": f"g-{uuid.uuid4().hex}"}, token)
-    )
-    assert warm.reply()[0] == 201  # the token is in the server's cache now: the next call is the protocol's
-    warm.close()
+    token = await warm_token(api, server, account)
     body = {"account": account, "generation_id": f"gen-{uuid.uuid4().hex}", "cost": "0.25"}
     gone = Connection(port)
     gone.send(request("/v1/charges", body, token))
@@ -248,3 +331,42 @@ async def test_a_client_that_hangs_up_before_its_answer_finds_its_charge_on_retr
         retry.close()
     assert status == 201 and json.loads(answer)["id"] == body["generation_id"]
     assert (await api.balance(account))["balance"] == "0.74"  # charged once, whichever request wrote it
+
+
+async def test_no_idle_timer_runs_under_a_call_pipelined_behind_a_refusal(
+    api: Api, server: Server, settings: Settings
+) -> None:
+    """A refusal known at once is answered after the bytes at hand are parsed, so the call pipelined behind it
+    is in uvicorn's queue when that answer completes the cycle: the keep-alive timer is not armed under it
+    (it closed the connection under a charge that went on to commit, and its answer was lost)."""
+    account = await funded(api, "1.00")
+    token = await warm_token(api, server, account)
+    charge = {"account": account, "generation_id": f"gen-{uuid.uuid4().hex}", "cost": "0.10"}
+    lock = lock_balance(settings, account)
+    conn = Connection(server.port)
+    local = conn.sock.getsockname()
+    try:
+        conn.send(refused(token) + request("/v1/charges", charge, token))  # one write: parsed together
+        assert conn.reply()[0] == 400
+        # the charge is the connection's request now, waiting on the lock in its batch
+        serving = server.until(lambda p: p.client == local and not p.cycle.response_complete)
+        assert serving.timeout_keep_alive_task is None
+        lock.rollback()
+        status, _, body = conn.reply()
+        assert status == 201 and json.loads(body)["id"] == charge["generation_id"]
+    finally:
+        lock.close()
+        conn.close()
+    assert (await api.balance(account))["balance"] == "0.89"
+
+
+async def test_any_number_of_pipelined_refusals_are_answered_in_turn(unread: tuple[Any, Unread]) -> None:
+    """Refusals waiting behind a request are answered one per turn of the event loop, not each inside the last
+    one's completion: a thousand of them overflowed the stack, and the connection hung."""
+    protocol, transport = unread
+    n = 1000
+    # (the bootstrap token: known without a lookup, so the refusals are the protocol's)
+    protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + refused(ADMIN_TOKEN) * n)
+    assert len(protocol.pipeline) == n  # behind the probe's ASGI task
+    await until(lambda: transport.written.count(b"HTTP/1.1 ") == n + 1 or transport.closed)
+    assert transport.written.count(b"HTTP/1.1 400 ") == n and not transport.closed
