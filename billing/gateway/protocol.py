@@ -14,6 +14,9 @@ next request finds it there), a principal that may not spend, a body that does n
 names no payer. One request per connection is served at a time, in order, as uvicorn does: pipelined
 requests wait in uvicorn's own queue. An answer is never written inside a parser callback, not even a
 refusal known at once: like an ASGI task's, it comes from the event loop, once the bytes at hand are parsed.
+While the transport has paused writing, an answer waits for it to resume, as uvicorn's `send` waits for
+`drain`, and the next request waits behind it: a client that pipelines and never reads is not answered
+into a buffer without bound.
 
 A client that hangs up before its answer changes nothing about the call: its batch commits or not as it
 goes, the answer is dropped, and a retry with the same id finds it.
@@ -60,6 +63,8 @@ class GatewayProtocol(HttpToolsProtocol):
         self.fast = fast_path_of(self.app)
         # A spending call whose turn has come while its body is still arriving: served once it is whole.
         self._waiting: tuple[RequestResponseCycle, type[Any], Queue] | None = None
+        # An answer due while the transport has paused writing: written once it resumes.
+        self._held: tuple[RequestResponseCycle, Outcome | BaseException] | None = None
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """Where uvicorn starts a request's ASGI task (at its headers, or its turn when pipelined)."""
@@ -107,11 +112,20 @@ class GatewayProtocol(HttpToolsProtocol):
             return super()._start_asgi_task(cycle, self.app)
         queued.add_done_callback(lambda done: self._answer(cycle, _outcome(done)))
 
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        held, self._held = self._held, None
+        if held is not None:  # (answered from the event loop, not inside the transport call that resumed it)
+            self.loop.call_soon(self._answer, *held)
+
     def _answer(self, cycle: RequestResponseCycle, outcome: Outcome | BaseException) -> None:
         """Write the response the ASGI path would send (uvicorn's default headers first), then complete the
         cycle as uvicorn does: close unless kept alive, and start the next pipelined request or the idle
-        timer."""
+        timer. Held while the transport has paused writing."""
         if cycle.disconnected:
+            return
+        if self.flow.write_paused:
+            self._held = (cycle, outcome)
             return
         self.fast.served += 1  # type: ignore[union-attr]  # (served only with a fast path)
         status, payload, replayed = answer(outcome)

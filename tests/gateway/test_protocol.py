@@ -3,7 +3,7 @@ answered from their batch without an ASGI cycle. Here a real uvicorn server runs
 an app that records every request that reaches ASGI, and raw sockets speak HTTP/1.1 to it: which requests
 the protocol serves, that its bytes are the ASGI path's, and keep-alive, pipelining (behind a refusal too), a
 body that arrives late, `Connection: close`, `Expect: 100-continue` and a client that hangs up before its
-answer; and, on a transport of the test's own, requests parsed in one go."""
+answer; and, on a transport of the test's own, requests parsed in one go and a client that does not read."""
 
 from __future__ import annotations
 
@@ -85,7 +85,9 @@ def server(settings: Settings) -> Iterator[Server]:
 
 
 class Unread(asyncio.Transport):
-    """A connection's transport whose peer reads nothing: what is written stays here."""
+    """A connection's transport whose peer reads nothing: what is written stays here. A test says when its
+    buffer is over the high-water mark and under it again, with the protocol's `pause_writing` and
+    `resume_writing`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -370,3 +372,17 @@ async def test_any_number_of_pipelined_refusals_are_answered_in_turn(unread: tup
     assert len(protocol.pipeline) == n  # behind the probe's ASGI task
     await until(lambda: transport.written.count(b"HTTP/1.1 ") == n + 1 or transport.closed)
     assert transport.written.count(b"HTTP/1.1 400 ") == n and not transport.closed
+
+
+async def test_answers_wait_while_the_transport_has_paused_writing(unread: tuple[Any, Unread]) -> None:
+    """As uvicorn's `send` waits for `drain`: an answer due while the transport's buffer is over its
+    high-water mark is written once it is under again, and the requests pipelined behind it wait for it (a
+    client that pipelined and never read had every answer buffered)."""
+    protocol, transport = unread
+    protocol.pause_writing()
+    protocol.data_received(refused(ADMIN_TOKEN) * 3)
+    await asyncio.sleep(0)  # one turn: the loop runs the first answer, scheduled before this task resumes
+    assert transport.written == b"" and len(protocol.pipeline) == 2
+    protocol.resume_writing()
+    await until(lambda: transport.written.count(b"HTTP/1.1 ") == 3)
+    assert transport.written.count(b"HTTP/1.1 400 ") == 3
