@@ -6,11 +6,11 @@ Only the plain path is served here: a POST to exactly one of the three paths, wi
 resolves to a principal allowed to spend (the `gateway` scope, or admin), a JSON body that decodes to the
 request's schema, and batching on. Then the request goes to the same batcher the Litestar route would
 call, and its outcome — success, refusal, replay or `ApiError` — is written with the same status, body
-bytes and headers. Anything else (another path or method, no or an unknown token, a scope that may not
-spend, a body that does not decode, a charge that names no payer) is handed to Litestar untouched, body
-included, and answered there: every error shape keeps one source. Under `billing serve` most of these
-calls never get here: its HTTP protocol serves them from the same functions a step earlier
-(billing/gateway/protocol.py).
+bytes and headers. Anything else (another path or method, no or an unknown token, a token whose lookup
+failed, a scope that may not spend, a body that does not decode, a charge that names no payer) is handed
+to Litestar untouched, body included, and answered there: every error shape keeps one source. Under
+`billing serve` most of these calls never get here: its HTTP protocol serves them from the same functions
+a step earlier (billing/gateway/protocol.py).
 """
 
 from __future__ import annotations
@@ -83,17 +83,21 @@ def decode(kind: type[msgspec.Struct], headers: Headers, body: bytes | bytearray
 
 
 def answer(outcome: Outcome | BaseException) -> tuple[int, bytes, bool]:
-    """Status, JSON body and whether it is a replay, for a batch's outcome or the error a call raised."""
-    if isinstance(outcome, ApiError):
-        return outcome.status, encode_json(outcome.body()), False
-    if isinstance(outcome, BaseException):
-        refused = unstorable_text(outcome) if isinstance(outcome, Exception) else None
-        if refused is None:
-            log.error("unhandled error", exc_info=outcome)
-            refused = internal_error()
-        return refused.status, encode_json(refused.body()), False
-    status, out, replayed = outcome
-    return status, encode_json(out), replayed
+    """Status, JSON body and whether it is a replay, for a batch's outcome or the error a call raised. Never
+    raises: an outcome that does not encode is an unhandled error, a 500 as Litestar would answer it."""
+    try:
+        if isinstance(outcome, ApiError):
+            return outcome.status, encode_json(outcome.body()), False
+        if isinstance(outcome, BaseException):
+            refused = unstorable_text(outcome) if isinstance(outcome, Exception) else None
+            if refused is None:
+                log.error("unhandled error", exc_info=outcome)
+                refused = internal_error()
+            return refused.status, encode_json(refused.body()), False
+        status, out, replayed = outcome
+        return status, encode_json(out), replayed
+    except Exception as exc:  # raised from here: no answer at all from the protocol, uvicorn's plain text 500
+        return answer(exc)
 
 
 def bearer(headers: Headers) -> str | None:
@@ -131,7 +135,10 @@ class GatewayFastPath:
 
         kind, queue = call
         secret = bearer(scope["headers"])
-        principal = await self.app.state.tokens.resolve(secret) if secret is not None else None
+        try:
+            principal = await self.app.state.tokens.resolve(secret) if secret is not None else None
+        except Exception:  # (the database unreachable, say) Litestar looks it up again, and answers its failure
+            return await self.app(scope, _replay(bytes(body), receive), send)  # type: ignore[arg-type]
         data = decode(kind, scope["headers"], body, principal)
         queued = None
         outcome: Outcome | BaseException

@@ -10,6 +10,7 @@ import json
 import uuid
 from typing import Any
 
+import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -74,6 +75,27 @@ async def test_what_it_cannot_serve_is_answered_by_litestar(
     assert (r.status_code, r.json()["error"]["code"]) == (status, code)
     assert fast.served == before
     assert (await api.balance(account))["balance"] == "1.00"
+
+
+async def test_a_failed_token_lookup_is_answered_by_litestar(
+    api: Api, client: AsyncTestClient, fast: GatewayFastPath, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token whose lookup fails (the database unreachable) is Litestar's to answer, with the error object any
+    of its routes answers it with (from the fast path, the error escaped the app: uvicorn's plain-text 500)."""
+    headers = await api.token(["gateway"])  # (this suite caches no token: each request looks it up)
+
+    async def unreachable(*_: Any) -> Any:
+        raise psycopg.OperationalError("the database is unreachable")
+
+    monkeypatch.setattr(fast.app.state.tokens, "_fetch", unreachable)
+    route = await client.get("/v1/generations/gen-x", headers=headers)
+    assert (route.status_code, route.json()["error"]["code"]) == (500, "internal_error")
+    before = fast.served
+    r = await client.post(
+        "/v1/charges", json={"account": "acct_x", "generation_id": "gen-x", "cost": "0.01"}, headers=headers
+    )
+    assert (r.status_code, r.json()) == (500, route.json())
+    assert fast.served == before
 
 
 async def test_a_scope_that_may_not_spend_is_refused_by_litestar(

@@ -386,3 +386,31 @@ async def test_answers_wait_while_the_transport_has_paused_writing(unread: tuple
     protocol.resume_writing()
     await until(lambda: transport.written.count(b"HTTP/1.1 ") == 3)
     assert transport.written.count(b"HTTP/1.1 400 ") == 3
+
+
+async def test_an_outcome_that_does_not_encode_is_answered_with_a_500(
+    api: Api, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outcome whose body does not encode is an unhandled error: a 500 with the error object, the same from
+    the protocol as from the ASGI path (raised in its future's callback, it left the connection without an
+    answer; through ASGI, uvicorn answered a plain-text 500 and closed it)."""
+    account = await funded(api, "1.00")
+    token = await warm_token(api, server, account)
+
+    def unencodable(principal: Any, data: Any) -> Any:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result((201, object(), False))
+        return done
+
+    monkeypatch.setattr(server.app.app.state.charge_batcher, "queue_charge", unencodable)
+    body = {"account": account, "generation_id": f"gen-{uuid.uuid4().hex}", "cost": "0.01"}
+    conn = Connection(server.port)
+    try:
+        conn.send(request("/v1/charges", body, token, chunked=True))  # through ASGI
+        through_asgi = without_date(conn.reply())
+        assert through_asgi[0] == 500 and (b"content-type", b"application/json") in through_asgi[1]
+        assert json.loads(through_asgi[2])["error"]["code"] == "internal_error"
+        conn.send(request("/v1/charges", body, token))
+        assert without_date(conn.reply()) == through_asgi
+    finally:
+        conn.close()
