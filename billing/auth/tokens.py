@@ -8,8 +8,9 @@ A token in steady use never makes a request wait for the database: in the last `
 entry's life, the first request to see it starts one lookup in the background and is answered from the
 entry, still valid. (Before, every request arriving while an expired entry was being looked up again did
 its own lookup and waited for it: under the gateway's load, a stall of all requests every few seconds.)
-Concurrent misses for one token share one lookup. No entry is ever served past its expiry, and `forget`
-also discards what lookups already in flight would bring back.
+Concurrent misses for one token share one lookup. No entry is ever served past its expiry — nor a token
+past its own `expires_at` (an entry lives no longer than the token has left) — and `forget` also discards
+what lookups already in flight would bring back.
 """
 
 from __future__ import annotations
@@ -103,17 +104,21 @@ class TokenResolver:
             row = (
                 await conn.execute(
                     text(
-                        "SELECT public_id, name, scopes, account_id FROM api_tokens WHERE token_hash = :h"
+                        "SELECT public_id, name, scopes, account_id,"
+                        " EXTRACT(EPOCH FROM expires_at - now()) AS expires_in FROM api_tokens WHERE token_hash = :h"
                         " AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
                     ),
                     {"h": digest},
                 )
             ).first()
         principal = Principal(row[0], row[1], frozenset(row[2]), row[3]) if row else None
+        life = float(self._ttl)
+        if row is not None and row[4] is not None:
+            life = min(life, float(row[4]))  # a token that expires sooner is not served past its expiry
         if epoch == self._epoch:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[digest] = (read_at + self._ttl, principal)
+            self._cache[digest] = (read_at + life, principal)
         return principal
 
     def forget(self) -> None:

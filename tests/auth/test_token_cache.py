@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from litestar.testing import AsyncTestClient
@@ -113,3 +114,21 @@ async def test_forget_discards_what_lookups_in_flight_bring_back(client: AsyncTe
     assert resolver._cache == {}
     assert (await client.delete(f"/v1/tokens/{token_id}", headers=ADMIN)).status_code == 200
     assert await resolver.resolve(secret) is None  # looked up afresh, not from the discarded answer
+
+
+async def test_a_token_is_not_served_from_the_cache_past_its_own_expiry(
+    client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    """A token that expires in 30 s is cached for at most 30 s, whatever the cache's lifetime (300 s here)."""
+    expires = (datetime.now(UTC) + timedelta(seconds=30)).isoformat()
+    r = await client.post(
+        "/v1/tokens", json={"name": "short", "scopes": ["gateway"], "expires_at": expires}, headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+    clock = Clock()
+    resolver = TokenResolver(engine, None, 300, monotonic=clock)
+    assert await resolver.resolve(r.json()["secret"]) is not None
+    clock.now += 29
+    assert resolver.known(r.json()["secret"]) is not None  # cached, and still valid
+    clock.now += 2
+    assert resolver.known(r.json()["secret"]) is None  # its expiry has passed: not answered from the cache
