@@ -2,6 +2,7 @@
 
 - every journal entry has ≥ 2 postings summing to zero, and all postings together sum to zero;
 - every cached balance equals the sum of its account's postings, and its last running balance;
+- every running balance in an account's history equals the sum of its postings up to there;
 - every lot's `remaining` equals the sum of the postings naming it;
 - lots plus debt make the balance: no lot-less credit, only debt.
 - every captured hold has exactly one generation; no other hold (open, released, expired) has one.
@@ -27,6 +28,14 @@ CHECKS: dict[str, str] = {
         JOIN LATERAL (SELECT balance_after FROM postings WHERE account_id = b.account_id
                       ORDER BY id DESC LIMIT 1) last ON true
         WHERE last.balance_after <> b.balance LIMIT 20""",
+    # Every running balance in a customer's history (what the history endpoint shows), not only the last:
+    # each posting's `balance_after` is the sum of the account's postings up to it (posting ids follow
+    # the order they were written in, under the account's lock).
+    "history_balance_mismatch": """
+        SELECT DISTINCT account_id FROM (
+            SELECT account_id, balance_after, sum(amount) OVER (PARTITION BY account_id ORDER BY id) AS running
+            FROM postings WHERE account_id IN (SELECT account_id FROM balances)) p
+        WHERE balance_after IS NOT NULL AND balance_after <> running LIMIT 20""",
     "lot_remaining_mismatch": """
         SELECT l.id FROM lots l
         LEFT JOIN (SELECT lot_id, sum(amount) AS total FROM postings WHERE lot_id IS NOT NULL GROUP BY lot_id) p

@@ -101,6 +101,26 @@ async def test_a_broken_cached_balance_is_reported_and_billing_verify_exits_non_
         assert await conn.scalar(text("SELECT balance FROM balances")) == Decimal("6")
 
 
+async def test_a_wrong_running_balance_inside_the_history_is_reported(throwaway: Context) -> None:
+    """Two entries whose customer postings carry a wrong running balance, then the right one again: the cached
+    balance and the last running balance still agree, the history in between does not."""
+    async with throwaway.db.begin() as conn:
+        account = await conn.scalar(text("SELECT id FROM accounts WHERE public_id = 'acct_broken'"))
+        rounding = await conn.scalar(text("SELECT id FROM accounts WHERE kind = 'platform' ORDER BY id LIMIT 1"))
+        for amount, after in (("1", "100"), ("-1", "5")):
+            entry = await conn.scalar(
+                text("INSERT INTO journal_entries (kind, account_id) VALUES ('adjustment', :a) RETURNING id"),
+                {"a": account},
+            )
+            await conn.execute(
+                text("INSERT INTO postings (entry_id, account_id, amount, balance_after) VALUES"
+                     " (:e, :a, CAST(:x AS numeric), CAST(:after AS numeric)), (:e, :p, -CAST(:x AS numeric), NULL)"),
+                {"e": entry, "a": account, "p": rounding, "x": amount, "after": after},
+            )  # fmt: skip
+    result = await verify(throwaway)
+    assert set(result.problems) == {"history_balance_mismatch"}
+
+
 async def test_a_captured_hold_without_its_generation_is_reported(throwaway: Context) -> None:
     async with throwaway.db.begin() as conn:
         await conn.execute(
