@@ -158,39 +158,69 @@ async def balance_as_of(ctx: Context, principal: Principal, account: str, as_of:
     return s.BalanceAsOf(account=account, balance=format_money(balance or Decimal(0)), as_of=as_of.astimezone(UTC))
 
 
+# A customer's postings, newest first, through `ix_postings_account_id_id`: a page reads about its own rows
+# whatever the size of the ledger. (Grouped by entry in SQL, the planner walked every posting of every
+# account back from the newest — 18 ms for a quiet account of a 170,000-posting ledger, growing with it.)
+# Under the account's lock an entry's postings on it are written together, so their ids are contiguous.
+_HISTORY = text(
+    "SELECT id, entry_id, amount, balance_after FROM postings WHERE account_id = :id AND id < :before"
+    " ORDER BY id DESC LIMIT :m"
+)
+_HISTORY_CURSOR = text(
+    "SELECT coalesce((SELECT min(id) FROM postings WHERE entry_id = :entry AND account_id = :id),"
+    " (SELECT min(id) FROM postings WHERE entry_id = :entry), 0)"
+)
+_HISTORY_ENTRIES = text(
+    "SELECT id, kind, posted_at, description, reason FROM journal_entries WHERE id = ANY(CAST(:ids AS bigint[]))"
+)
+
+
 async def ledger(
     ctx: Context, principal: Principal, account: str, limit: int, starting_after: str | None
 ) -> ListOf[s.LedgerLine]:
-    """The account's journal entries, newest first, each with the running balance after it."""
+    """The account's journal entries, newest first, each with the account's amount in it and the running
+    balance after it (its last posting's `balance_after`)."""
     cursor = internal_id("je", starting_after, "ledger_entry") if starting_after else None
     async with ctx.db.connect() as conn:
         row = await find_account(conn, principal, account)
-        rows = (
-            await conn.execute(
-                text(
-                    "SELECT e.id, e.kind, e.posted_at, e.description, e.reason, p.amount, p.balance_after"
-                    " FROM (SELECT entry_id, sum(amount) AS amount,"
-                    "              (array_agg(balance_after ORDER BY id DESC))[1] AS balance_after"
-                    "       FROM postings WHERE account_id = :id AND (CAST(:cursor AS bigint) IS NULL OR entry_id < CAST(:cursor AS bigint))"
-                    "       GROUP BY entry_id ORDER BY entry_id DESC LIMIT :n) p"
-                    " JOIN journal_entries e ON e.id = p.entry_id ORDER BY e.id DESC"
-                ),
-                {"id": row.id, "cursor": cursor, "n": limit + 1},
+        before = 2**63 - 1
+        if cursor is not None:
+            before = await conn.scalar(_HISTORY_CURSOR, {"entry": cursor, "id": row.id})
+        # (entry id, amount, balance after), newest first: enough postings for limit + 1 whole entries
+        lines: list[tuple[int, Decimal, Decimal]] = []
+        fetch = 2 * limit + 8
+        while True:
+            postings = (await conn.execute(_HISTORY, {"id": row.id, "before": before, "m": fetch})).all()
+            lines = []
+            for p in postings:
+                if lines and lines[-1][0] == p.entry_id:
+                    entry_id, amount, after = lines[-1]
+                    lines[-1] = (entry_id, amount + p.amount, after)
+                else:
+                    lines.append((p.entry_id, p.amount, p.balance_after))
+            if len(postings) < fetch:
+                break  # the whole history below the cursor
+            lines.pop()  # its oldest entry may continue past what was read
+            if len(lines) > limit:
+                break
+            fetch *= 4
+        lines = lines[: limit + 1]
+        heads = {e.id: e for e in await conn.execute(_HISTORY_ENTRIES, {"ids": [line[0] for line in lines]})}
+    return ListOf(
+        data=[
+            s.LedgerLine(
+                id=public_id("je", entry_id),
+                kind=heads[entry_id].kind,
+                amount=format_money(amount),
+                balance_after=format_money(after),
+                posted_at=heads[entry_id].posted_at,
+                description=heads[entry_id].description,
+                reason=heads[entry_id].reason,
             )
-        ).all()
-    lines = [
-        s.LedgerLine(
-            id=public_id("je", r.id),
-            kind=r.kind,
-            amount=format_money(r.amount),
-            balance_after=format_money(r.balance_after),
-            posted_at=r.posted_at,
-            description=r.description,
-            reason=r.reason,
-        )
-        for r in rows[:limit]
-    ]
-    return ListOf(data=lines, has_more=len(rows) > limit)
+            for entry_id, amount, after in lines[:limit]
+        ],
+        has_more=len(lines) > limit,
+    )
 
 
 def _lot(r: Row[Any], account: str, now: datetime) -> s.Lot:

@@ -1,7 +1,9 @@
 """Accounts over HTTP: creation, balances, history, lots, grants and adjustments."""
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
@@ -98,6 +100,42 @@ async def test_ledger_history_paginates_newest_first_with_running_balance(api: A
     ).json()
     assert [e["balance_after"] for e in page2["data"]] == ["6.00", "3.00", "1.00"]
     assert page2["has_more"] is False
+
+
+async def test_ledger_history_pages_through_entries_with_several_postings_on_the_account(
+    api: Api, client: AsyncTestClient
+) -> None:
+    """A charge that spends from two lots is one line (its postings on the account summed, the running balance
+    after the last); walking the history one line a page, across more postings than a page reads at once,
+    gives the same lines as one page of all of them."""
+    acct = (await api.account())["id"]
+    soon = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    for _ in range(4):
+        await api.grant(acct, "1.00", expires_at=soon)
+        await api.grant(acct, "1.00")
+        r = await client.post(
+            "/v1/charges",
+            json={"account": acct, "generation_id": f"gen-{uuid.uuid4().hex}", "cost": "1.50"},
+            headers=ADMIN,
+        )
+        assert r.status_code == 201, r.text
+    whole = (await client.get(f"/v1/accounts/{acct}/ledger", params={"limit": 100}, headers=ADMIN)).json()
+    assert whole["has_more"] is False
+    assert [(e["amount"], e["balance_after"]) for e in whole["data"][:3]] == [
+        ("-1.50", "2.00"),
+        ("1.00", "3.50"),
+        ("1.00", "2.50"),
+    ]
+    assert len(whole["data"]) == 12
+    walked, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 1} | ({"starting_after": cursor} if cursor else {})
+        page = (await client.get(f"/v1/accounts/{acct}/ledger", params=params, headers=ADMIN)).json()
+        walked += page["data"]
+        if not page["has_more"]:
+            break
+        cursor = page["data"][-1]["id"]
+    assert walked == whole["data"]
 
 
 async def test_balance_as_of_a_past_time(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
