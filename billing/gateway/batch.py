@@ -238,7 +238,8 @@ class BatchWrites:
         entry_n = None
         if spend.amount > 0:
             entry = usage_entry(
-                Customer(row.account_id), spend.amount, lots=tuple(state.lots), now=now, kind=spend.kind,
+                Customer(row.account_id), spend.amount, lots=tuple(state.lots), now=now,
+                hold=service.held_by(row) if hold_id is not None else None, kind=spend.kind,
                 revenue=spend.revenue, description=f"{spend.kind.value} for generation {g.generation_id}",
             )  # fmt: skip
             entry_n, state.balance = self.entry(entry, state.balance)

@@ -38,7 +38,7 @@ from billing.errors import (
 )
 from billing.gateway import schemas as s
 from billing.keys.service import key_limit, key_usage
-from billing.ledger.model import Customer, EntryKind, LotBalance, Platform
+from billing.ledger.model import Customer, EntryKind, Hold, LotBalance, Platform
 from billing.ledger.money import ZERO, format_money
 from billing.ledger.outcomes import Refused
 from billing.ledger.usage import (
@@ -216,6 +216,11 @@ def lots_of(row: Any) -> tuple[LotBalance, ...]:
     if not row.lot_ids:
         return ()
     return tuple(LotBalance(*t) for t in zip(row.lot_ids, row.lot_remaining, row.lot_expires, strict=True))
+
+
+def held_by(row: Any) -> Hold:
+    """The hold of a RESOLVE_SQL state row, as the lot rules see it (`consume`)."""
+    return Hold(row.hx_amount, row.hx_created_at)
 
 
 def admit_on(row: Any, amount: Decimal, key: KeyLimit | None, now: datetime, byok: Decimal = ZERO) -> None:
@@ -502,13 +507,14 @@ async def _write_spend(
     extra: list[Rider] | None = None,
 ) -> int | None:
     """Write the generation and what it spends, and COMMIT, in one round trip. Returns the journal entry id
-    (None when nothing was spent)."""
+    (None when nothing was spent). A capture (`row` a RESOLVE_SQL state row) pays from its hold's lots."""
     if spend.amount > 0:
         entry = usage_entry(
             Customer(row.account_id),
             spend.amount,
             lots=lots_of(row),
             now=now,
+            hold=held_by(row) if hold_id is not None else None,
             kind=spend.kind,
             revenue=spend.revenue,
             description=f"{spend.kind.value} for generation {g.generation_id}",

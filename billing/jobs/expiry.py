@@ -1,11 +1,14 @@
 """Credit expiry, or breakage (SPEC §5 Expiry: unused credits expire one year after purchase, posted to
 breakage, never silently).
 
-Per account, under its balance lock: read the lots (`Journal.lock_customer`), let the core build one
-`expiry` entry for every lot past its expiry with something left (`entries.expiry`), post it. A lot the
-entry empties has nothing left, so a second run finds nothing; two concurrent runs serialize on the
-balance row and the second re-reads the lots after the first committed. A dry run builds the same
-entries from the same lots without locking or writing anything.
+Per account, under its balance lock: read the lots (`Journal.lock_customer`) and the open holds, let the
+core build one `expiry` entry for every lot past its expiry with something left that no open hold
+reserves (`entries.expiry`), post it. A hold created before its lot expired is captured from that lot, so
+what it reserves stays until it is captured, released or times out (at most its timeout), and a later run
+expires the rest. A lot the entry empties has nothing left, so a second run finds nothing; two concurrent
+runs serialize on the balance row and the second re-reads the lots after the first committed (holds
+resolve under the same lock). A dry run builds the same entries from the same lots and holds without
+locking or writing anything.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from sqlalchemy import text
 from billing.context import Context
 from billing.db.journal import AccountMissing
 from billing.ledger import entries
-from billing.ledger.model import Customer, Entry, LotBalance
+from billing.ledger.model import Customer, Entry, Hold, LotBalance
 from billing.ledger.money import ZERO, format_money
 from billing.schemas import public_id
 
@@ -37,6 +40,12 @@ ORDER BY l.account_id LIMIT :batch"""
 _LOTS = text(
     "SELECT account_id, id, remaining, expires_at FROM lots WHERE account_id = ANY(:ids) AND remaining > 0"
     " ORDER BY expires_at, id"
+)
+
+# Open holds reserve credits until they resolve or time out (SPEC §5 Holds); a timed-out hold reserves nothing.
+_HOLDS = text(
+    "SELECT account_id, amount, created_at FROM holds WHERE account_id = ANY(:ids) AND status = 'open'"
+    " AND expires_at > :now"
 )
 
 
@@ -85,8 +94,8 @@ def _expired_lots(entry: Entry, lots: tuple[LotBalance, ...]) -> tuple[ExpiredLo
 async def expire_credits(
     ctx: Context, *, now: datetime, dry_run: bool = False, batch_size: int = BATCH_SIZE
 ) -> ExpiryRun:
-    """Move what is left of every lot expired at `now` to breakage, one entry per account; or, with
-    `dry_run`, say what that would post and change nothing."""
+    """Move what is left of every lot expired at `now`, less what open holds reserve, to breakage, one entry
+    per account; or, with `dry_run`, say what that would post and change nothing."""
     run = ExpiryRun(as_of=now, dry_run=dry_run)
     after = 0
     while True:
@@ -94,12 +103,16 @@ async def expire_credits(
             due = (await conn.execute(_DUE_ACCOUNTS, {"now": now, "after": after, "batch": batch_size})).all()
             if dry_run and due:
                 lots: dict[int, list[LotBalance]] = defaultdict(list)
-                for account_id, *lot in await conn.execute(_LOTS, {"ids": [a for a, _ in due]}):
+                holds: dict[int, list[Hold]] = defaultdict(list)
+                ids = {"ids": [a for a, _ in due], "now": now}
+                for account_id, *lot in await conn.execute(_LOTS, ids):
                     lots[account_id].append(LotBalance(*lot))
+                for account_id, *hold in await conn.execute(_HOLDS, ids):
+                    holds[account_id].append(Hold(*hold))
         for account_id, account in due:
             if dry_run:
                 planned = tuple(lots[account_id])
-                entry = entries.expiry(Customer(account_id), planned, now)
+                entry = entries.expiry(Customer(account_id), planned, now, holds[account_id])
                 if entry is not None:
                     run.accounts.append(AccountExpiry(account, _expired_lots(entry, planned), None))
             else:
@@ -117,7 +130,8 @@ async def _expire_account(ctx: Context, account_id: int, account: str, now: date
             state = await ctx.journal.lock_customer(conn, Customer(account_id))
         except AccountMissing:
             return None
-        entry = entries.expiry(Customer(account_id), state.lots, now)
+        held = await conn.execute(_HOLDS, {"ids": [account_id], "now": now})
+        entry = entries.expiry(Customer(account_id), state.lots, now, [Hold(*hold) for _, *hold in held])
         if entry is None:  # another run got here first
             return None
         posted = await ctx.journal.post(conn, entry, balance_before=state.balance)

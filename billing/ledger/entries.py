@@ -9,19 +9,20 @@ from datetime import datetime
 from decimal import Decimal
 
 from billing.ledger import outcomes
-from billing.ledger.lots import consume, debt_settled_by
+from billing.ledger.lots import consume, debt_settled_by, reserved_by
 from billing.ledger.model import (
     NEW_LOT,
     Customer,
     Entry,
     EntryKind,
+    Hold,
     LotBalance,
     LotCategory,
     NewLot,
     Platform,
     Posting,
 )
-from billing.ledger.money import format_money
+from billing.ledger.money import ZERO, format_money
 from billing.ledger.outcomes import Refused
 
 # Where a staff grant's credits come from, by lot category.
@@ -165,23 +166,30 @@ def purchase(
     )
 
 
-def expiry(customer: Customer, lots: Iterable[LotBalance], now: datetime) -> Entry | None:
-    """Breakage (SPEC §5 Expiry): what is left of every lot whose expiry has passed moves to the `breakage`
-    account, one posting per lot, in one entry; None when nothing has expired.
+def expiry(customer: Customer, lots: Iterable[LotBalance], now: datetime, holds: Iterable[Hold] = ()) -> Entry | None:
+    """Breakage (SPEC §5 Expiry: only unused credits expire): what is left of every lot whose expiry has
+    passed moves to the `breakage` account, one posting per lot, in one entry; None when nothing expires.
 
-    `total_credits` is unchanged (the credits were added; they were not refunded): the `expiry` entry kind
-    is what shows them leaving. A lot already emptied has nothing left, so expiring twice posts nothing.
+    Credits the account's open `holds` reserve stay (`reserved_by`): a hold created before its lot expired
+    is captured from that lot (`consume`), so what it reserves is not unused; a later run expires it once
+    the hold is resolved or timed out. `total_credits` is unchanged (the credits were added; they were not
+    refunded): the `expiry` entry kind is what shows them leaving. Expiring twice posts nothing more.
     """
-    expired = sorted(
-        (lot for lot in lots if lot.expires_at <= now and lot.remaining > 0), key=lambda lot: (lot.expires_at, lot.id)
-    )
+    lots = tuple(lots)
+    reserved = reserved_by(lots, holds)
+    expired = [
+        (lot, lot.remaining - reserved.get(lot.id, ZERO))
+        for lot in sorted(lots, key=lambda lot: (lot.expires_at, lot.id))
+        if lot.expires_at <= now
+    ]
+    expired = [(lot, amount) for lot, amount in expired if amount > 0]
     if not expired:
         return None
-    total = sum((lot.remaining for lot in expired), Decimal(0))
+    total = sum((amount for _, amount in expired), ZERO)
     return Entry(
         kind=EntryKind.EXPIRY,
         customer=customer,
-        postings=(*(Posting(customer, -lot.remaining, lot.id) for lot in expired), Posting(Platform.BREAKAGE, total)),
+        postings=(*(Posting(customer, -amount, lot.id) for lot, amount in expired), Posting(Platform.BREAKAGE, total)),
         description=f"expiry of {len(expired)} lot(s): {format_money(total)} USD to breakage",
     )
 

@@ -12,6 +12,9 @@ entry           A journal entry: at least two postings that sum to exactly zero,
 lot             A batch of credits with a category and an expiry (a purchase, a grant). Postings on a
                 customer account name the lot they add to or consume from, so what is left of every
                 lot is itself a sum of postings. Postings with no lot are debt (a negative balance).
+hold            Credits reserved for one request until it is captured, released or times out. A capture
+                pays from the lots that were live when its hold was created, and expiry leaves what open
+                holds reserve (SPEC §5 Holds, Expiry).
 credits / usage `total_credits` counts credits added (minus refunds and clawbacks), `total_usage` counts
                 credits spent on usage and fees; both are kept beside the balance.
 """
@@ -171,3 +174,11 @@ class LotBalance:
     id: int
     remaining: Decimal
     expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """An open hold as the lot rules see it: the credits it reserves, and since when (SPEC §5 Holds)."""
+
+    amount: Decimal
+    created_at: datetime

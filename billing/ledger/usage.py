@@ -11,7 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from billing.ledger import outcomes
 from billing.ledger.lots import consume
-from billing.ledger.model import Customer, Entry, EntryKind, LotBalance, Platform, Posting
+from billing.ledger.model import Customer, Entry, EntryKind, Hold, LotBalance, Platform, Posting
 from billing.ledger.money import QUANTUM, ZERO, format_money
 from billing.ledger.outcomes import Refused
 
@@ -247,14 +247,16 @@ def usage_entry(
     *,
     lots: tuple[LotBalance, ...],
     now: datetime,
+    hold: Hold | None = None,
     kind: EntryKind = EntryKind.USAGE,
     revenue: Platform = Platform.USAGE_REVENUE,
     description: str = "",
 ) -> Entry:
     """Spend `amount` of credits: soonest-expiring live lots first; whatever no lot covers is debt (a
-    finished generation is paid even when it takes the balance negative).
+    finished generation is paid even when it takes the balance negative). A capture names its `hold`: up
+    to the hold's amount is paid from the lots live when the hold was created (`consume`).
     """
-    taken, shortfall = consume(lots, amount, now)
+    taken, shortfall = consume(lots, amount, now, hold)
     postings = [Posting(customer, -part, lot_id) for lot_id, part in taken]
     if shortfall:
         postings.append(Posting(customer, -shortfall, None))

@@ -3,7 +3,7 @@ transaction, leaves exactly what the same requests one by one would have left.""
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +17,7 @@ from billing.errors import ApiError
 from billing.gateway import schemas as s
 from billing.gateway.batch import BACKLOG, Batcher, ChargeBatcher, Queued, new_future
 from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
+from billing.jobs.expiry import expire_credits
 from billing.verify import verify_ledger
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway, funded
@@ -567,3 +568,32 @@ async def test_a_charge_stuck_on_a_locked_account_does_not_hold_up_other_account
     assert (await stuck)[0] == 201
     assert (await api.balance(free))["balance"] == "0.70"
     assert (await api.balance(locked))["balance"] == "0.90"
+
+
+async def test_a_batched_capture_pays_from_the_lot_its_hold_reserved_before_it_expired(
+    api: Api, gw: Gateway, client_ctx: Any, clock_at: Any
+) -> None:
+    """As a single capture (SPEC §5 Holds, Expiry): a hold made before its lot expired is captured from
+    that lot, and expiry, before or after the capture, takes only what no open hold reserves."""
+    expiry = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    clock_at(expiry - timedelta(days=10))
+    before, after = (await api.account())["id"], (await api.account())["id"]
+    for account in (before, after):
+        await api.grant(account, "10.00", expires_at=expiry.isoformat())
+    clock_at(expiry - timedelta(minutes=1))
+    holds = {a: (await gw.hold(account=a, amount="5.00")).json()["id"] for a in (before, after)}
+    await expire_credits(client_ctx, now=expiry + timedelta(seconds=30), dry_run=False)  # `before`: expired first
+    clock_at(expiry + timedelta(minutes=1))
+    tag = uuid.uuid4().hex
+    batcher = CaptureBatcher(client_ctx)
+    outcomes = await asyncio.gather(
+        *(
+            batcher.capture(
+                GATEWAY, holds[a], msgspec.convert({"generation_id": f"{tag}-{a}", "cost": "5.00"}, s.Capture)
+            )
+            for a in (before, after)
+        )
+    )
+    assert [_answer(o)[0] for o in outcomes] == [200, 200]
+    await expire_credits(client_ctx, now=expiry + timedelta(minutes=2))
+    assert [(await api.balance(a))["balance"] for a in (before, after)] == ["0.00", "0.00"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import ModuleType
 
@@ -16,7 +16,7 @@ from billing.context import Context
 from billing.jobs.expiry import expire_credits
 from billing.settings import Settings
 from tests.conftest import ADMIN, ROOT, Api, snapshot
-from tests.workers.conftest import eventually, expired_lot, iso, worker_env
+from tests.workers.conftest import clock_moved, eventually, expired_lot, iso, worker_env
 
 EXPIRY_POSTINGS = text(
     """SELECT p.lot_id, count(*), sum(p.amount) FROM postings p JOIN journal_entries e ON e.id = p.entry_id
@@ -150,4 +150,67 @@ async def test_billing_expire_posts_breakage_now(
     ).stdout  # fmt: skip
     assert f"{account}  lot_{lot}  1.25 USD" in out and "  je_" in out
     assert await expiry_postings(jobs_engine, [lot]) == {lot: (1, Decimal("-1.25"))}
+    assert (await jobs_api.balance(account))["balance"] == "0.00"
+
+
+async def _held_before_expiry(api: Api, expiry: datetime, amount: str = "5.00") -> tuple[str, dict[str, str], str]:
+    """An account with a $10 lot expiring at `expiry` and a hold of `amount` made a minute before it: the
+    account, the gateway's headers, the hold."""
+    gateway = await api.token(["gateway"])
+    with clock_moved(expiry - timedelta(days=10)):
+        account = (await api.account())["id"]
+        await api.grant(account, "10.00", expires_at=iso(expiry))
+    with clock_moved(expiry - timedelta(minutes=1)):
+        r = await api.client.post(
+            "/v1/holds", headers=gateway, json={"account": account, "amount": amount, "request_id": f"req-{account}"}
+        )
+        assert r.status_code == 201, r.text
+    return account, gateway, r.json()["id"]
+
+
+async def test_credits_held_before_expiry_and_captured_after_are_spent_not_expired(ctx: Context, jobs_api: Api) -> None:
+    """SPEC §5: a hold reserves credits and a finished generation is paid from them; only unused credits
+    expire. Captured after the lot expired, expired after that: $5 spent, $5 to breakage, no debt."""
+    expiry = datetime.now(UTC) - timedelta(days=1)
+    account, gateway, hold = await _held_before_expiry(jobs_api, expiry)
+    with clock_moved(expiry + timedelta(minutes=1)):
+        r = await jobs_api.client.post(
+            f"/v1/holds/{hold}/capture", headers=gateway, json={"generation_id": f"gen-{account}", "cost": "5.00"}
+        )
+        assert r.status_code == 200, r.text
+    run = await expire_credits(ctx, now=datetime.now(UTC))
+    assert [a.total for a in run.accounts if a.account == account] == [Decimal("5")]
+    assert (await jobs_api.balance(account))["balance"] == "0.00"
+
+
+async def test_expiry_between_a_hold_and_its_capture_leaves_what_the_hold_reserves(ctx: Context, jobs_api: Api) -> None:
+    """The other order settles alike: expiry leaves the held $5 of the lot, the capture pays from it (what
+    it costs beyond its hold comes from live lots only: here, debt)."""
+    expiry = datetime.now(UTC) - timedelta(days=1)
+    account, gateway, hold = await _held_before_expiry(jobs_api, expiry)
+    first = await expire_credits(ctx, now=expiry + timedelta(seconds=30))
+    assert [a.total for a in first.accounts if a.account == account] == [Decimal("5")]
+    assert (await jobs_api.balance(account))["balance"] == "5.00"
+    with clock_moved(expiry + timedelta(minutes=1)):
+        r = await jobs_api.client.post(
+            f"/v1/holds/{hold}/capture", headers=gateway, json={"generation_id": f"gen-{account}", "cost": "6.00"}
+        )
+        assert r.status_code == 200, r.text
+    again = await expire_credits(ctx, now=datetime.now(UTC))
+    assert [a for a in again.accounts if a.account == account] == []
+    assert (await jobs_api.balance(account))["balance"] == "-1.00"
+
+
+async def test_what_an_open_hold_reserved_expires_once_the_hold_times_out(ctx: Context, jobs_api: Api) -> None:
+    expiry = datetime.now(UTC) - timedelta(days=1)
+    account, _, _ = await _held_before_expiry(jobs_api, expiry, amount="4.00")
+    dry = await expire_credits(ctx, now=expiry + timedelta(minutes=2), dry_run=True)
+    assert [a.total for a in dry.accounts if a.account == account] == [Decimal("6")]
+    first = await expire_credits(ctx, now=expiry + timedelta(minutes=2))
+    assert [a.total for a in first.accounts if a.account == account] == [Decimal("6")]
+    still = await expire_credits(ctx, now=expiry + timedelta(minutes=5))
+    assert [a for a in still.accounts if a.account == account] == []
+    assert (await jobs_api.balance(account))["balance"] == "4.00"  # the hold runs 10 minutes: still reserved
+    later = await expire_credits(ctx, now=expiry + timedelta(minutes=9, seconds=1))  # the hold timed out
+    assert [a.total for a in later.accounts if a.account == account] == [Decimal("4")]
     assert (await jobs_api.balance(account))["balance"] == "0.00"
