@@ -153,8 +153,10 @@ async def list_members(ctx: Context, principal: Principal, organization: str) ->
 async def remove_member(
     ctx: Context, principal: Principal, organization: str, member: str, reason: str | None
 ) -> s.Member:
-    """Remove a member (staff; audit-logged). Its keys stay (they record who spent what) but no new key can
-    name it; a key created before still spends for the organization until it is disabled or deleted."""
+    """Remove a member (staff; audit-logged). A removed member's keys no longer spend from the pool (SPEC §5
+    Organizations: its members' keys spend from it): the organization's keys that name it are disabled in the
+    same transaction, and the audit records which. The keys stay (they record who spent what) and no new key
+    can name it."""
     async with ctx.db.begin() as conn:
         org = await _organization(conn, principal, organization)
         await _lock_memberships(conn, org.id)
@@ -162,7 +164,7 @@ async def remove_member(
             await conn.execute(
                 text(
                     "DELETE FROM organization_members m USING accounts a WHERE a.id = m.member_id"
-                    " AND m.organization_id = :o AND a.public_id = :m RETURNING m.role, m.created_at"
+                    " AND m.organization_id = :o AND a.public_id = :m RETURNING m.member_id, m.role, m.created_at"
                 ),
                 {"o": org.id, "m": member},
             )
@@ -174,7 +176,15 @@ async def remove_member(
                 "organization_member_not_found",
                 f"{member!r} is not a member of {organization!r}.",
             )
-        await _audit(
-            conn, principal, "organization_member_removed", org.id, reason, {"member": member, "role": row.role}
+        # A key creation for this member holds its membership FOR SHARE, so the DELETE above waited for it and
+        # this statement sees its key. The gateway's spending SQL already refuses a disabled key.
+        keys = await conn.scalars(
+            text(
+                "UPDATE api_keys SET disabled = true WHERE account_id = :o AND member_id = :m AND NOT disabled"
+                " RETURNING public_id"
+            ),
+            {"o": org.id, "m": row.member_id},
         )
+        details = {"member": member, "role": row.role, "disabled_keys": sorted(keys)}
+        await _audit(conn, principal, "organization_member_removed", org.id, reason, details)
     return s.Member(organization=organization, member=member, role=row.role, created_at=row.created_at, deleted=True)

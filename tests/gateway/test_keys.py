@@ -177,6 +177,31 @@ async def test_member_keys_spend_from_the_organization_pool(api: Api, gw: Gatewa
     assert (await read_key(client, bob_key))["usage"] == "2.50"
 
 
+async def test_a_removed_members_keys_no_longer_spend_from_the_organization_pool(
+    api: Api, gw_path: Gateway, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    org = await funded(api, "10.00", kind="organization")
+    alice = (await api.account())["id"]
+    bob = (await api.account())["id"]
+    for member in (alice, bob):
+        r = await client.post(f"/v1/accounts/{org}/members", json={"member": member, "role": "member"}, headers=ADMIN)
+        assert r.status_code == 201, r.text
+    alice_key = (await new_key(client, org, member=alice))["id"]
+    bob_key = (await new_key(client, org, member=bob))["id"]
+    await gw_path.charge(key=bob_key, cost="1.00")  # while a member: spends from the pool
+
+    r = await client.delete(f"/v1/accounts/{org}/members/{bob}?reason=left the company", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert (await read_key(client, bob_key))["disabled"] is True
+    before = await snapshot(engine)
+    assert (await gw_path.charge(expect=403, key=bob_key, cost="2.00")).json()["error"]["code"] == "key_disabled"
+    assert (await gw_path.hold(expect=403, key=bob_key, amount="2.00")).json()["error"]["code"] == "key_disabled"
+    assert await snapshot(engine) == before
+    await gw_path.charge(key=alice_key, cost="0.50")  # the remaining member's key still spends
+    assert (await api.balance(org))["balance"] == "8.50"
+    assert (await read_key(client, alice_key))["disabled"] is False
+
+
 async def test_a_key_expiring_after_the_year_9000_utc_is_refused(api: Api, client: AsyncTestClient) -> None:
     acct = (await api.account())["id"]
     r = await client.post(

@@ -83,11 +83,13 @@ async def test_members_are_added_re_roled_listed_and_removed_with_an_audit_trail
     stranger = await api.token(["account"], account=(await api.account())["id"])
     assert (await client.get(f"/v1/accounts/{org}/members", headers=stranger)).status_code == 404
 
+    bob_key = (await client.post(f"/v1/accounts/{org}/keys", json={"name": "k", "member": bob}, headers=ADMIN)).json()
     r = await client.delete(f"/v1/accounts/{org}/members/{bob}?reason=left", headers=support)
     assert (r.status_code, r.json()["deleted"], r.json()["role"]) == (200, True, "member")
     r = await client.delete(f"/v1/accounts/{org}/members/{bob}", headers=support)
     assert (r.status_code, r.json()["error"]["code"]) == (404, "organization_member_not_found")
-    assert (await audit(engine, org))[-1][0::2] == ("organization_member_removed", "left")
+    action, _, reason, details = (await audit(engine, org))[-1]
+    assert (action, reason, details["disabled_keys"]) == ("organization_member_removed", "left", [bob_key["id"]])
     r = await client.get(f"/v1/accounts/{org}/members", headers=ADMIN)
     assert [m["member"] for m in r.json()["data"]] == [alice]
 
