@@ -21,7 +21,7 @@ from billing.free.quota import PURCHASE_THRESHOLD, purchased_sql
 from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
-from billing.organizations.service import role_of
+from billing.organizations.service import member_account
 from billing.schemas import money_field, money_or_none, timestamp_field
 
 KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
@@ -103,10 +103,10 @@ async def create_key(ctx: Context, principal: Principal, account: str, data: s.C
         if data.member is not None:
             if owner.kind != "organization":
                 raise invalid("member_needs_organization", "Only an organization's keys name a member.", "member")
-            member = await find_account(conn, principal, data.member)
-            if await role_of(conn, owner.id, member.id, lock=True) is None:
+            # The organization's own token names a member whose account it cannot see: membership decides.
+            member_id = await member_account(conn, owner.id, data.member, lock=True)
+            if member_id is None:
                 raise invalid("not_a_member", f"{data.member!r} is not a member of {account!r}.", "member")
-            member_id = member.id
         public = new_key_id()
         await conn.execute(
             text(

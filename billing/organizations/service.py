@@ -42,6 +42,18 @@ async def role_of(conn: AsyncConnection, organization_id: int, member_id: int, *
     )
 
 
+async def member_account(conn: AsyncConnection, organization_id: int, member: str, *, lock: bool = False) -> int | None:
+    """The account id of `member` if it is a member of the organization, else None, an unknown account alike.
+    Read whatever the caller's token: a member's account is not the organization's to see, and the caller's
+    right to the organization is checked before; the answer reveals no account that is not a member. `lock`
+    as in `role_of`."""
+    try:
+        row = await find_account(conn, _LOOKUP, member)
+    except ApiError:
+        return None
+    return row.id if await role_of(conn, organization_id, row.id, lock=lock) is not None else None
+
+
 async def authorize(conn: AsyncConnection, principal: Principal, account_id: int, what: str, ident: str) -> None:
     """May this caller act for the account's money? Staff and the account's own token may; so may the
     account token of an `admin` member of the organization. A plain member is told no (403); anyone else

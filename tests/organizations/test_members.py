@@ -208,3 +208,22 @@ async def test_an_organization_key_names_one_of_its_members(
     else:
         assert r.status_code == 201, r.text
         assert r.json()["member"] == carol
+
+
+async def test_an_organizations_own_token_creates_keys_for_its_members_and_only_them(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    org = (await api.account("organization"))["id"]
+    carol = (await api.account())["id"]
+    stranger = (await api.account())["id"]
+    await set_member(client, org, carol, "member")
+    as_org = await api.token(["account"], account=org)
+
+    r = await client.post(f"/v1/accounts/{org}/keys", json={"name": "carol", "member": carol}, headers=as_org)
+    assert r.status_code == 201, r.text  # the member's own account is not the organization's to see
+    assert (r.json()["account"], r.json()["member"]) == (org, carol)
+    before = await snapshot(engine)
+    for other in (stranger, "acct_nope"):  # a non-member and an unknown account are answered alike
+        r = await client.post(f"/v1/accounts/{org}/keys", json={"name": "k", "member": other}, headers=as_org)
+        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["param"]) == (400, "not_a_member", "member")
+    assert await snapshot(engine) == before
