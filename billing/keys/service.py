@@ -155,9 +155,14 @@ async def update_key(ctx: Context, principal: Principal, key: str, data: s.Updat
 
 
 async def delete_key(ctx: Context, principal: Principal, key: str) -> s.Key:
+    """Delete a key: it is disabled for good and no longer listed or found. Answers the key as deleted
+    (`disabled: true`), read back by id, since `_row` finds only keys not deleted."""
     async with ctx.db.begin() as conn:
         row = await _row(conn, principal, key)
         await conn.execute(
             text("UPDATE api_keys SET deleted_at = now(), disabled = true WHERE id = :id"), {"id": row.id}
         )
-    return view(row)
+        deleted = await conn.execute(
+            text(f"SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE k.id = :id"), {"id": row.id, "now": clock.now()}
+        )
+        return view(deleted.one())

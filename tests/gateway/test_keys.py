@@ -139,7 +139,9 @@ async def test_disabled_expired_and_deleted_keys_cannot_spend(
     soon = datetime.now(UTC) + timedelta(hours=1)
     expiring = (await new_key(client, acct, expires_at=soon.isoformat()))["id"]
     deleted = (await new_key(client, acct))["id"]
-    assert (await client.delete(f"/v1/keys/{deleted}", headers=ADMIN)).status_code == 200
+    r = await client.delete(f"/v1/keys/{deleted}", headers=ADMIN)
+    assert (r.status_code, r.json()["id"], r.json()["disabled"]) == (200, deleted, True)  # answered as deleted
+    assert (await client.get(f"/v1/keys/{deleted}", headers=ADMIN)).status_code == 404
     clock_at(soon + timedelta(seconds=1))
     before = await snapshot(engine)
     assert (await gw.charge(expect=403, key=disabled, cost="0.01")).json()["error"]["code"] == "key_disabled"
