@@ -21,7 +21,7 @@ from billing.free.quota import PURCHASE_THRESHOLD, purchased_sql
 from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
-from billing.organizations.service import member_account
+from billing.organizations.service import member_account, role_of
 from billing.schemas import money_field, money_or_none, timestamp_field
 
 KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
@@ -148,6 +148,12 @@ async def update_key(ctx: Context, principal: Principal, key: str, data: s.Updat
         changes["expires_at"] = timestamp_field(changes["expires_at"], "expires_at")
     async with ctx.db.begin() as conn:
         row = await _row(conn, principal, key)
+        if changes.get("disabled") is False:
+            # A member's key spends from the organization's pool only while it is a member: removal disabled
+            # it, and enabling it again needs the membership back (held until this commits).
+            member = await conn.scalar(text("SELECT member_id FROM api_keys WHERE id = :id"), {"id": row.id})
+            if member is not None and await role_of(conn, row.account_id, member, lock=True) is None:
+                raise invalid("not_a_member", f"The key's member is no longer a member of {row.account!r}.", "disabled")
         if changes:
             assignments = ", ".join(f'"{name}" = :{name}' for name in changes)
             await conn.execute(text(f"UPDATE api_keys SET {assignments} WHERE id = :id"), {**changes, "id": row.id})

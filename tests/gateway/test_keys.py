@@ -202,6 +202,13 @@ async def test_a_removed_members_keys_no_longer_spend_from_the_organization_pool
     await gw_path.charge(key=alice_key, cost="0.50")  # the remaining member's key still spends
     assert (await api.balance(org))["balance"] == "8.50"
     assert (await read_key(client, alice_key))["disabled"] is False
+    r = await client.patch(f"/v1/keys/{bob_key}", json={"disabled": False}, headers=ADMIN)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "not_a_member", r.text  # not while removed
+    assert (await read_key(client, bob_key))["disabled"] is True
+    r = await client.post(f"/v1/accounts/{org}/members", json={"member": bob, "role": "member"}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    r = await client.patch(f"/v1/keys/{bob_key}", json={"disabled": False}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["disabled"] is False, r.text  # a member again: it may
 
 
 async def test_a_key_expiring_after_the_year_9000_utc_is_refused(api: Api, client: AsyncTestClient) -> None:
