@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
 from billing.accounts import schemas as s
+from billing.auth.audit import audit
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import INVALID_REQUEST, ApiError, not_found
@@ -343,19 +344,14 @@ async def move_money(
                 actor=principal.actor,
             )
         posted = await ctx.journal.post(conn, entry, balance_before=state.balance)
-        await conn.execute(
-            text(
-                "INSERT INTO audit_log (actor, action, account_id, entry_id, reason, details)"
-                " VALUES (:actor, :action, :account_id, :entry_id, :reason, CAST(:details AS jsonb))"
-            ),
-            {
-                "actor": principal.actor,
-                "action": entry.kind.value,
-                "account_id": row.id,
-                "entry_id": posted.entry_id,
-                "reason": data.reason,
-                "details": msgspec.json.encode({"amount": format_money(amount), "category": data.category}).decode(),
-            },
+        await audit(
+            conn,
+            principal,
+            entry.kind.value,
+            account_id=row.id,
+            entry_id=posted.entry_id,
+            reason=data.reason,
+            details={"amount": format_money(amount), "category": data.category},
         )
         journal = await journal_entry(conn, posted.entry_id)
         assert journal is not None

@@ -30,6 +30,11 @@ class Principal:
         return self.has_any(SUPPORT, GATEWAY)
 
     @property
+    def is_staff(self) -> bool:
+        """Support or admin: what such a token does to an account is audit-logged (SPEC §7)."""
+        return bool(self.scopes.intersection(STAFF))
+
+    @property
     def actor(self) -> str:
         return f"{self.name} ({self.token_id})"
 

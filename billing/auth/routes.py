@@ -12,6 +12,7 @@ from litestar.params import FromPath, JSONBody
 from sqlalchemy import text
 
 from billing import clock
+from billing.auth.audit import audit
 from billing.auth.middleware import requires
 from billing.auth.principal import ADMIN, Principal
 from billing.auth.tokens import TokenResolver, hash_secret, new_secret
@@ -59,21 +60,6 @@ def _token(row, secret: str | None = None) -> Token:  # type: ignore[no-untyped-
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
         secret=secret,
-    )
-
-
-async def _audit(conn, principal: Principal, action: str, account_id: int | None, details: dict) -> None:  # type: ignore[no-untyped-def]
-    await conn.execute(
-        text(
-            "INSERT INTO audit_log (actor, action, account_id, details)"
-            " VALUES (:actor, :action, :account_id, CAST(:details AS jsonb))"
-        ),
-        {
-            "actor": principal.actor,
-            "action": action,
-            "account_id": account_id,
-            "details": msgspec.json.encode(details).decode(),
-        },
     )
 
 
@@ -130,7 +116,9 @@ class TokensController(Controller):
                     "exp": expires_at,
                 },
             )
-            await _audit(conn, principal, "token.create", account_id, {"token": public, "scopes": scopes})
+            await audit(
+                conn, principal, "token.create", account_id=account_id, details={"token": public, "scopes": scopes}
+            )
             row = (
                 await conn.execute(
                     text(
@@ -164,7 +152,7 @@ class TokensController(Controller):
             ).first()
             if row is None:
                 raise not_found("api_token", token_id)
-            await _audit(conn, request.user, "token.revoke", row.account_id, {"token": token_id})
+            await audit(conn, request.user, "token.revoke", account_id=row.account_id, details={"token": token_id})
             out = (
                 await conn.execute(
                     text(

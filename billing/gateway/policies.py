@@ -8,11 +8,12 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from sqlalchemy import text
 
+from billing.auth.audit import audit
 from billing.auth.middleware import requires
 from billing.auth.principal import ADMIN
 from billing.context import Context
@@ -49,7 +50,8 @@ class ByokPoliciesController(Controller):
     guards = [requires(ADMIN)]
 
     @post("/", summary="Add a BYOK fee policy version", responses=error_responses(400, 401, 403), status_code=201)
-    async def create_policy(self, data: JSONBody[CreatePolicy], ctx: Ctx) -> Policy:
+    async def create_policy(self, data: JSONBody[CreatePolicy], ctx: Ctx, request: Request) -> Policy:
+        """A new version, audit-logged with the admin who added it (SPEC §7)."""
         rate = rate_field(data.rate, "rate", upto_one=True)
         effective_from = timestamp_field(data.effective_from, "effective_from")
         if data.kind == "allowance_usd" and data.allowance_usd is None:
@@ -73,7 +75,9 @@ class ByokPoliciesController(Controller):
                     },
                 )
             ).one()
-        return _view(row)
+            policy = _view(row)
+            await audit(conn, request.user, "byok_fee_policy.create", details=msgspec.to_builtins(policy))
+        return policy
 
     @get("/", summary="BYOK fee policy versions, newest first", responses=error_responses(401, 403))
     async def list_policies(self, ctx: Ctx) -> ListOf[Policy]:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
 from billing.accounts.service import find_account
+from billing.auth.audit import audit
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import invalid, not_found
@@ -139,6 +140,7 @@ async def get_key(ctx: Context, principal: Principal, key: str) -> s.Key:
 
 
 async def update_key(ctx: Context, principal: Principal, key: str, data: s.UpdateKey) -> s.Key:
+    """Change only the fields sent; a change by staff is audit-logged with what was sent (SPEC §7)."""
     changes: dict[str, Any] = {}
     for field in msgspec.structs.fields(data):
         value = getattr(data, field.name)
@@ -157,6 +159,9 @@ async def update_key(ctx: Context, principal: Principal, key: str, data: s.Updat
         if changes:
             assignments = ", ".join(f'"{name}" = :{name}' for name in changes)
             await conn.execute(text(f"UPDATE api_keys SET {assignments} WHERE id = :id"), {**changes, "id": row.id})
+            if principal.is_staff:
+                await audit(conn, principal, "key.update", account_id=row.account_id,
+                            details={"key": key, "changes": msgspec.to_builtins(data)})  # fmt: skip
         return view(await _row(conn, principal, key))
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.accounts.service import find_account
+from billing.auth.audit import audit
 from billing.auth.principal import SUPPORT, Principal
 from billing.context import Context
 from billing.errors import INVALID_REQUEST, PERMISSION, ApiError, invalid, not_found
@@ -93,24 +93,6 @@ async def _organization(conn: AsyncConnection, principal: Principal, organizatio
     return row
 
 
-async def _audit(
-    conn: AsyncConnection, principal: Principal, action: str, org: int, reason: str | None, details: dict[str, Any]
-) -> None:
-    await conn.execute(
-        text(
-            "INSERT INTO audit_log (actor, action, account_id, reason, details)"
-            " VALUES (:actor, :action, :account_id, :reason, CAST(:details AS jsonb))"
-        ),
-        {
-            "actor": principal.actor,
-            "action": action,
-            "account_id": org,
-            "reason": reason,
-            "details": msgspec.json.encode(details).decode(),
-        },
-    )
-
-
 async def _lock_memberships(conn: AsyncConnection, organization_id: int) -> None:
     """Changes to one organization's members serialize on its account row. NO KEY UPDATE: it does not
     conflict with the key-share locks the ledger's inserts take on the same row."""
@@ -140,7 +122,7 @@ async def set_member(ctx: Context, principal: Principal, organization: str, data
         if previous != data.role:
             action = "organization_member_added" if previous is None else "organization_member_role_changed"
             details = {"member": data.member, "role": data.role, "previous_role": previous}
-            await _audit(conn, principal, action, org.id, data.reason, details)
+            await audit(conn, principal, action, account_id=org.id, reason=data.reason, details=details)
     view = s.Member(organization=organization, member=data.member, role=row.role, created_at=row.created_at)
     return view, previous is None
 
@@ -198,5 +180,5 @@ async def remove_member(
             {"o": org.id, "m": row.member_id},
         )
         details = {"member": member, "role": row.role, "disabled_keys": sorted(keys)}
-        await _audit(conn, principal, "organization_member_removed", org.id, reason, details)
+        await audit(conn, principal, "organization_member_removed", account_id=org.id, reason=reason, details=details)
     return s.Member(organization=organization, member=member, role=row.role, created_at=row.created_at, deleted=True)

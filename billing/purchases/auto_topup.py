@@ -43,6 +43,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
+from billing.auth.audit import audit
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import from_refusal, invalid, not_found
@@ -135,7 +136,8 @@ def _view(account: str, r: Any, pending: PendingAttempt | None = None) -> AutoTo
 
 
 async def set_auto_topup(ctx: Context, principal: Principal, account: str, data: SetAutoTopup) -> AutoTopup:
-    """Create or replace the account's auto top-up; (re-)enabling it clears the declines and the reason."""
+    """Create or replace the account's auto top-up; (re-)enabling it clears the declines and the reason. Set
+    by staff, it is audit-logged with what was set (SPEC §7)."""
     threshold = money_field(data.threshold, "threshold")
     amount = money_field(data.amount, "amount")
     cap = money_field(data.monthly_cap, "monthly_cap")
@@ -180,6 +182,8 @@ async def set_auto_topup(ctx: Context, principal: Principal, account: str, data:
                 },
             )
         ).one()
+        if principal.is_staff:
+            await audit(conn, principal, "auto_topup.set", account_id=row.id, details=msgspec.to_builtins(data))
         pending = await _pending(conn, row.id)
     return _view(account, saved, pending)
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
+from billing.auth.audit import audit
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.db.journal import Rider
@@ -674,7 +675,8 @@ async def refund_purchase(
 ) -> Outcome:
     """Refund unused credits of a card purchase within 24 hours, to its payment method, never the fee
     (SPEC §5). Stripe refunds first (idempotently), then one `refund` entry takes the credits out of the
-    purchase's lot, in the same transaction, under the account's lock.
+    purchase's lot, in the same transaction, under the account's lock; a refund by staff writes its
+    `audit_log` row (actor, reason) in that transaction too (SPEC §7).
 
     A 4xx always means no money moved: every input — the amount, the refund rules, text the database could
     not store (`reason`) — is checked before Stripe is asked. Once Stripe has refunded, nothing is answered
@@ -727,7 +729,17 @@ async def refund_purchase(
                 public=refund_id, purchase=p.id, account=p.account_id, credits=credits, fee=Decimal(0),
                 source="api", stripe_refund=stripe_refund.id, reason=data.reason, actor=principal.actor,
             )  # fmt: skip
-            await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+            posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+            if principal.is_staff:
+                await audit(
+                    conn,
+                    principal,
+                    "refund",
+                    account_id=p.account_id,
+                    entry_id=posted.entry_id,
+                    reason=data.reason,
+                    details={"purchase": p.public_id, "refund": refund_id, "amount": format_money(credits)},
+                )
             fresh = await _purchase_row(conn, principal, purchase)
         except Exception as exc:  # Stripe has refunded: never the caller's fault from here on (see above)
             log.error("refund %s made at Stripe as %s, not recorded", refund_id, stripe_refund.id, exc_info=exc)

@@ -1,0 +1,100 @@
+"""SPEC §7: "Staff actions are audit-logged with actor and reason" — one `audit_log` row (actor, action,
+account, entry, reason), written by `billing.auth.audit.audit` in the action's own transaction. Grants,
+adjustments, tokens and memberships are tested where they live; these are the staff actions that change
+money or who may spend it elsewhere."""
+
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.conftest import ADMIN, Api, key
+from tests.purchases.conftest import buy, future_epoch, pay
+
+
+async def last_audit_id(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int(await conn.scalar(text("SELECT coalesce(max(id), 0) FROM audit_log")) or 0)
+
+
+async def audit_since(engine: AsyncEngine, after: int) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT l.actor, l.action, a.public_id AS account, l.reason, l.details FROM audit_log l"
+                " LEFT JOIN accounts a ON a.id = l.account_id WHERE l.id > :after ORDER BY l.id"
+            ),
+            {"after": after},
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+async def test_support_lifting_a_key_limit_and_re_enabling_it_is_audited(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    acct = (await api.account())["id"]
+    r = await client.post(f"/v1/accounts/{acct}/keys", json={"name": "k", "limit": "1.00"}, headers=ADMIN)
+    k = r.json()["id"]
+    assert (await client.patch(f"/v1/keys/{k}", json={"disabled": True}, headers=ADMIN)).status_code == 200
+    support = await api.token(["support"])
+    before = await last_audit_id(engine)
+    r = await client.patch(f"/v1/keys/{k}", json={"limit": None, "disabled": False}, headers=support)
+    assert r.status_code == 200 and r.json()["limit"] is None and r.json()["disabled"] is False, r.text
+    trail = await audit_since(engine, before)
+    assert [(t["account"], t["actor"].startswith("t (tok_")) for t in trail] == [(acct, True)], trail
+
+
+async def test_a_staff_refund_is_audited_with_actor_and_reason(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
+) -> None:
+    from tests.stripe_helpers import pay_at_emulator
+
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]
+    await pay_at_emulator(localstripe, p["payment_intent"])
+    await pay(client, p)
+    support = await api.token(["support"])
+    before = await last_audit_id(engine)
+    r = await client.post(
+        f"/v1/purchases/{p['id']}/refunds",
+        json={"amount": "4.00", "reason": "ticket 123"},
+        headers={**support, **key()},
+    )
+    assert r.status_code == 201, r.text
+    trail = await audit_since(engine, before)
+    assert [(t["account"], t["reason"], t["actor"].startswith("t (tok_")) for t in trail] == [
+        (acct, "ticket 123", True)
+    ], trail
+
+
+async def test_setting_a_customers_auto_top_up_by_support_is_audited(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    acct = (await api.account())["id"]
+    support = await api.token(["support"])
+    before = await last_audit_id(engine)
+    r = await client.put(
+        f"/v1/accounts/{acct}/auto_topup",
+        json={"threshold": "5.00", "amount": "50.00", "stripe_customer": "cus_x", "payment_method": "pm_x"},
+        headers=support,
+    )
+    assert r.status_code == 200, r.text
+    trail = await audit_since(engine, before)
+    assert [(t["account"], t["actor"].startswith("t (tok_")) for t in trail] == [(acct, True)], trail
+
+
+async def test_an_admins_new_byok_fee_policy_is_audited(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
+    admin = await api.token(["admin"])
+    before = await last_audit_id(engine)
+    r = await client.post(
+        "/v1/byok_fee_policies",
+        json={
+            "kind": "allowance_usd", "rate": "0.06", "allowance_usd": "1000.00",
+            "effective_from": future_epoch().isoformat(),
+        },
+        headers=admin,
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    trail = await audit_since(engine, before)
+    assert [t["actor"].startswith("t (tok_") for t in trail] == [True], trail
