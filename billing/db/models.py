@@ -644,9 +644,11 @@ class ByokMonthClosingRow(Base):
 class AutoTopupRow(Base):
     """An account's auto top-up: when its balance is below `threshold`, buy `amount` off-session with the
     saved card. `declines` counts consecutive declines; at 3 it is disabled with `disabled_reason`, as it is
-    when the pricing in force refuses `amount`."""
+    when the pricing in force refuses `amount`. A Stripe customer belongs to one account: no two auto
+    top-ups name the same `stripe_customer` (SPEC §7: a token never moves another account's money)."""
 
     __tablename__ = "auto_topups"
+    __table_args__ = (Index("uq_auto_topups_stripe_customer", "stripe_customer", unique=True),)
 
     account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"), primary_key=True)
     enabled: Mapped[bool] = mapped_column(Boolean)

@@ -40,19 +40,20 @@ from typing import Any
 import msgspec
 import stripe
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
 from billing.auth.audit import audit
 from billing.auth.principal import Principal
 from billing.context import Context
-from billing.errors import from_refusal, invalid, not_found
+from billing.errors import API, INVALID_REQUEST, ApiError, from_refusal, invalid, not_found
 from billing.ledger.money import format_money
 from billing.ledger.outcomes import Refused
 from billing.organizations.service import find_account_to_act_for
 from billing.purchases import fees
 from billing.purchases.fees import to_cents
-from billing.purchases.service import fail_payment, pricing_in_force, trailing_volume
+from billing.purchases.service import fail_payment, pricing_in_force, stripe_unavailable, trailing_volume
 from billing.schemas import money_field, money_or_none
 from billing.stripe_client import CURRENCY
 
@@ -135,9 +136,16 @@ def _view(account: str, r: Any, pending: PendingAttempt | None = None) -> AutoTo
     )
 
 
-async def set_auto_topup(ctx: Context, principal: Principal, account: str, data: SetAutoTopup) -> AutoTopup:
+async def set_auto_topup(
+    ctx: Context, principal: Principal, account: str, data: SetAutoTopup, *, stripe_client: stripe.StripeClient | None
+) -> AutoTopup:
     """Create or replace the account's auto top-up; (re-)enabling it clears the declines and the reason. Set
-    by staff, it is audit-logged with what was set (SPEC §7)."""
+    by staff, it is audit-logged with what was set (SPEC §7).
+
+    A token never moves another account's money (SPEC §7): Stripe must say the payment method is attached to
+    the customer (else 400 `payment_method_not_attached`), and a customer belongs to one account — one that
+    another account's auto top-up names is refused with 409 `stripe_customer_of_another_account` (the unique
+    index `uq_auto_topups_stripe_customer` decides a race), and nothing is saved."""
     threshold = money_field(data.threshold, "threshold")
     amount = money_field(data.amount, "amount")
     cap = money_field(data.monthly_cap, "monthly_cap")
@@ -150,42 +158,87 @@ async def set_auto_topup(ctx: Context, principal: Principal, account: str, data:
         raise invalid("invalid_cooldown", "`cooldown_seconds` must be 0 to 2592000.", "cooldown_seconds")
     if cap is not None and cap < amount:
         raise invalid("monthly_cap_below_amount", "`monthly_cap` must allow at least one top-up.", "monthly_cap")
+    async with ctx.db.connect() as conn:
+        row = await find_account_to_act_for(conn, principal, account)  # 404 before Stripe is asked
+    await _check_card(stripe_client, data.stripe_customer, data.payment_method)
     async with ctx.db.begin() as conn:
         row = await find_account_to_act_for(conn, principal, account)
         try:
             fees.quote(await pricing_in_force(conn, clock.now()), fees.Method.CARD, amount, Decimal(0))
         except Refused as refused:
             raise from_refusal(refused) from refused
-        saved = (
-            await conn.execute(
-                text(
-                    "INSERT INTO auto_topups (account_id, enabled, threshold, amount, stripe_customer, payment_method,"
-                    " monthly_cap, cooldown_seconds) VALUES (:a, :e, :t, :amt, :cus, :pm, :cap, :cd)"
-                    " ON CONFLICT (account_id) DO UPDATE SET enabled = EXCLUDED.enabled,"
-                    " threshold = EXCLUDED.threshold, amount = EXCLUDED.amount,"
-                    " stripe_customer = EXCLUDED.stripe_customer, payment_method = EXCLUDED.payment_method,"
-                    " monthly_cap = EXCLUDED.monthly_cap, cooldown_seconds = EXCLUDED.cooldown_seconds,"
-                    " declines = CASE WHEN EXCLUDED.enabled THEN 0 ELSE auto_topups.declines END,"
-                    " disabled_reason = CASE WHEN EXCLUDED.enabled THEN NULL ELSE auto_topups.disabled_reason END,"
-                    " next_attempt_at = CASE WHEN EXCLUDED.enabled THEN NULL ELSE auto_topups.next_attempt_at END,"
-                    " updated_at = now() RETURNING *"
-                ),
-                {
-                    "a": row.id,
-                    "e": data.enabled,
-                    "t": threshold,
-                    "amt": amount,
-                    "cus": data.stripe_customer,
-                    "pm": data.payment_method,
-                    "cap": cap,
-                    "cd": data.cooldown_seconds,
-                },
-            )
-        ).one()
+        try:
+            saved = await _save(conn, row.id, data, threshold, amount, cap)
+        except IntegrityError as exc:
+            if "uq_auto_topups_stripe_customer" not in str(exc):
+                raise
+            raise customer_of_another_account(data.stripe_customer) from exc
         if principal.is_staff:
             await audit(conn, principal, "auto_topup.set", account_id=row.id, details=msgspec.to_builtins(data))
         pending = await _pending(conn, row.id)
     return _view(account, saved, pending)
+
+
+def customer_of_another_account(customer: str) -> ApiError:
+    return ApiError(
+        409,
+        INVALID_REQUEST,
+        "stripe_customer_of_another_account",
+        f"Stripe customer {customer!r} is another account's; use a customer of this account.",
+        "stripe_customer",
+    )
+
+
+async def _check_card(stripe_client: stripe.StripeClient | None, customer: str, method: str) -> None:
+    """Stripe says `method` is attached to `customer`, or the request is refused (nothing saved)."""
+    if stripe_client is None:
+        raise ApiError(503, API, "stripe_not_configured", "Payments are not configured (STRIPE_API_KEY).")
+    try:
+        pm = await stripe_client.v1.payment_methods.retrieve_async(method)
+    except stripe.InvalidRequestError as exc:
+        raise invalid(
+            "no_such_payment_method", f"Stripe knows no payment method {method!r}.", "payment_method"
+        ) from exc
+    except stripe.StripeError as exc:
+        raise stripe_unavailable(exc) from exc
+    attached = pm.customer if isinstance(pm.customer, str | None) else pm.customer.id
+    if attached != customer:
+        raise invalid(
+            "payment_method_not_attached",
+            f"Payment method {method!r} is not attached to Stripe customer {customer!r}.",
+            "payment_method",
+        )
+
+
+async def _save(
+    conn: AsyncConnection, account_id: int, data: SetAutoTopup, threshold: Decimal, amount: Decimal, cap: Decimal | None
+) -> Any:
+    return (
+        await conn.execute(
+            text(
+                "INSERT INTO auto_topups (account_id, enabled, threshold, amount, stripe_customer, payment_method,"
+                " monthly_cap, cooldown_seconds) VALUES (:a, :e, :t, :amt, :cus, :pm, :cap, :cd)"
+                " ON CONFLICT (account_id) DO UPDATE SET enabled = EXCLUDED.enabled,"
+                " threshold = EXCLUDED.threshold, amount = EXCLUDED.amount,"
+                " stripe_customer = EXCLUDED.stripe_customer, payment_method = EXCLUDED.payment_method,"
+                " monthly_cap = EXCLUDED.monthly_cap, cooldown_seconds = EXCLUDED.cooldown_seconds,"
+                " declines = CASE WHEN EXCLUDED.enabled THEN 0 ELSE auto_topups.declines END,"
+                " disabled_reason = CASE WHEN EXCLUDED.enabled THEN NULL ELSE auto_topups.disabled_reason END,"
+                " next_attempt_at = CASE WHEN EXCLUDED.enabled THEN NULL ELSE auto_topups.next_attempt_at END,"
+                " updated_at = now() RETURNING *"
+            ),
+            {
+                "a": account_id,
+                "e": data.enabled,
+                "t": threshold,
+                "amt": amount,
+                "cus": data.stripe_customer,
+                "pm": data.payment_method,
+                "cap": cap,
+                "cd": data.cooldown_seconds,
+            },
+        )
+    ).one()
 
 
 async def get_auto_topup(ctx: Context, principal: Principal, account: str) -> AutoTopup:

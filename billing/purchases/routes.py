@@ -86,14 +86,18 @@ class PurchasesController(Controller):
         summary="Set auto top-up: below `threshold`, buy `amount` off-session with the saved card",
         description="At most one payment in flight, a cooldown between attempts, an optional monthly cap; "
         "3 declines in a row, or an amount a newer pricing version refuses, disable it (`disabled_reason`)."
-        " Re-enabling clears the declines.",
-        responses=error_responses(400, 401, 403, 404),
+        " Re-enabling clears the declines. Stripe must say `payment_method` is attached to `stripe_customer`"
+        " (400 `payment_method_not_attached`); a customer another account's auto top-up names is refused"
+        " (409 `stripe_customer_of_another_account`).",
+        responses=error_responses(400, 401, 403, 404, 409, 503),
         status_code=200,
     )
     async def set_auto_topup(
         self, account_id: FromPath[str], data: JSONBody[auto_topup.SetAutoTopup], ctx: Ctx, request: Request
     ) -> auto_topup.AutoTopup:
-        return await auto_topup.set_auto_topup(ctx, request.user, account_id, data)
+        return await auto_topup.set_auto_topup(
+            ctx, request.user, account_id, data, stripe_client=request.app.state.stripe
+        )
 
     @get(
         "/auto_topup", summary="The account's auto top-up settings and state", responses=error_responses(401, 403, 404)

@@ -9,7 +9,10 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from billing.settings import Settings
+from billing.stripe_client import make_stripe
 from tests.conftest import ADMIN, Api, key
+from tests.gateway.test_auto_topup import saved_card
 from tests.purchases.conftest import buy, future_epoch, pay
 
 
@@ -69,14 +72,17 @@ async def test_a_staff_refund_is_audited_with_actor_and_reason(
 
 
 async def test_setting_a_customers_auto_top_up_by_support_is_audited(
-    api: Api, client: AsyncTestClient, engine: AsyncEngine
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, settings: Settings
 ) -> None:
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    customer, method = await saved_card(sdk, "4242424242424242")
     acct = (await api.account())["id"]
     support = await api.token(["support"])
     before = await last_audit_id(engine)
     r = await client.put(
         f"/v1/accounts/{acct}/auto_topup",
-        json={"threshold": "5.00", "amount": "50.00", "stripe_customer": "cus_x", "payment_method": "pm_x"},
+        json={"threshold": "5.00", "amount": "50.00", "stripe_customer": customer, "payment_method": method},
         headers=support,
     )
     assert r.status_code == 200, r.text

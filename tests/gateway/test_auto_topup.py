@@ -350,3 +350,49 @@ async def test_one_accounts_failure_never_stops_the_run_for_the_others(
     assert run.failed >= 1
     assert await intents_of(sdk, broken["customer"]) == []
     assert len(await intents_of(sdk, fine["customer"])) == 1
+
+
+def settings_for(customer: str, method: str) -> dict[str, Any]:
+    return {"threshold": "5.00", "amount": "20.00", "stripe_customer": customer, "payment_method": method}
+
+
+async def test_an_account_token_cannot_top_up_with_the_card_another_account_saved(
+    api: Api, client: AsyncTestClient, client_ctx: Any, settings: Settings
+) -> None:
+    """SPEC §7: a token never moves another account's money. A Stripe customer belongs to one account: another
+    account's auto top-up naming it is refused (409), nothing is saved, and no run charges that card for it."""
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    victim = (await api.account())["id"]
+    attacker = (await api.account())["id"]
+    await api.grant(victim, "50.00")  # well above its threshold: its own auto top-up never runs
+    as_victim = await api.token(["account"], account=victim)
+    as_attacker = await api.token(["account"], account=attacker)
+    customer, method = await saved_card(sdk, "4242424242424242")
+    r = await client.put(f"/v1/accounts/{victim}/auto_topup", json=settings_for(customer, method), headers=as_victim)
+    assert r.status_code == 200, r.text
+
+    r = await client.put(
+        f"/v1/accounts/{attacker}/auto_topup", json=settings_for(customer, method), headers=as_attacker
+    )
+    assert r.status_code == 409 and r.json()["error"]["code"] == "stripe_customer_of_another_account", r.text
+    assert (await client.get(f"/v1/accounts/{attacker}/auto_topup", headers=as_attacker)).status_code == 404
+    await run_auto_topups(client_ctx, sdk)
+    charged_for_attacker = [pi for pi in await intents_of(sdk, customer) if pi.metadata["account"] == attacker]
+    assert charged_for_attacker == [], f"{len(charged_for_attacker)} PaymentIntent(s) on the victim's card"
+
+
+async def test_a_payment_method_not_attached_to_the_customer_is_refused(
+    api: Api, client: AsyncTestClient, settings: Settings
+) -> None:
+    """Stripe must say the card is the customer's: another customer's card, or one Stripe does not know, is a
+    400 and nothing is saved."""
+    sdk = make_stripe(settings)
+    assert sdk is not None
+    account = (await api.account())["id"]
+    own, _ = await saved_card(sdk, "4242424242424242")
+    _, someone_elses = await saved_card(sdk, "4242424242424242")
+    for method, code in ((someone_elses, "payment_method_not_attached"), ("pm_unknown", "no_such_payment_method")):
+        r = await client.put(f"/v1/accounts/{account}/auto_topup", json=settings_for(own, method), headers=ADMIN)
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+    assert (await client.get(f"/v1/accounts/{account}/auto_topup", headers=ADMIN)).status_code == 404
