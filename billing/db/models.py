@@ -475,6 +475,8 @@ class RefundRow(Base):
         CheckConstraint("amount_cents = (amount + fee_amount) * 100", name="cents"),
         CheckConstraint("status IN ('succeeded', 'failed', 'canceled')", name="status"),
         CheckConstraint("(status = 'succeeded') = (reversal_entry_id IS NULL AND failed_at IS NULL)", name="reversed"),
+        CheckConstraint("(source = 'stripe') = (reported_at IS NOT NULL)", name="reported"),
+        CheckConstraint("source <> 'api' OR stripe_refund IS NOT NULL", name="api_names_stripe_refund"),
         Index("ix_refunds_purchase_id", "purchase_id"),
     )
 
@@ -497,6 +499,9 @@ class RefundRow(Base):
     failure_reason: Mapped[str | None] = mapped_column(Text)
     failed_at: Mapped[datetime | None] = mapped_column(TS)
     reversal_entry_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("journal_entries.id"), unique=True)
+    # A Stripe refund is booked once (`stripe_refund` is unique; the API always sets it). A booking from
+    # `charge.refunded` carries the event's `created`: only one made after a refund can hold that refund.
+    reported_at: Mapped[datetime | None] = mapped_column(TS)
 
 
 class DisputeRow(Base):

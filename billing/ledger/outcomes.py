@@ -34,3 +34,5 @@ CRYPTO_NOT_REFUNDABLE = "crypto_not_refundable"
 REFUND_WINDOW_CLOSED = "refund_window_closed"
 NOTHING_LEFT_TO_REFUND = "nothing_left_to_refund"
 REFUND_EXCEEDS_REMAINING = "refund_exceeds_remaining"
+# A retry whose first attempt's Stripe refund failed at Stripe before the ledger recorded it.
+REFUND_FAILED = "refund_failed"

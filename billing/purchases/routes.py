@@ -118,10 +118,12 @@ class PurchaseController(Controller):
     @post(
         "/{purchase_id:str}/refunds",
         summary="Refund unused credits of a card purchase (within 24 hours; never the fee, never crypto)",
-        description="A 4xx means nothing was refunded: every input is checked before Stripe is asked. 409 when the"
-        " rules refuse: `purchase_not_paid`, `crypto_not_refundable`, `refund_window_closed`,"
-        " `nothing_left_to_refund`, `refund_exceeds_remaining`. 503 `refund_not_recorded`: Stripe refunded but"
-        " the ledger could not record it; retry with the same Idempotency-Key (the same refund, never a second).",
+        description="A 4xx means nothing was refunded: every input is checked before Stripe is asked to refund."
+        " 409 when the rules refuse: `purchase_not_paid`, `crypto_not_refundable`, `refund_window_closed`,"
+        " `nothing_left_to_refund`, `refund_exceeds_remaining`; `refund_failed` when a retry finds the refund"
+        " its first attempt made failed at Stripe. 503 `refund_not_recorded`: Stripe refunded but the ledger could"
+        " not record it; retry with the same Idempotency-Key (the same refund, never a second: if Stripe's"
+        " `charge.refunded` booked it meanwhile, the retry answers that booking).",
         responses=error_responses(400, 401, 403, 404, 409, 503),
         status_code=201,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -29,7 +30,7 @@ from billing.context import Context
 from billing.db.journal import Rider
 from billing.errors import API, ApiError, from_refusal, invalid, not_found
 from billing.idempotency import Outcome, fingerprint, run_once
-from billing.ledger import entries
+from billing.ledger import entries, outcomes
 from billing.ledger.model import Customer, EntryKind, LotBalance, Platform
 from billing.ledger.money import format_money
 from billing.ledger.outcomes import Refused
@@ -641,13 +642,13 @@ async def _lot(conn: AsyncConnection, lot_id: int | None) -> LotBalance | None:
 
 def _refund_rider(
     *, public: str, purchase: int, account: int, credits: Decimal, fee: Decimal, source: str,
-    stripe_refund: str | None, reason: str | None, actor: str,
+    stripe_refund: str | None, reason: str | None, actor: str, reported_at: datetime | None = None,
 ) -> Rider:  # fmt: skip
     return Rider(
         "refund",
         "INSERT INTO refunds (public_id, purchase_id, account_id, amount, fee_amount, amount_cents, source,"
-        " stripe_refund, entry_id, reason, created_by) SELECT :r_pub, :r_purchase, :r_account, :r_amount, :r_fee,"
-        " :r_cents, :r_source, :r_stripe, e.id, :r_reason, :r_by FROM e",
+        " stripe_refund, entry_id, reason, created_by, reported_at) SELECT :r_pub, :r_purchase, :r_account,"
+        " :r_amount, :r_fee, :r_cents, :r_source, :r_stripe, e.id, :r_reason, :r_by, :r_reported FROM e",
         {
             "r_pub": public,
             "r_purchase": purchase,
@@ -659,6 +660,7 @@ def _refund_rider(
             "r_stripe": stripe_refund,
             "r_reason": reason,
             "r_by": actor,
+            "r_reported": reported_at,
         },
     )
 
@@ -679,12 +681,19 @@ async def refund_purchase(
     `audit_log` row (actor, reason) in that transaction too (SPEC §7).
 
     A 4xx always means no money moved: every input — the amount, the refund rules, text the database could
-    not store (`reason`) — is checked before Stripe is asked. Once Stripe has refunded, nothing is answered
+    not store (`reason`) — is checked before Stripe is asked to refund. Once Stripe has refunded, nothing is answered
     as a 4xx, which would invite a corrected request and so a second refund: a failure to record the refund
     rolls the transaction back and answers 503 `refund_not_recorded`. A retry with the same Idempotency-Key
     gets the same Stripe refund (Stripe's idempotency key is derived from ours) and records it; without one,
     Stripe's `charge.refunded` event reflects it through `reflect_stripe_refunds`, as it does should the
     commit itself fail, so the ledger still ends up right.
+
+    A Stripe refund is booked once, whichever of this and that event records it first. So Stripe is first
+    asked for the purchase's refunds: one an earlier attempt of this request made (its metadata names our
+    refund) is not made again, nor checked against the rules again (they held when it was made, and the
+    event may have taken its credits since). If the event booked it (`_booking_of`), the answer is that
+    booking and nothing is booked here; else it is booked here, unless it failed at Stripe meanwhile: a 409
+    `refund_failed`, no money moved. Every refund booked here names its Stripe refund, unique in `refunds`.
     """
     if stripe_client is None:
         raise ApiError(503, API, "stripe_not_configured", "Payments are not configured (STRIPE_API_KEY).")
@@ -699,54 +708,77 @@ async def refund_purchase(
         p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id FOR UPDATE"), {"id": found.id})).one()
         lot = await _lot(conn, p.lot_id)
         now = clock.now()
-        credits = refunds.refundable(
-            status=p.status,
-            method=p.method,
-            paid_at=p.paid_at,
-            now=now,
-            lot_remaining=lot.remaining if lot else Decimal(0),
-            lot_expired=lot is not None and lot.expires_at <= now,
-            requested=requested,
-        )
-        assert lot is not None
-        try:
-            stripe_refund = await stripe_client.v1.refunds.create_async(
-                {
-                    "payment_intent": p.payment_intent,
-                    "amount": fees.to_cents(credits),
-                    "metadata": {"purchase_id": p.public_id, "refund_id": refund_id},
-                },
-                {"idempotency_key": f"billing-{refund_id}"},
+        listed: list[refunds.RefundAtStripe] = []
+        if p.status == "succeeded" and p.method == "card" and p.payment_intent:  # else Stripe refunded nothing
+            try:
+                listed = await refunds_at_stripe(stripe_client, p.payment_intent)
+            except stripe.StripeError as exc:
+                raise stripe_unavailable(exc) from exc
+        earlier = next((r for r in listed if r.refund_id == refund_id), None)
+        if earlier is None:
+            credits = refunds.refundable(
+                status=p.status,
+                method=p.method,
+                paid_at=p.paid_at,
+                now=now,
+                lot_remaining=lot.remaining if lot else Decimal(0),
+                lot_expired=lot is not None and lot.expires_at <= now,
+                requested=requested,
             )
-        except stripe.StripeError as exc:
-            raise stripe_unavailable(exc) from exc
-        try:
-            entry = entries.refund(
-                Customer(p.account_id), credits=credits, lot=lot.id, purchase_id=p.public_id, reason=data.reason,
-                actor=principal.actor,
-            )  # fmt: skip
-            rider = _refund_rider(
-                public=refund_id, purchase=p.id, account=p.account_id, credits=credits, fee=Decimal(0),
-                source="api", stripe_refund=stripe_refund.id, reason=data.reason, actor=principal.actor,
-            )  # fmt: skip
-            posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
-            if principal.is_staff:
-                await audit(
-                    conn,
-                    principal,
-                    "refund",
-                    account_id=p.account_id,
-                    entry_id=posted.entry_id,
-                    reason=data.reason,
-                    details={"purchase": p.public_id, "refund": refund_id, "amount": format_money(credits)},
+            try:
+                made = await stripe_client.v1.refunds.create_async(
+                    {
+                        "payment_intent": p.payment_intent,
+                        "amount": fees.to_cents(credits),
+                        "metadata": {"purchase_id": p.public_id, "refund_id": refund_id},
+                    },
+                    {"idempotency_key": f"billing-{refund_id}"},
                 )
+            except stripe.StripeError as exc:
+                raise stripe_unavailable(exc) from exc
+            stripe_refund, holder = made.id, None  # made just now, under our lock: nothing can have booked it
+        else:
+            stripe_refund, credits = earlier.id, fees.from_cents(earlier.amount_cents)
+            try:
+                holder = await _booking_of(conn, p.id, earlier)
+            except Exception as exc:
+                raise refund_not_recorded(stripe_refund) from exc
+            if holder is None and not earlier.counts:
+                raise Refused(
+                    outcomes.REFUND_FAILED,
+                    f"Stripe's refund {stripe_refund} for this request is {earlier.status}: nothing was refunded."
+                    " Send a new request, with a new Idempotency-Key, to refund again.",
+                    stripe_refund=stripe_refund,
+                )
+        try:
+            if holder is None:
+                assert lot is not None  # a paid card purchase has its lot
+                entry = entries.refund(
+                    Customer(p.account_id), credits=credits, lot=lot.id, purchase_id=p.public_id,
+                    reason=data.reason, actor=principal.actor,
+                )  # fmt: skip
+                rider = _refund_rider(
+                    public=refund_id, purchase=p.id, account=p.account_id, credits=credits, fee=Decimal(0),
+                    source="api", stripe_refund=stripe_refund, reason=data.reason, actor=principal.actor,
+                )  # fmt: skip
+                posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+                if principal.is_staff:
+                    await audit(
+                        conn,
+                        principal,
+                        "refund",
+                        account_id=p.account_id,
+                        entry_id=posted.entry_id,
+                        reason=data.reason,
+                        details={"purchase": p.public_id, "refund": refund_id, "amount": format_money(credits)},
+                    )
             fresh = await _purchase_row(conn, principal, purchase)
         except Exception as exc:  # Stripe has refunded: never the caller's fault from here on (see above)
-            log.error("refund %s made at Stripe as %s, not recorded", refund_id, stripe_refund.id, exc_info=exc)
-            raise refund_not_recorded(stripe_refund.id) from exc
+            log.error("refund %s made at Stripe as %s, not recorded", refund_id, stripe_refund, exc_info=exc)
+            raise refund_not_recorded(stripe_refund) from exc
         view = purchase_view(fresh, now)
-        [made] = [x for x in view.refunds if x.id == refund_id]
-        return 201, msgspec.to_builtins(s.RefundCreated(refund=made, purchase=view))
+        [made_view] = [x for x in view.refunds if x.id == (holder or refund_id)]
+        return 201, msgspec.to_builtins(s.RefundCreated(refund=made_view, purchase=view))
 
     async with ctx.db.begin() as conn:
         found = await _purchase_row(conn, principal, purchase)
@@ -755,9 +787,38 @@ async def refund_purchase(
         )
 
 
+async def refunds_at_stripe(sdk: stripe.StripeClient, payment_intent: str) -> list[refunds.RefundAtStripe]:
+    """Every refund Stripe holds of the PaymentIntent's charge, as it shows them now."""
+    page = await sdk.v1.refunds.list_async({"payment_intent": payment_intent, "limit": 100})
+    listed = []
+    async for obj in page.auto_paging_iter():
+        refund = refunds.at_stripe(obj.to_dict())
+        if refund is not None:
+            listed.append(refund)
+    return listed
+
+
+async def _booking_of(conn: AsyncConnection, purchase: int, refund: refunds.RefundAtStripe) -> str | None:
+    """The booking that holds Stripe refund `refund` of the purchase (its public id), or None.
+
+    One under its Stripe id. Else the first booking without an id from a `charge.refunded` Stripe created at
+    or after the refund (`reported_at`): that event's cumulative amount counted the refund, and the booking
+    brought the ledger up to it. `created` is in whole seconds, so an event of the same second counts as
+    after: at worst the refund is not booked here but by its own `charge.refunded`, which Stripe creates
+    after it — never twice."""
+    return await conn.scalar(
+        text(
+            "SELECT public_id FROM refunds WHERE purchase_id = :p AND (stripe_refund = :s OR (stripe_refund IS NULL"
+            " AND status = 'succeeded' AND reported_at >= :made)) ORDER BY stripe_refund IS NULL, id LIMIT 1"
+        ),
+        {"p": purchase, "s": refund.id, "made": refund.created},
+    )
+
+
 async def reflect_stripe_refunds(
     ctx: Context, conn: AsyncConnection, *, payment_intent: str | None, purchase_id: str | None,
-    amount_refunded_cents: int, stripe_refund: str | None, source: str, reported_at: datetime,
+    amount_refunded_cents: int, listed: Sequence[refunds.RefundAtStripe] | None, source: str,
+    reported_at: datetime,
 ) -> Fulfilment:  # fmt: skip
     """Bring the ledger up to what Stripe says was refunded on a payment in total (`charge.refunded`
     carries the cumulative amount, so repeats and re-ordered events change nothing). What the ledger has
@@ -767,7 +828,13 @@ async def reflect_stripe_refunds(
     A refund that failed no longer counts in Stripe's cumulative amount once it has failed, but still does in
     an event Stripe created before the failure (`reported_at`, the event's `created`): so a failed refund is
     compared as booked exactly for events older than its failure, and a late, stale event never books it
-    again."""
+    again.
+
+    Each Stripe refund is booked once, whichever of this and the API (`refund_purchase`) records it first.
+    When the event lists the charge's refunds (`listed`), what is missing is booked under the Stripe ids of
+    the refunds it is made of (`refunds.named_in`), one entry each: the unique key on `refunds.stripe_refund`
+    then refuses a second booking of any of them. Otherwise it is one booking without an id, marked with
+    `reported_at`, by which the API recognises a refund of its own that the event counted."""
     found = await find_purchase(conn, payment_intent, purchase_id)
     if found is None:
         return Fulfilment(Result.NEEDS_REVIEW, reason="no purchase matches this refund")
@@ -790,27 +857,35 @@ async def reflect_stripe_refunds(
         return Fulfilment(Result.ALREADY_CREDITED, p.id, reason="refund already in the ledger")
     if amount_refunded_cents > fees.to_cents(p.total):
         return Fulfilment(Result.NEEDS_REVIEW, p.id, reason=f"Stripe refunded more than purchase {p.public_id} charged")
-    money = fees.from_cents(missing)
-    credits = min(money, p.amount - booked.credits)
-    fee = money - credits
-    now = clock.now()
-    lot = await _lot(conn, p.lot_id)
-    entry = entries.clawback(
-        Customer(p.account_id), credits=credits, fee=fee, purchase_lot=lot, lots=state.lots, now=now,
-        to=Platform.REFUNDS, kind=EntryKind.REFUND,
-        description=f"refund of {format_money(money)} USD of purchase {p.public_id} made at Stripe",
-    )  # fmt: skip
-    public = "ref_" + hashlib.sha256(f"{source}\n{p.id}\n{amount_refunded_cents}".encode()).hexdigest()[:24]
-    rider = _refund_rider(
-        public=public, purchase=p.id, account=p.account_id, credits=credits, fee=fee, source="stripe",
-        stripe_refund=stripe_refund, reason="refunded at Stripe", actor=source,
-    )  # fmt: skip
-    posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+    named = None
+    if listed is not None:
+        ids = await conn.scalars(
+            text("SELECT stripe_refund FROM refunds WHERE purchase_id = :id AND stripe_refund IS NOT NULL"),
+            {"id": p.id},
+        )
+        named = refunds.named_in(missing, listed, set(ids))
+    parts = [(r.id, r.amount_cents) for r in named] if named else [(None, missing)]
+    taken = booked.credits
+    for stripe_refund, cents in parts:
+        money = fees.from_cents(cents)
+        credits = min(money, p.amount - taken)
+        fee = money - credits
+        taken += credits
+        entry = entries.clawback(
+            Customer(p.account_id), credits=credits, fee=fee, purchase_lot=await _lot(conn, p.lot_id),
+            lots=state.lots, now=clock.now(), to=Platform.REFUNDS, kind=EntryKind.REFUND,
+            description=f"refund {stripe_refund + ' ' if stripe_refund else ''}of {format_money(money)} USD"
+            f" of purchase {p.public_id} made at Stripe",
+        )  # fmt: skip
+        seed = stripe_refund or f"{source}\n{p.id}\n{amount_refunded_cents}"
+        rider = _refund_rider(
+            public="ref_" + hashlib.sha256(seed.encode()).hexdigest()[:24], purchase=p.id,
+            account=p.account_id, credits=credits, fee=fee, source="stripe", stripe_refund=stripe_refund,
+            reason="refunded at Stripe", actor=source, reported_at=reported_at,
+        )  # fmt: skip
+        posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=[rider])
+        state = await ctx.journal.lock_customer(conn, Customer(p.account_id))  # as that entry left it
     return Fulfilment(Result.CREDITED, p.id, posted.entry_id)
-
-
-# Stripe refund statuses that mean the money never reached the customer.
-REFUND_UNDONE = frozenset({"failed", "canceled"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -832,12 +907,12 @@ async def refund_undone(ctx: Context, conn: AsyncConnection, refund: StripeRefun
     and the refund is marked so. Any other status, a repeat, or an event after the refund already failed
     changes nothing.
 
-    Only a refund the ledger booked under its Stripe id (one made through the API) is put back. A failed
-    refund we never booked by id — made in Stripe's dashboard and reflected only through `charge.refunded`'s
-    cumulative amount, which took credits from several lots, debt and perhaps the fee — is not guessed at:
-    it is kept for review, and support corrects the balance with an audited adjustment.
+    Only a refund the API booked under its Stripe id (its entry took credits from the purchase's lot alone) is
+    put back. A failed refund booked from `charge.refunded` — without an id, through the cumulative amount,
+    or under its id when the event listed it — took credits from several lots, debt and perhaps the fee: it is
+    not guessed at, but kept for review, and support corrects the balance with an audited adjustment.
     """
-    if refund.status not in REFUND_UNDONE:
+    if refund.status not in refunds.UNDONE:
         return Fulfilment(Result.ALREADY_CREDITED, reason=f"refund is {refund.status or 'unknown'}: nothing to undo")
     found = await find_purchase(conn, refund.payment_intent, refund.purchase_id)
     if found is None:
@@ -856,6 +931,10 @@ async def refund_undone(ctx: Context, conn: AsyncConnection, refund: StripeRefun
         )
     if r.status != "succeeded":
         return Fulfilment(Result.ALREADY_CREDITED, found.id, r.reversal_entry_id, reason=f"refund already {r.status}")
+    if r.source != "api":
+        return Fulfilment(
+            Result.NEEDS_REVIEW, found.id, reason=f"{refund.status} refund {refund.id} was booked from Stripe's event"
+        )
     if refund.amount_cents != r.amount_cents or r.fee_amount != 0:
         return Fulfilment(
             Result.NEEDS_REVIEW,

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from billing import clock
 from billing.context import Context
 from billing.errors import API, ApiError
+from billing.purchases import refunds
 from billing.purchases import service as purchases
 from billing.purchases.service import Payment, Result
 from billing.reconcile.stripe_payments import retrieve_payment, unavailable
@@ -167,8 +168,9 @@ async def checkout_session_failed(
 async def charge_refunded(
     ctx: Context, conn: AsyncConnection, event_id: str, charge: dict[str, Any], sdk: stripe.StripeClient | None
 ) -> Handled:
-    """`charge.refunded`: book what Stripe refunded in total that the ledger has not (a dashboard refund);
-    refunds made through the API are already booked, so their events change nothing."""
+    """`charge.refunded`: book what Stripe refunded in total that the ledger has not (a dashboard refund, or
+    one the API made but could not record); refunds the API booked change nothing. The charge's `refunds`,
+    when the event lists them all, name what is booked (see `reflect_stripe_refunds`)."""
     refunded = charge.get("amount_refunded")
     if not isinstance(refunded, int):
         return Handled("needs_review", "charge without an integer amount_refunded")
@@ -197,7 +199,7 @@ async def charge_refunded(
         payment_intent=payment_intent,
         purchase_id=_purchase_id(charge),
         amount_refunded_cents=refunded,
-        stripe_refund=None,  # the charge's cumulative amount is the key; its refund list may be elided
+        listed=_listed_refunds(charge),  # the cumulative amount is the key; the list, if any, names its parts
         source=f"stripe_event:{event_id}",
         reported_at=reported_at,
     )
@@ -205,6 +207,16 @@ async def charge_refunded(
         return Handled("needs_review", result.reason or "needs review", result.purchase_id)
     outcome = "refund_booked" if result.result is Result.CREDITED else "refund_already_booked"
     return Handled("processed", outcome, result.purchase_id)
+
+
+def _listed_refunds(charge: dict[str, Any]) -> list[refunds.RefundAtStripe] | None:
+    """The charge's refunds, when the event lists them all (Stripe elides the list in newer API versions);
+    else None."""
+    listed = charge.get("refunds")
+    if not isinstance(listed, dict) or listed.get("has_more") is not False or not isinstance(listed.get("data"), list):
+        return None
+    found = [refunds.at_stripe(x) if isinstance(x, dict) else None for x in listed["data"]]
+    return [x for x in found if x is not None] if all(found) else None
 
 
 async def _event_created(conn: AsyncConnection, event_id: str) -> datetime:

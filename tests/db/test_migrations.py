@@ -56,3 +56,23 @@ def test_growing_ledger_tables_are_analyzed_every_million_rows_at_least(scratch_
             assert conn.execute(query, {"names": growing}).all() == [(name, None) for name in growing]
     finally:
         engine.dispose()
+
+
+def test_refunds_name_their_stripe_refund_or_the_event_that_booked_them(scratch_url: str) -> None:
+    """Migration 0016: an API refund always names its Stripe refund (unique), a webhook's its event's time."""
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    query = text(  # the naming convention prefixes the names the migrations give
+        "SELECT conname FROM pg_constraint WHERE conrelid = 'refunds'::regclass AND conname = ANY(:names) ORDER BY 1"
+    )
+    names = ["ck_refunds_ck_refunds_api_names_stripe_refund", "ck_refunds_ck_refunds_reported"]
+    try:
+        upgrade(scratch_url)
+        with engine.connect() as conn:
+            assert [r[0] for r in conn.execute(query, {"names": names})] == names
+            assert "reported_at" in {c["name"] for c in inspect(conn).get_columns("refunds")}
+        downgrade(scratch_url, "0015_auto_topup_customer")
+        with engine.connect() as conn:
+            assert conn.execute(query, {"names": names}).all() == []
+            assert "reported_at" not in {c["name"] for c in inspect(conn).get_columns("refunds")}
+    finally:
+        engine.dispose()

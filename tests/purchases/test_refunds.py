@@ -4,6 +4,9 @@ never the fee, never crypto, never more than what is left of the purchase's lot;
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -17,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.ledger import entries
 from billing.ledger.model import Customer, EntryKind, LotBalance, Platform, Posting
 from billing.ledger.outcomes import Refused
-from billing.purchases.refunds import refundable
+from billing.purchases.refunds import RefundAtStripe, at_stripe, named_in, refundable
 from billing.stripe_client import LOCAL_API_KEY
 from tests.conftest import ADMIN, Api, key
 from tests.purchases.conftest import buy, pay, spend
@@ -83,6 +86,25 @@ def test_clawback_takes_the_purchase_lot_then_other_lots_then_debt_and_reverses_
         Posting(Platform.REFUNDS, D("15.83")),
     )
     assert entry.credits_delta == D("-15") and entry.balance_delta == D("-15")
+
+
+def made(id_: str, cents: int, second: int, status: str = "succeeded") -> RefundAtStripe:
+    return RefundAtStripe(id_, cents, status, PAID + timedelta(seconds=second), None)
+
+
+def test_bookings_without_a_stripe_id_hold_the_oldest_refunds_no_booking_names() -> None:
+    failed, a, b, c = made("re_f", 400, 0, "failed"), made("re_a", 500, 1), made("re_b", 300, 2), made("re_c", 200, 3)
+    listed = [c, failed, a, b]  # in any order; a failed refund no longer counts
+    # 500 missing of 1000 (500 booked without an id, holding re_a): the newest make it up
+    assert named_in(500, listed, set()) == (b, c)
+    assert named_in(200, listed, set()) == (c,)
+    assert named_in(400, listed, set()) is None  # no run of the newest adds up to it: booked without an id
+    assert named_in(200, listed, {"re_c"}) is None
+    assert named_in(300, listed, {"re_c"}) == (b,)  # re_c is booked under its id
+    assert at_stripe(
+        {"id": "re_x", "amount": 500, "created": 1788264000, "status": "pending", "metadata": {"refund_id": "ref_1"}}
+    ) == RefundAtStripe("re_x", 500, "pending", datetime(2026, 9, 1, 12, 0, tzinfo=UTC), "ref_1")
+    assert at_stripe({"id": "re_x", "amount": "500", "created": 1788264000}) is None
 
 
 async def paid_purchase(
@@ -225,26 +247,47 @@ async def test_input_refused_as_a_4xx_refunds_nothing_at_stripe(
     assert (await api.balance(acct))["balance"] == "10.00"
 
 
+async def refund_not_recorded(
+    client: AsyncTestClient, monkeypatch: pytest.MonkeyPatch, purchase: str, headers: dict[str, str], **body: Any
+) -> None:
+    """Stripe refunds, then the ledger fails to record it (the database refuses the refund's text): a 503."""
+    from billing.purchases import service as purchases
+
+    real = purchases._refund_rider
+    monkeypatch.setattr(purchases, "_refund_rider", lambda **kw: real(**{**kw, "reason": "un\u0000storable"}))
+    r = await refund(client, purchase, headers, **body)
+    monkeypatch.setattr(purchases, "_refund_rider", real)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "refund_not_recorded", r.text
+
+
+async def deliver(client: AsyncTestClient, payload: bytes) -> dict[str, Any]:
+    """A signed Stripe event, delivered to the webhook endpoint."""
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
 async def test_a_failure_after_stripe_refunded_is_never_a_4xx_and_the_retry_records_the_same_refund(
     api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Once Stripe has refunded, a failure to record it (here the database refusing text) is a 503 with
     nothing kept; a retry with the same Idempotency-Key gets the same Stripe refund and records it once."""
-    from billing.purchases import service as purchases
-
     acct, p = await paid_purchase(api, client, localstripe)
-    real = purchases._refund_rider
-    monkeypatch.setattr(purchases, "_refund_rider", lambda **kw: real(**{**kw, "reason": "un\u0000storable"}))
     headers = {**ADMIN, **key()}
     before = await full_snapshot(engine)
-    r = await refund(client, p["id"], headers, amount="5.00")
-    assert r.status_code == 503 and r.json()["error"]["code"] == "refund_not_recorded", r.text
+    await refund_not_recorded(client, monkeypatch, p["id"], headers, amount="5.00")
     assert await full_snapshot(engine) == before
     assert refunds_at_stripe(localstripe, p["payment_intent"]) == [500]
-    monkeypatch.setattr(purchases, "_refund_rider", real)
     r = await refund(client, p["id"], headers, amount="5.00")
     assert r.status_code == 201, r.text
     assert refunds_at_stripe(localstripe, p["payment_intent"]) == [500]
+    assert (await api.balance(acct))["balance"] == "10.00"
+    # Stripe's event comes after: the refund is booked, whether or not the event names it
+    listed = {"refunds": listed_refunds(localstripe, p["payment_intent"])}
+    for payload in (charge_refunded(p, 500), charge_refunded(p, 500, **listed)):
+        assert (await deliver(client, payload))["outcome"] == "refund_already_booked"
+    made = r.json()["refund"]
+    assert await refund_rows(engine, p["id"]) == [("api", "500", made["stripe_refund"])]
     assert (await api.balance(acct))["balance"] == "10.00"
 
 
@@ -346,3 +389,165 @@ async def test_concurrent_refunds_never_exceed_the_lot(
     assert (purchase["refunded"], purchase["lot"]["remaining"]) == ("12.00", "3.00")
     assert refunds_at_stripe(localstripe, p["payment_intent"]) == [400, 400, 400]  # exactly what was booked
     assert (await api.balance(acct))["balance"] == "3.00"
+
+
+def listed_refunds(localstripe: str, payment_intent: str) -> dict[str, Any]:
+    """The charge's `refunds` list as an event carries it when it lists them (older API versions, or expanded)."""
+    r = httpx.get(f"{localstripe}/v1/refunds", params={"payment_intent": payment_intent}, auth=(LOCAL_API_KEY, ""))
+    return {"object": "list", "data": r.json()["data"], "has_more": False}
+
+
+async def refund_rows(engine: AsyncEngine, purchase: str) -> list[tuple[str, str, str | None]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT r.source, r.amount_cents, r.stripe_refund FROM refunds r JOIN purchases p ON p.id = r.purchase_id"
+                " WHERE p.public_id = :p ORDER BY r.id"
+            ),
+            {"p": purchase},
+        )
+        return [(r[0], str(r[1]), r[2]) for r in rows]
+
+
+@pytest.mark.parametrize("body", [{"amount": "5.00"}, {}], ids=["some", "all_that_is_left"])
+@pytest.mark.parametrize("lists_refunds", [False, True], ids=["cumulative_only", "event_lists_refunds"])
+async def test_a_refund_not_recorded_then_booked_by_stripes_event_is_booked_once_when_retried(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch,
+    body: dict[str, str], lists_refunds: bool,
+) -> None:  # fmt: skip
+    """Stripe refunds, the ledger fails to record it (503), Stripe's `charge.refunded` books it, and then
+    the client retries with the same Idempotency-Key: the retry answers the refund the event booked and
+    books nothing more — one Stripe refund, its credits taken out once."""
+    acct, p = await paid_purchase(api, client, localstripe)
+    cents = 500 if body else 1500
+    headers = {**ADMIN, **key()}
+    await refund_not_recorded(client, monkeypatch, p["id"], headers, **body)
+    listed = listed_refunds(localstripe, p["payment_intent"])
+    [stripe_refund] = [x["id"] for x in listed["data"]]
+    extra = {"refunds": listed} if lists_refunds else {}
+    payload = charge_refunded(p, cents, **extra)
+    assert (await deliver(client, payload))["outcome"] == "refund_booked"
+    left = f"{(1500 - cents) / 100:.2f}"
+    assert (await api.balance(acct))["balance"] == left
+    [booked] = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()["refunds"]
+
+    r = await refund(client, p["id"], headers, **body)
+    assert r.status_code == 201, r.text
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [cents]
+    assert await refund_rows(engine, p["id"]) == [("stripe", str(cents), stripe_refund if lists_refunds else None)]
+    assert r.json()["refund"] == booked  # the refund as it is: the one the event booked
+    purchase = r.json()["purchase"]
+    assert (purchase["refunded"], purchase["lot"]["remaining"]) == (f"{cents / 100:.2f}", left)
+    assert (await api.balance(acct))["balance"] == left
+    again = await refund(client, p["id"], headers, **body)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json() == r.json()
+    assert (await deliver(client, payload))["duplicate"] is True
+    later = charge_refunded(p, cents, **extra)  # another event with the same cumulative amount
+    assert (await deliver(client, later))["outcome"] == "refund_already_booked"
+    assert (await api.balance(acct))["balance"] == left
+
+
+def at(payload: bytes, created: int) -> bytes:
+    """The same event as Stripe would have created it at `created` (unix seconds)."""
+    body = json.loads(payload)
+    body["created"] = created
+    return json.dumps(body).encode()
+
+
+def refund_at_stripe(localstripe: str, payment_intent: str, cents: int) -> dict[str, Any]:
+    """A refund made in Stripe's dashboard."""
+    r = httpx.post(
+        f"{localstripe}/v1/refunds", data={"payment_intent": payment_intent, "amount": cents}, auth=(LOCAL_API_KEY, "")
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+@pytest.mark.parametrize("event_counts_it", [True, False], ids=["event_counts_both", "event_counts_ours_only"])
+async def test_a_retry_books_what_no_booking_from_stripes_events_holds(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch,
+    event_counts_it: bool,
+) -> None:  # fmt: skip
+    """A dashboard refund made after ours is its own: the event that booked ours may have booked it too, or
+    its own event books it later."""
+    acct, p = await paid_purchase(api, client, localstripe)
+    headers = {**ADMIN, **key()}
+    await refund_not_recorded(client, monkeypatch, p["id"], headers, amount="5.00")
+    if event_counts_it:
+        refund_at_stripe(localstripe, p["payment_intent"], 300)
+    assert (await deliver(client, charge_refunded(p, 800 if event_counts_it else 500)))["outcome"] == "refund_booked"
+    if not event_counts_it:
+        refund_at_stripe(localstripe, p["payment_intent"], 300)
+    [booked] = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()["refunds"]
+    r = await refund(client, p["id"], headers, amount="5.00")
+    assert r.status_code == 201 and r.json()["refund"] == booked, r.text
+    assert (await api.balance(acct))["balance"] == ("7.00" if event_counts_it else "10.00")
+    dashboards = await deliver(client, charge_refunded(p, 800))  # the dashboard refund's event
+    assert dashboards["outcome"] == ("refund_already_booked" if event_counts_it else "refund_booked")
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [300, 500]
+    rows = [("stripe", "800", None)] if event_counts_it else [("stripe", "500", None), ("stripe", "300", None)]
+    assert await refund_rows(engine, p["id"]) == rows
+    assert (await api.balance(acct))["balance"] == "7.00"
+
+
+async def test_a_booking_from_an_event_older_than_the_refund_does_not_hold_it(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acct, p = await paid_purchase(api, client, localstripe)
+    refund_at_stripe(localstripe, p["payment_intent"], 300)  # in the dashboard, and booked from its event
+    dashboards = at(charge_refunded(p, 300), int(time.time()) - 60)
+    assert (await deliver(client, dashboards))["outcome"] == "refund_booked"
+    headers = {**ADMIN, **key()}
+    await refund_not_recorded(client, monkeypatch, p["id"], headers, amount="5.00")
+    r = await refund(client, p["id"], headers, amount="5.00")
+    assert r.status_code == 201 and r.json()["refund"]["source"] == "api", r.text
+    made = r.json()["refund"]["stripe_refund"]
+    assert await refund_rows(engine, p["id"]) == [("stripe", "300", None), ("api", "500", made)]
+    assert (await deliver(client, charge_refunded(p, 800)))["outcome"] == "refund_already_booked"
+    assert (await api.balance(acct))["balance"] == "7.00"
+
+
+async def test_a_retry_whose_stripe_refund_failed_before_it_was_booked_is_refused_and_books_nothing(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from billing.purchases import service as purchases
+
+    acct, p = await paid_purchase(api, client, localstripe)
+    headers = {**ADMIN, **key()}
+    await refund_not_recorded(client, monkeypatch, p["id"], headers, amount="5.00")
+    listed = purchases.refunds_at_stripe
+
+    async def failed(sdk: Any, payment_intent: str) -> list[RefundAtStripe]:  # the card refund failed since
+        return [replace(x, status="failed") for x in await listed(sdk, payment_intent)]
+
+    monkeypatch.setattr(purchases, "refunds_at_stripe", failed)
+    before = await full_snapshot(engine)
+    r = await refund(client, p["id"], headers, amount="5.00")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "refund_failed", r.text
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [500]  # not refunded again
+    after = await full_snapshot(engine)  # only the answer, kept with the key, was written
+    assert after["counts"].pop("idempotency_keys") == before["counts"].pop("idempotency_keys") + 1
+    assert after == before
+    assert (await refund(client, p["id"], headers, amount="5.00")).json() == r.json()  # stored with the key
+    assert (await api.balance(acct))["balance"] == "15.00"
+
+
+async def test_an_event_listing_the_charges_refunds_books_each_missing_one_under_its_stripe_id(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
+) -> None:
+    acct, p = await paid_purchase(api, client, localstripe)
+    assert (await refund(client, p["id"], amount="4.00")).status_code == 201
+    assert (await deliver(client, charge_refunded(p, 400)))["outcome"] == "refund_already_booked"
+    refund_at_stripe(localstripe, p["payment_intent"], 300)
+    refund_at_stripe(localstripe, p["payment_intent"], 200)
+    listed = listed_refunds(localstripe, p["payment_intent"])
+    payload = charge_refunded(p, 900, refunds=listed)
+    assert [(await deliver(client, payload))["outcome"] for _ in range(2)] == ["refund_booked"] * 2
+    by_amount = {x["amount"]: x["id"] for x in listed["data"]}
+    rows = await refund_rows(engine, p["id"])
+    assert sorted(rows) == sorted(
+        [("api", "400", by_amount[400]), ("stripe", "300", by_amount[300]), ("stripe", "200", by_amount[200])]
+    )
+    assert (await api.balance(acct))["balance"] == "6.00"
+    purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
+    assert purchase["refunded"] == "9.00" and purchase["lot"]["remaining"] == "6.00"
