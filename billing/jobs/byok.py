@@ -6,8 +6,10 @@ generations in the UTC month, under the account's balance lock (so no charge run
 
 - recomputes each generation's fee in the order the hot path charged them (generation id: rows are
   inserted under the account's balance lock, so ids follow the lock order even when concurrent requests'
-  `created_at` do not) with the policy in force at its time
-  (`usage.expected_byok_fees`), and the month's list usage and request count;
+  `created_at` do not) with the policy it recorded when charged (`byok_policy_id`: rules are versioned so
+  past entries keep the rule that made them, SPEC §5, and a policy added later with a backdated
+  `effective_from` re-prices nothing), or, for a generation that recorded none, the policy in force at its
+  `created_at` (`usage.expected_byok_fees`), and the month's list usage and request count;
 - compares the expected total with what was charged: the generations' `byok_fee` plus the corrections
   already posted for that account-month (`byok_corrections`);
 - posts ONE `byok_fee` entry for a difference, referenced by a `byok_corrections` row (signed amount,
@@ -38,7 +40,7 @@ from billing.db.journal import AccountMissing, CustomerState
 from billing.ledger import entries
 from billing.ledger.model import Customer, Entry, EntryKind, LotCategory, NewLot, Platform, Posting
 from billing.ledger.money import ZERO, format_money
-from billing.ledger.usage import ByokPolicy, expected_byok_fees, policy_at, usage_entry
+from billing.ledger.usage import ByokPolicy, expected_byok_fees, policy_charged, usage_entry
 from billing.schemas import public_id
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,13 @@ ORDER BY g.account_id"""
 )
 _CLOSED = text("SELECT 1 FROM byok_month_closings WHERE account_id = :account AND month = :month")
 _GENERATIONS = text(
-    """SELECT created_at, byok_list_cost, coalesce(byok_fee, 0) FROM generations
+    """SELECT created_at, byok_policy_id, byok_list_cost, coalesce(byok_fee, 0) FROM generations
 WHERE account_id = :account AND is_byok AND status = 'charged' AND created_at >= :start AND created_at < :end
 ORDER BY id"""
 )
 _POLICIES = text(
     "SELECT effective_from, id, kind, rate, allowance_usd, enterprise_allowance_usd, free_requests"
-    " FROM byok_fee_policies WHERE effective_from < :end"
+    " FROM byok_fee_policies"
 )
 _ACCOUNT = text("SELECT public_id, enterprise FROM accounts WHERE id = :account")
 _CORRECTED = text(
@@ -130,8 +132,10 @@ def correction_entry(
     )
 
 
-async def _policies(conn: AsyncConnection, end: datetime) -> list[tuple[datetime, ByokPolicy]]:
-    rows = await conn.execute(_POLICIES, {"end": end})
+async def _policies(conn: AsyncConnection) -> list[tuple[datetime, ByokPolicy]]:
+    """Every version of the policy (a handful of rows): a generation names its own by id, whatever its
+    `effective_from`."""
+    rows = await conn.execute(_POLICIES)
     return [
         (r[0], ByokPolicy(id=r[1], kind=r[2], rate=r[3], allowance_usd=r[4], enterprise_allowance_usd=r[5],
                           free_requests=r[6]))
@@ -152,7 +156,7 @@ async def reconcile_byok(
     async with ctx.db.connect() as conn:
         params = {"start": start, "end": end, "month": first, "ids": list(account_ids) if account_ids else None}
         accounts = [a for (a,) in await conn.execute(_ACCOUNTS, params)]
-        policies = await _policies(conn, end)
+        policies = await _policies(conn)
     for account_id in accounts:
         async with ctx.db.begin() as conn:
             await _reconcile_account(ctx, conn, run, account_id, policies, start, end, now)
@@ -181,9 +185,12 @@ async def _reconcile_account(
     run.accounts += 1
     account, enterprise = (await conn.execute(_ACCOUNT, {"account": account_id})).one()
     generations = (await conn.execute(_GENERATIONS, {"account": account_id, "start": start, "end": end})).all()
-    fees = expected_byok_fees([(cost, policy_at(policies, at)) for at, cost, _ in generations], enterprise=enterprise)
+    fees = expected_byok_fees(
+        [(cost, policy_charged(policies, policy_id, at)) for at, policy_id, cost, _ in generations],
+        enterprise=enterprise,
+    )
     expected = sum(fees, ZERO)
-    charged = sum((fee for _, _, fee in generations), ZERO) + Decimal(await conn.scalar(_CORRECTED, key))
+    charged = sum((fee for _, _, _, fee in generations), ZERO) + Decimal(await conn.scalar(_CORRECTED, key))
     difference = expected - charged
     entry_id: int | None = None
     if difference:
@@ -206,7 +213,7 @@ async def _reconcile_account(
                     format_money(difference), correction.entry)  # fmt: skip
     await conn.execute(
         _MONTH,
-        {**key, "list_usage": sum((cost for _, cost, _ in generations), ZERO), "requests": len(generations),
+        {**key, "list_usage": sum((cost for _, _, cost, _ in generations), ZERO), "requests": len(generations),
          "fees": expected},
     )  # fmt: skip
     if run.close:

@@ -278,9 +278,22 @@ def policy_at(policies: Sequence[tuple[datetime, ByokPolicy]], at: datetime) -> 
     return chosen
 
 
+def policy_charged(
+    policies: Sequence[tuple[datetime, ByokPolicy]], policy_id: int | None, at: datetime
+) -> ByokPolicy | None:
+    """The policy a generation charged at `at` was priced by: the one it recorded (`byok_policy_id`), whatever
+    was added since with an earlier `effective_from` (SPEC §5: past entries keep the rule that made them); the
+    policy in force at `at` only for a generation that recorded none."""
+    if policy_id is not None:
+        for _, policy in policies:
+            if policy.id == policy_id:
+                return policy
+    return policy_at(policies, at)
+
+
 def expected_byok_fees(generations: Sequence[tuple[Decimal, ByokPolicy | None]], *, enterprise: bool) -> list[Decimal]:
     """The fee each of an account's charged BYOK generations of one UTC month should have paid, given in
-    the order they were charged as (list cost, policy in force at its time): the same `byok_fee` rule as the hot
+    the order they were charged as (list cost, the policy it was charged by): the same `byok_fee` rule as the hot
     path, on the month's running list-price usage and request count. No policy in force: no fee."""
     fees: list[Decimal] = []
     usage = ZERO

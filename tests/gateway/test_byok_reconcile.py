@@ -146,6 +146,36 @@ async def test_a_policy_change_mid_month_is_honoured_per_generation(
     assert (await reconcile_byok(client_ctx, date(2033, 5, 1), now=now, account_ids=[acct_id])).corrections == []
 
 
+async def test_a_backdated_policy_does_not_reprice_generations_already_charged(
+    api: Api, gw: Gateway, client: AsyncTestClient, client_ctx: Context, clock_at: Any
+) -> None:
+    """SPEC §5: rules are versioned so past entries keep the rule that made them; a generation is recomputed
+    with the policy it recorded, not one added later with an earlier `effective_from`."""
+    clock_at(datetime(2047, 1, 10, tzinfo=UTC))
+    acct = await _account(api, client)
+    acct_id = await _id(client_ctx, acct)
+    assert (await _byok(gw, acct, "100.00"))["byok_fee"] == "0.00"  # the default policy, $25,000 free
+    # then a stricter version effective from the 1st (backdated), and the default again from February
+    for effective, allowance, rate in [
+        ("2047-01-01T00:00:00Z", "0.00", "0.10"),
+        ("2047-02-01T00:00:00Z", "25000.00", "0.05"),
+    ]:
+        r = await client.post(
+            "/v1/byok_fee_policies",
+            json={"kind": "allowance_usd", "allowance_usd": allowance, "enterprise_allowance_usd": "200000.00",
+                  "rate": rate, "effective_from": effective},
+            headers=ADMIN,
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+
+    run = await reconcile_byok(
+        client_ctx, date(2047, 1, 1), now=datetime(2047, 1, 10, 1, tzinfo=UTC), account_ids=[acct_id]
+    )
+
+    assert run.corrections == []
+    assert (await api.balance(acct))["balance"] == "100.00"
+
+
 async def test_a_month_is_closed_once_and_then_skipped(
     api: Api, gw: Gateway, client: AsyncTestClient, client_ctx: Context, clock_at: Any
 ) -> None:
