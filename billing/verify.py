@@ -2,8 +2,10 @@
 
 - every journal entry has ≥ 2 postings summing to zero, and all postings together sum to zero;
 - every cached balance equals the sum of its account's postings, and its last running balance;
-- every running balance in an account's history equals the sum of its postings up to there;
-- every lot's `remaining` equals the sum of the postings naming it;
+- every running balance in an account's history equals the sum of its postings up to there, and every
+  customer posting has one;
+- every lot's `remaining` equals the sum of the postings naming it, and a posting names only a lot of its own
+  account (also a foreign key, `fk_postings_lot_id_account_id_lots`);
 - lots plus debt make the balance: no lot-less credit, only debt.
 - every captured hold has exactly one generation; no other hold (open, released, expired) has one.
 """
@@ -36,11 +38,20 @@ CHECKS: dict[str, str] = {
             SELECT account_id, balance_after, sum(amount) OVER (PARTITION BY account_id ORDER BY id) AS running
             FROM postings WHERE account_id IN (SELECT account_id FROM balances)) p
         WHERE balance_after IS NOT NULL AND balance_after <> running LIMIT 20""",
+    # ... which the check above (and `positive_lotless_credit`) would skip for a customer posting without one.
+    "missing_running_balance": """
+        SELECT DISTINCT p.account_id FROM postings p JOIN balances b ON b.account_id = p.account_id
+        WHERE p.balance_after IS NULL LIMIT 20""",
     "lot_remaining_mismatch": """
         SELECT l.id FROM lots l
         LEFT JOIN (SELECT lot_id, sum(amount) AS total FROM postings WHERE lot_id IS NOT NULL GROUP BY lot_id) p
                ON p.lot_id = l.id
         WHERE l.remaining <> coalesce(p.total, 0) LIMIT 20""",
+    # A posting drawing on another account's lot leaves both accounts' caches equal to their postings while
+    # one's lots no longer make its balance; the database refuses it too (migration 0015), checked here for
+    # a ledger written before that.
+    "posting_on_another_accounts_lot": """
+        SELECT p.id FROM postings p JOIN lots l ON l.id = p.lot_id WHERE l.account_id <> p.account_id LIMIT 20""",
     "positive_lotless_credit": """
         SELECT account_id FROM postings WHERE lot_id IS NULL AND balance_after IS NOT NULL
         GROUP BY account_id HAVING sum(amount) > 0 LIMIT 20""",

@@ -15,6 +15,7 @@ from sqlalchemy import (
     CheckConstraint,
     Date,
     ForeignKey,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -104,6 +105,7 @@ class LotRow(Base):
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint("remaining >= 0 AND remaining <= amount", name="remaining_within_amount"),
         Index("ix_lots_account_id_expires_at", "account_id", "expires_at"),
+        UniqueConstraint("id", "account_id", name="uq_lots_id_account_id"),  # postings' lot is their account's
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -124,12 +126,16 @@ class PostingRow(Base):
         CheckConstraint("amount <> 0", name="amount_nonzero"),
         Index("ix_postings_account_id_id", "account_id", "id"),
         Index("ix_postings_entry_id", "entry_id"),
+        # A posting names only a lot of its own account (migration 0015).
+        ForeignKeyConstraint(
+            ["lot_id", "account_id"], ["lots.id", "lots.account_id"], name="fk_postings_lot_id_account_id_lots"
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     entry_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("journal_entries.id"))
     account_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("accounts.id"))
-    lot_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("lots.id"))
+    lot_id: Mapped[int | None] = mapped_column(BigInteger)
     amount: Mapped[Decimal] = mapped_column(MONEY)
     # Running balance of a customer account right after this posting; NULL on platform accounts.
     balance_after: Mapped[Decimal | None] = mapped_column(MONEY)

@@ -16,7 +16,8 @@ from types import ModuleType
 import pytest
 import redis
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from billing.context import Context
 from billing.db import pipeline
@@ -119,6 +120,65 @@ async def test_a_wrong_running_balance_inside_the_history_is_reported(throwaway:
             )  # fmt: skip
     result = await verify(throwaway)
     assert set(result.problems) == {"history_balance_mismatch"}
+
+
+async def _account(conn: AsyncConnection, public_id: str) -> int:
+    return int(await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :p"), {"p": public_id}))
+
+
+async def test_a_customer_posting_without_a_running_balance_is_reported(throwaway: Context) -> None:
+    """The running-balance checks compare the running balances there are; a customer posting with none is
+    reported by its own check."""
+    async with throwaway.db.begin() as conn:
+        account, adjustments = await _account(conn, "acct_broken"), await _account(conn, "manual_adjustments")
+        entry = await conn.scalar(
+            text("INSERT INTO journal_entries (kind, account_id) VALUES ('adjustment', :a) RETURNING id"),
+            {"a": account},
+        )
+        await conn.execute(
+            text("INSERT INTO postings (entry_id, account_id, amount, balance_after)"
+                 " VALUES (:e, :a, -1, NULL), (:e, :p, 1, NULL)"),
+            {"e": entry, "a": account, "p": adjustments},
+        )  # fmt: skip
+        await conn.execute(text("UPDATE balances SET balance = balance - 1 WHERE account_id = :a"), {"a": account})
+    result = await verify(throwaway)
+    assert set(result.problems) == {"missing_running_balance"}
+
+
+async def _draw_on_another_accounts_lot(conn: AsyncConnection) -> None:
+    """Customer B spends $1 of acct_broken's lot: every cache equals its postings, but acct_broken's balance
+    is 5 with 4 left in its lots, and B owes 1 that is no debt."""
+    account, revenue = await _account(conn, "acct_broken"), await _account(conn, "usage_revenue")
+    lot = await conn.scalar(text("SELECT id FROM lots WHERE account_id = :a"), {"a": account})
+    other = await conn.scalar(
+        text("INSERT INTO accounts (public_id, kind, type, external_id)"
+             " VALUES ('acct_other', 'user', 'liability', 'other') RETURNING id")
+    )  # fmt: skip
+    await conn.execute(text("INSERT INTO balances (account_id, balance, total_usage) VALUES (:b, -1, 1)"), {"b": other})
+    entry = await conn.scalar(
+        text("INSERT INTO journal_entries (kind, account_id) VALUES ('usage', :b) RETURNING id"), {"b": other}
+    )
+    await conn.execute(
+        text("INSERT INTO postings (entry_id, account_id, lot_id, amount, balance_after)"
+             " VALUES (:e, :b, :lot, -1, -1), (:e, :r, NULL, 1, NULL)"),
+        {"e": entry, "b": other, "lot": lot, "r": revenue},
+    )  # fmt: skip
+    await conn.execute(text("UPDATE lots SET remaining = remaining - 1 WHERE id = :lot"), {"lot": lot})
+
+
+async def test_a_posting_drawing_on_another_accounts_lot_is_refused(throwaway: Context) -> None:
+    with pytest.raises(IntegrityError, match="fk_postings_lot_id_account_id_lots"):
+        async with throwaway.db.begin() as conn:
+            await _draw_on_another_accounts_lot(conn)
+
+
+async def test_a_posting_drawing_on_another_accounts_lot_is_reported(throwaway: Context) -> None:
+    """A ledger written without the database's key (before migration 0015, or with it dropped)."""
+    async with throwaway.db.begin() as conn:
+        await conn.execute(text("ALTER TABLE postings DROP CONSTRAINT fk_postings_lot_id_account_id_lots"))
+        await _draw_on_another_accounts_lot(conn)
+    result = await verify(throwaway)
+    assert set(result.problems) == {"posting_on_another_accounts_lot"}
 
 
 async def test_a_captured_hold_without_its_generation_is_reported(throwaway: Context) -> None:
