@@ -3,16 +3,21 @@ the same queue then does the work."""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import replace
+from types import ModuleType
+from typing import Any
 
 import dramatiq
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.settings import Settings
 from tests.conftest import Api
 from tests.workers.conftest import billing, eventually, namespace, raw_broker, running_worker, stop, worker_env
 from tests.workers.test_hold_expiry import holds, statuses
+from workers import scheduler
 
 EVERY_SECOND = {
     "BILLING_HOLD_EXPIRY_EVERY": "1",
@@ -61,3 +66,42 @@ async def test_two_schedulers_enqueue_each_slot_once_and_a_worker_runs_the_jobs(
             return await statuses(jobs_engine, [hold]) == {hold: "expired"} and client.llen(queue) == 0
 
         await eventually(done, "a worker to run the scheduled jobs")
+
+
+class UntilIdle(threading.Event):
+    """Set once a message went out, or once the scheduler sleeps towards its next slot (done with this one)."""
+
+    def __init__(self, sent: list[int]) -> None:
+        super().__init__()
+        self.sent = sent
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.sent or (timeout is not None and timeout > 60):
+            self.set()
+        return super().wait(timeout)
+
+
+def test_a_slot_whose_send_failed_is_claimed_again_and_sent(
+    jobs_settings: Settings, actors: ModuleType, monkeypatch: Any
+) -> None:
+    """A send failing with RedisError gives its claim back: the retry shortly after sends the slot's message
+    instead of finding the slot claimed (by itself) and skipping it."""
+    settings = replace(
+        jobs_settings, queue_namespace=namespace(), hold_expiry_every=0, credit_expiry_every=10**8, verify_every=0,
+        reconcile_every=0, byok_reconcile_every=0, auto_topup_every=0,
+    )  # fmt: skip
+    attempts: list[int] = []
+    sent: list[int] = []
+
+    def send(*args: Any, **kwargs: Any) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RedisConnectionError("Connection reset by peer")  # a blip right after the claim
+        sent.append(1)  # recorded, not enqueued
+
+    monkeypatch.setattr(actors.expire_credits, "send", send)
+    runner = threading.Thread(target=scheduler.run, args=(settings, UntilIdle(sent)), daemon=True)
+    runner.start()
+    runner.join(120)
+    assert not runner.is_alive()
+    assert sent == [1], f"the slot's message was never sent ({len(attempts)} attempt)"
