@@ -58,9 +58,14 @@ def database_url(settings: Settings) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
+
     from billing.db.migrate import upgrade
 
-    upgrade(database_url(Settings.from_env()), args.revision)
+    try:
+        upgrade(database_url(Settings.from_env()), args.revision)
+    except CommandError as e:  # an unknown or ambiguous revision: Alembic's own words, not a traceback
+        sys.exit(f"billing: {e}")
     log(f"database migrated to {args.revision}")
     return 0
 
@@ -394,13 +399,38 @@ def _run_job(job: Callable[[Context], Awaitable[T]]) -> T:
 
 
 def _instant(raw: str) -> datetime:
+    """An instant with its UTC offset, in UTC, in the years 2000 to 9000 like the API's (`timestamp_field`):
+    one a job can compute with (a year-9999 instant west of UTC is past `datetime.max` in UTC)."""
+    from billing.schemas import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP
+
     try:
         value = datetime.fromisoformat(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 instant: {raw!r}") from None
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"give a time zone, e.g. {raw}Z")
+    if not EARLIEST_TIMESTAMP <= value < LATEST_TIMESTAMP:
+        raise argparse.ArgumentTypeError(f"not in the years 2000 to 9000 (UTC): {raw!r}")
     return value.astimezone(UTC)
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    """An integer argument from `low` to `high`: a count a job can turn into a time span and subtract."""
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {raw!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"not from {low} to {high:,}: {raw!r}")
+        return value
+
+    return parse
+
+
+MAX_WINDOW_HOURS = 10 * 366 * 24  # ten years of Stripe's payments
+MAX_GRACE_SECONDS = 7 * 24 * 3600
 
 
 def cmd_expire(args: argparse.Namespace) -> int:
@@ -445,8 +475,6 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     sdk = make_stripe(settings)
     if sdk is None:
         sys.exit("billing: STRIPE_API_KEY is not set: there is no Stripe to reconcile with")
-    if args.window_hours <= 0:
-        sys.exit("billing: --window-hours must be positive")
     grace = None if args.grace_seconds is None else timedelta(seconds=args.grace_seconds)
 
     async def job(ctx: Context) -> Run:
@@ -460,10 +488,16 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def _month(raw: str) -> date:
+    """A UTC month (YYYY-MM) in the years 2000 to 9000, like an instant (`_instant`): its end is a date too."""
+    from billing.schemas import EARLIEST_TIMESTAMP, LATEST_TIMESTAMP
+
     try:
-        return datetime.strptime(raw, "%Y-%m").date()
+        month = datetime.strptime(raw, "%Y-%m").date()
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a month (YYYY-MM): {raw!r}") from None
+    if not EARLIEST_TIMESTAMP.year <= month.year < LATEST_TIMESTAMP.year:
+        raise argparse.ArgumentTypeError(f"not in the years 2000 to 9000: {raw!r}")
+    return month
 
 
 def cmd_byok_reconcile(args: argparse.Namespace) -> int:
@@ -566,10 +600,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_expire)
 
     p = commands.add_parser("reconcile", help="credit Stripe's succeeded payments missing from the ledger, now")
-    p.add_argument("--window-hours", type=int, default=72, help="how far back to walk Stripe's payments (default 72)")
+    p.add_argument(
+        "--window-hours",
+        type=_bounded(1, MAX_WINDOW_HOURS),
+        default=72,
+        help="how far back to walk Stripe's payments (default 72)",
+    )
     p.add_argument(
         "--grace-seconds",
-        type=int,
+        type=_bounded(0, MAX_GRACE_SECONDS),
         help="leave payments this young to their webhooks (default BILLING_RECONCILE_GRACE)",
     )
     p.set_defaults(func=cmd_reconcile)
