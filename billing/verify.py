@@ -48,7 +48,7 @@ CHECKS: dict[str, str] = {
                ON p.lot_id = l.id
         WHERE l.remaining <> coalesce(p.total, 0) LIMIT 20""",
     # A posting drawing on another account's lot leaves both accounts' caches equal to their postings while
-    # one's lots no longer make its balance; the database refuses it too (migration 0015), checked here for
+    # one's lots no longer make its balance; the database refuses it too (migration 0017), checked here for
     # a ledger written before that.
     "posting_on_another_accounts_lot": """
         SELECT p.id FROM postings p JOIN lots l ON l.id = p.lot_id WHERE l.account_id <> p.account_id LIMIT 20""",

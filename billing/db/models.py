@@ -126,7 +126,7 @@ class PostingRow(Base):
         CheckConstraint("amount <> 0", name="amount_nonzero"),
         Index("ix_postings_account_id_id", "account_id", "id"),
         Index("ix_postings_entry_id", "entry_id"),
-        # A posting names only a lot of its own account (migration 0015).
+        # A posting names only a lot of its own account (migration 0017).
         ForeignKeyConstraint(
             ["lot_id", "account_id"], ["lots.id", "lots.account_id"], name="fk_postings_lot_id_account_id_lots"
         ),

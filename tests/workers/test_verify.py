@@ -173,7 +173,7 @@ async def test_a_posting_drawing_on_another_accounts_lot_is_refused(throwaway: C
 
 
 async def test_a_posting_drawing_on_another_accounts_lot_is_reported(throwaway: Context) -> None:
-    """A ledger written without the database's key (before migration 0015, or with it dropped)."""
+    """A ledger written without the database's key (before migration 0017, or with it dropped)."""
     async with throwaway.db.begin() as conn:
         await conn.execute(text("ALTER TABLE postings DROP CONSTRAINT fk_postings_lot_id_account_id_lots"))
         await _draw_on_another_accounts_lot(conn)

@@ -10,8 +10,8 @@ more index insertion. A posting without a lot (NULL `lot_id`) is not checked, as
 The unique index is built CONCURRENTLY, and the key is added NOT VALID then validated outside the
 transaction that added it: `lots` and `postings` are written on every charge.
 
-Revision ID: 0015_postings_lot_of_own_account
-Revises: 0014_ledger_analyze_threshold
+Revision ID: 0017_postings_lot_of_own_account
+Revises: 0016_refunds_booked_once
 Create Date: 2026-11-28
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "0015_postings_lot_of_own_account"
-down_revision: str | None = "0014_ledger_analyze_threshold"
+revision: str = "0017_postings_lot_of_own_account"
+down_revision: str | None = "0016_refunds_booked_once"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
