@@ -161,15 +161,21 @@ async def test_key_of_another_account_is_404(api: Api, gw: Gateway, client: Asyn
     assert (await client.get(f"/v1/keys/{their_key}", headers=own)).status_code == 404
 
 
-async def test_member_keys_spend_from_the_organization_pool(api: Api, gw: Gateway, client: AsyncTestClient) -> None:
+async def organization_of_two(api: Api, client: AsyncTestClient) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """An organization with $10.00 and two members, each with a key of the organization's: (org, (alice, her
+    key), (bob, his key))."""
     org = await funded(api, "10.00", kind="organization")
-    alice = (await api.account())["id"]
-    bob = (await api.account())["id"]
-    for member in (alice, bob):
+    members = []
+    for _ in range(2):
+        member = (await api.account())["id"]
         r = await client.post(f"/v1/accounts/{org}/members", json={"member": member, "role": "member"}, headers=ADMIN)
         assert r.status_code == 201, r.text
-    alice_key = (await new_key(client, org, member=alice))["id"]
-    bob_key = (await new_key(client, org, member=bob))["id"]
+        members.append((member, (await new_key(client, org, member=member))["id"]))
+    return org, members[0], members[1]
+
+
+async def test_member_keys_spend_from_the_organization_pool(api: Api, gw: Gateway, client: AsyncTestClient) -> None:
+    org, (alice, alice_key), (bob, bob_key) = await organization_of_two(api, client)
     a = (await gw.charge(key=alice_key, cost="1.00")).json()
     b = (await gw.charge(key=bob_key, cost="2.50")).json()
     assert (a["account"], a["member"], a["key"]) == (org, alice, alice_key)
@@ -182,14 +188,7 @@ async def test_member_keys_spend_from_the_organization_pool(api: Api, gw: Gatewa
 async def test_a_removed_members_keys_no_longer_spend_from_the_organization_pool(
     api: Api, gw_path: Gateway, client: AsyncTestClient, engine: AsyncEngine
 ) -> None:
-    org = await funded(api, "10.00", kind="organization")
-    alice = (await api.account())["id"]
-    bob = (await api.account())["id"]
-    for member in (alice, bob):
-        r = await client.post(f"/v1/accounts/{org}/members", json={"member": member, "role": "member"}, headers=ADMIN)
-        assert r.status_code == 201, r.text
-    alice_key = (await new_key(client, org, member=alice))["id"]
-    bob_key = (await new_key(client, org, member=bob))["id"]
+    org, (_, alice_key), (bob, bob_key) = await organization_of_two(api, client)
     await gw_path.charge(key=bob_key, cost="1.00")  # while a member: spends from the pool
 
     r = await client.delete(f"/v1/accounts/{org}/members/{bob}?reason=left the company", headers=ADMIN)
