@@ -119,6 +119,9 @@ async def create_key(ctx: Context, principal: Principal, account: str, data: s.C
                 "b": data.include_byok_in_limit, "x": expires_at,
             },
         )  # fmt: skip
+        if principal.is_staff:
+            await audit(conn, principal, "key.create", account_id=owner.id,
+                        details={"key": public, **msgspec.to_builtins(data)})  # fmt: skip
         return view(await _row(conn, principal, public))
 
 
@@ -167,12 +170,14 @@ async def update_key(ctx: Context, principal: Principal, key: str, data: s.Updat
 
 async def delete_key(ctx: Context, principal: Principal, key: str) -> s.Key:
     """Delete a key: it is disabled for good and no longer listed or found. Answers the key as deleted
-    (`disabled: true`), read back by id, since `_row` finds only keys not deleted."""
+    (`disabled: true`), read back by id, since `_row` finds only keys not deleted. By staff: audit-logged."""
     async with ctx.db.begin() as conn:
         row = await _row(conn, principal, key)
         await conn.execute(
             text("UPDATE api_keys SET deleted_at = now(), disabled = true WHERE id = :id"), {"id": row.id}
         )
+        if principal.is_staff:
+            await audit(conn, principal, "key.delete", account_id=row.account_id, details={"key": key})
         deleted = await conn.execute(
             text(f"SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE k.id = :id"), {"id": row.id, "now": clock.now()}
         )

@@ -48,6 +48,22 @@ async def test_support_lifting_a_key_limit_and_re_enabling_it_is_audited(
     assert [(t["account"], t["actor"].startswith("t (tok_")) for t in trail] == [(acct, True)], trail
 
 
+async def test_support_creating_and_deleting_a_key_is_audited(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    acct = (await api.account())["id"]
+    support = await api.token(["support"])
+    before = await last_audit_id(engine)
+    r = await client.post(f"/v1/accounts/{acct}/keys", json={"name": "k", "limit": "1.00"}, headers=support)
+    assert r.status_code == 201, r.text
+    assert (await client.delete(f"/v1/keys/{r.json()['id']}", headers=support)).status_code == 200
+    trail = await audit_since(engine, before)
+    assert [(t["action"], t["account"], t["details"]["key"]) for t in trail] == [
+        ("key.create", acct, r.json()["id"]),
+        ("key.delete", acct, r.json()["id"]),
+    ], trail
+
+
 async def test_a_staff_refund_is_audited_with_actor_and_reason(
     api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
 ) -> None:
