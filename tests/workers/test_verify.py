@@ -102,28 +102,32 @@ async def test_a_broken_cached_balance_is_reported_and_billing_verify_exits_non_
         assert await conn.scalar(text("SELECT balance FROM balances")) == Decimal("6")
 
 
+async def _account(conn: AsyncConnection, public_id: str) -> int:
+    return int(await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :p"), {"p": public_id}))
+
+
+async def _adjust(conn: AsyncConnection, account: int, other: int, amount: str, after: str | None) -> None:
+    """An entry written past the journal: `amount` on `account` with the running balance `after` (as given,
+    right or wrong), the opposite on `other`."""
+    entry = await conn.scalar(
+        text("INSERT INTO journal_entries (kind, account_id) VALUES ('adjustment', :a) RETURNING id"), {"a": account}
+    )
+    await conn.execute(
+        text("INSERT INTO postings (entry_id, account_id, amount, balance_after) VALUES"
+             " (:e, :a, CAST(:x AS numeric), CAST(:after AS numeric)), (:e, :p, -CAST(:x AS numeric), NULL)"),
+        {"e": entry, "a": account, "p": other, "x": amount, "after": after},
+    )  # fmt: skip
+
+
 async def test_a_wrong_running_balance_inside_the_history_is_reported(throwaway: Context) -> None:
     """Two entries whose customer postings carry a wrong running balance, then the right one again: the cached
     balance and the last running balance still agree, the history in between does not."""
     async with throwaway.db.begin() as conn:
-        account = await conn.scalar(text("SELECT id FROM accounts WHERE public_id = 'acct_broken'"))
-        rounding = await conn.scalar(text("SELECT id FROM accounts WHERE kind = 'platform' ORDER BY id LIMIT 1"))
+        account, adjustments = await _account(conn, "acct_broken"), await _account(conn, "manual_adjustments")
         for amount, after in (("1", "100"), ("-1", "5")):
-            entry = await conn.scalar(
-                text("INSERT INTO journal_entries (kind, account_id) VALUES ('adjustment', :a) RETURNING id"),
-                {"a": account},
-            )
-            await conn.execute(
-                text("INSERT INTO postings (entry_id, account_id, amount, balance_after) VALUES"
-                     " (:e, :a, CAST(:x AS numeric), CAST(:after AS numeric)), (:e, :p, -CAST(:x AS numeric), NULL)"),
-                {"e": entry, "a": account, "p": rounding, "x": amount, "after": after},
-            )  # fmt: skip
+            await _adjust(conn, account, adjustments, amount, after)
     result = await verify(throwaway)
     assert set(result.problems) == {"history_balance_mismatch"}
-
-
-async def _account(conn: AsyncConnection, public_id: str) -> int:
-    return int(await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :p"), {"p": public_id}))
 
 
 async def test_a_customer_posting_without_a_running_balance_is_reported(throwaway: Context) -> None:
@@ -131,15 +135,7 @@ async def test_a_customer_posting_without_a_running_balance_is_reported(throwawa
     reported by its own check."""
     async with throwaway.db.begin() as conn:
         account, adjustments = await _account(conn, "acct_broken"), await _account(conn, "manual_adjustments")
-        entry = await conn.scalar(
-            text("INSERT INTO journal_entries (kind, account_id) VALUES ('adjustment', :a) RETURNING id"),
-            {"a": account},
-        )
-        await conn.execute(
-            text("INSERT INTO postings (entry_id, account_id, amount, balance_after)"
-                 " VALUES (:e, :a, -1, NULL), (:e, :p, 1, NULL)"),
-            {"e": entry, "a": account, "p": adjustments},
-        )  # fmt: skip
+        await _adjust(conn, account, adjustments, "-1", None)
         await conn.execute(text("UPDATE balances SET balance = balance - 1 WHERE account_id = :a"), {"a": account})
     result = await verify(throwaway)
     assert set(result.problems) == {"missing_running_balance"}
