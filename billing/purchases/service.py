@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -31,7 +31,7 @@ from billing.db.journal import Rider
 from billing.errors import API, ApiError, from_refusal, invalid, not_found
 from billing.idempotency import Outcome, fingerprint, run_once
 from billing.ledger import entries, outcomes
-from billing.ledger.model import Customer, EntryKind, LotBalance, Platform
+from billing.ledger.model import Customer, Entry, EntryKind, LotBalance, Platform
 from billing.ledger.money import format_money
 from billing.ledger.outcomes import Refused
 from billing.organizations.service import authorize, find_account_to_act_for
@@ -665,6 +665,31 @@ def _refund_rider(
     )
 
 
+# Refunds of one purchase through the API take turns, for as long as the transaction lasts. An advisory lock,
+# not the purchase's row: `reflect_stripe_refunds` locks the account and then that row, and a refund waiting
+# on Stripe must hold nothing either of them needs.
+_LAST_BOOKING = text("SELECT coalesce(max(id), 0) FROM refunds WHERE purchase_id = :purchase")
+_REFUNDS_TAKE_TURNS = text("SELECT pg_advisory_xact_lock(hashtextextended('purchase refunds ' || :purchase, 0))")
+
+
+def _api_refund_entry(
+    customer: Customer, *, credits: Decimal, lot: LotBalance | None, lots: Sequence[LotBalance], now: datetime,
+    purchase_id: str, reason: str | None, actor: str,
+) -> Entry:  # fmt: skip
+    """The entry of a refund Stripe made for the API: out of the purchase's lot, as the rules checked; what
+    the gateway spent of that lot while Stripe was refunding is clawed back from other lots, then as debt."""
+    if lot is not None and lot.expires_at > now and lot.remaining >= credits:
+        return entries.refund(
+            customer, credits=credits, lot=lot.id, purchase_id=purchase_id, reason=reason, actor=actor
+        )
+    taken = entries.clawback(
+        customer, credits=credits, fee=Decimal(0), purchase_lot=lot, lots=lots, now=now, to=Platform.REFUNDS,
+        kind=EntryKind.REFUND, description=f"refund of {format_money(credits)} USD of purchase {purchase_id}"
+        " (partly spent while Stripe refunded it)",
+    )  # fmt: skip
+    return replace(taken, reason=reason, actor=actor)
+
+
 async def refund_purchase(
     ctx: Context,
     principal: Principal,
@@ -677,8 +702,15 @@ async def refund_purchase(
 ) -> Outcome:
     """Refund unused credits of a card purchase within 24 hours, to its payment method, never the fee
     (SPEC §5). Stripe refunds first (idempotently), then one `refund` entry takes the credits out of the
-    purchase's lot, in the same transaction, under the account's lock; a refund by staff writes its
-    `audit_log` row (actor, reason) in that transaction too (SPEC §7).
+    purchase's lot, in the same transaction; a refund by staff writes its `audit_log` row (actor, reason) in
+    that transaction too (SPEC §7).
+
+    Stripe is asked without the account's lock: every gateway call on the account — and with it the whole
+    batch that call shares with other accounts — would wait on that lock for Stripe's round trips. Refunds of
+    one purchase take turns instead (a transaction-level advisory lock), so each checks the rules against what
+    the one before it left; the account is locked only to book. Credits the gateway spent from the lot while
+    Stripe was refunding them are clawed back as a refund made at Stripe is (other lots, then debt: the
+    account may go negative, SPEC §5) — Stripe has refunded them, so the ledger books all of it.
 
     A 4xx always means no money moved: every input — the amount, the refund rules, text the database could
     not store (`reason`) — is checked before Stripe is asked to refund. Once Stripe has refunded, nothing is answered
@@ -691,7 +723,8 @@ async def refund_purchase(
     A Stripe refund is booked once, whichever of this and that event records it first. So Stripe is first
     asked for the purchase's refunds: one an earlier attempt of this request made (its metadata names our
     refund) is not made again, nor checked against the rules again (they held when it was made, and the
-    event may have taken its credits since). If the event booked it (`_booking_of`), the answer is that
+    event may have taken its credits since). If the event booked it (`_booking_of`: an earlier attempt's
+    refund, or this attempt's, whose event can arrive before the account is locked), the answer is that
     booking and nothing is booked here; else it is booked here, unless it failed at Stripe meanwhile: a 409
     `refund_failed`, no money moved. Every refund booked here names its Stripe refund, unique in `refunds`.
     """
@@ -704,9 +737,8 @@ async def refund_purchase(
     refund_id = "ref_" + purchase_public_id(scope, idempotency_key, fingerprint("POST", path, body))[4:]
 
     async def work(conn: AsyncConnection) -> tuple[int, dict[str, Any]]:
-        state = await ctx.journal.lock_customer(conn, Customer(found.account_id))
-        p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id FOR UPDATE"), {"id": found.id})).one()
-        lot = await _lot(conn, p.lot_id)
+        await conn.execute(_REFUNDS_TAKE_TURNS, {"purchase": found.id})
+        p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id"), {"id": found.id})).one()
         now = clock.now()
         listed: list[refunds.RefundAtStripe] = []
         if p.status == "succeeded" and p.method == "card" and p.payment_intent:  # else Stripe refunded nothing
@@ -714,8 +746,11 @@ async def refund_purchase(
                 listed = await refunds_at_stripe(stripe_client, p.payment_intent)
             except stripe.StripeError as exc:
                 raise stripe_unavailable(exc) from exc
-        earlier = next((r for r in listed if r.refund_id == refund_id), None)
-        if earlier is None:
+        made = next((r for r in listed if r.refund_id == refund_id), None)
+        booked_after = 0  # an earlier attempt's refund: any booking since may hold it
+        if made is None:
+            booked_after = await conn.scalar(_LAST_BOOKING, {"purchase": p.id})
+            lot = await _lot(conn, p.lot_id)  # as it is now; spending goes on beside this (see above)
             credits = refunds.refundable(
                 status=p.status,
                 method=p.method,
@@ -726,7 +761,7 @@ async def refund_purchase(
                 requested=requested,
             )
             try:
-                made = await stripe_client.v1.refunds.create_async(
+                answer = await stripe_client.v1.refunds.create_async(
                     {
                         "payment_intent": p.payment_intent,
                         "amount": fees.to_cents(credits),
@@ -736,26 +771,28 @@ async def refund_purchase(
                 )
             except stripe.StripeError as exc:
                 raise stripe_unavailable(exc) from exc
-            stripe_refund, holder = made.id, None  # made just now, under our lock: nothing can have booked it
-        else:
-            stripe_refund, credits = earlier.id, fees.from_cents(earlier.amount_cents)
-            try:
-                holder = await _booking_of(conn, p.id, earlier)
-            except Exception as exc:
-                raise refund_not_recorded(stripe_refund) from exc
-            if holder is None and not earlier.counts:
-                raise Refused(
-                    outcomes.REFUND_FAILED,
-                    f"Stripe's refund {stripe_refund} for this request is {earlier.status}: nothing was refunded."
-                    " Send a new request, with a new Idempotency-Key, to refund again.",
-                    stripe_refund=stripe_refund,
-                )
+            made = refunds.at_stripe(answer.to_dict())
+            if made is None:  # Stripe refunded, but its answer lacks what the booking names
+                raise refund_not_recorded(answer.id)
+        stripe_refund, credits = made.id, fees.from_cents(made.amount_cents)
+        try:
+            state = await ctx.journal.lock_customer(conn, Customer(found.account_id))
+            p = (await conn.execute(text("SELECT * FROM purchases WHERE id = :id FOR UPDATE"), {"id": found.id})).one()
+            holder = await _booking_of(conn, p.id, made, booked_after)
+        except Exception as exc:
+            raise refund_not_recorded(stripe_refund) from exc
+        if holder is None and not made.counts:
+            raise Refused(
+                outcomes.REFUND_FAILED,
+                f"Stripe's refund {stripe_refund} for this request is {made.status}: nothing was refunded."
+                " Send a new request, with a new Idempotency-Key, to refund again.",
+                stripe_refund=stripe_refund,
+            )
         try:
             if holder is None:
-                assert lot is not None  # a paid card purchase has its lot
-                entry = entries.refund(
-                    Customer(p.account_id), credits=credits, lot=lot.id, purchase_id=p.public_id,
-                    reason=data.reason, actor=principal.actor,
+                entry = _api_refund_entry(
+                    Customer(p.account_id), credits=credits, lot=await _lot(conn, p.lot_id), lots=state.lots,
+                    now=now, purchase_id=p.public_id, reason=data.reason, actor=principal.actor,
                 )  # fmt: skip
                 rider = _refund_rider(
                     public=refund_id, purchase=p.id, account=p.account_id, credits=credits, fee=Decimal(0),
@@ -798,20 +835,24 @@ async def refunds_at_stripe(sdk: stripe.StripeClient, payment_intent: str) -> li
     return listed
 
 
-async def _booking_of(conn: AsyncConnection, purchase: int, refund: refunds.RefundAtStripe) -> str | None:
+async def _booking_of(
+    conn: AsyncConnection, purchase: int, refund: refunds.RefundAtStripe, booked_after: int = 0
+) -> str | None:
     """The booking that holds Stripe refund `refund` of the purchase (its public id), or None.
 
     One under its Stripe id. Else the first booking without an id from a `charge.refunded` Stripe created at
     or after the refund (`reported_at`): that event's cumulative amount counted the refund, and the booking
     brought the ledger up to it. `created` is in whole seconds, so an event of the same second counts as
     after: at worst the refund is not booked here but by its own `charge.refunded`, which Stripe creates
-    after it — never twice."""
+    after it — never twice. For a refund just made, only bookings since it was asked for (`booked_after`: the
+    purchase's last booking then) can hold it."""
     return await conn.scalar(
         text(
             "SELECT public_id FROM refunds WHERE purchase_id = :p AND (stripe_refund = :s OR (stripe_refund IS NULL"
-            " AND status = 'succeeded' AND reported_at >= :made)) ORDER BY stripe_refund IS NULL, id LIMIT 1"
+            " AND status = 'succeeded' AND reported_at >= :made AND id > :after))"
+            " ORDER BY stripe_refund IS NULL, id LIMIT 1"
         ),
-        {"p": purchase, "s": refund.id, "made": refund.created},
+        {"p": purchase, "s": refund.id, "made": refund.created, "after": booked_after},
     )
 
 

@@ -4,8 +4,13 @@ never the fee, never crypto, never more than what is left of the purchase's lot;
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -13,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -21,7 +27,9 @@ from billing.ledger import entries
 from billing.ledger.model import Customer, EntryKind, LotBalance, Platform, Posting
 from billing.ledger.outcomes import Refused
 from billing.purchases.refunds import RefundAtStripe, at_stripe, named_in, refundable
+from billing.settings import Settings
 from billing.stripe_client import LOCAL_API_KEY
+from billing.verify import verify_ledger
 from tests.conftest import ADMIN, Api, key
 from tests.purchases.conftest import buy, pay, spend
 from tests.stripe_helpers import event, full_snapshot, pay_at_emulator, signed_headers
@@ -551,3 +559,141 @@ async def test_an_event_listing_the_charges_refunds_books_each_missing_one_under
     assert (await api.balance(acct))["balance"] == "6.00"
     purchase = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
     assert purchase["refunded"] == "9.00" and purchase["lot"]["remaining"] == "6.00"
+
+
+@pytest.fixture(scope="module")
+def live(settings: Settings) -> Iterator[tuple[str, Any]]:
+    """The app served by uvicorn in a thread, as in production: requests to it run side by side (the test
+    client's transport runs one request at a time). Its base URL, and the Litestar app (for its `state`)."""
+    from billing.app import create_asgi
+    from billing.gateway.protocol import GatewayProtocol
+
+    asgi = create_asgi(settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(asgi, host="127.0.0.1", port=port, http=GatewayProtocol, log_level="warning")
+    serving = uvicorn.Server(config)
+    thread = threading.Thread(target=serving.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not serving.started:  # readiness with a deadline, not a timing assumption
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", asgi.app
+    serving.should_exit = True
+    thread.join(30)
+
+
+class StripeRefunding:
+    """The served app's Stripe client, held at its `refunds.create` call until the test lets it through: the
+    real SDK against the emulator, only slower for as long as the test needs."""
+
+    def __init__(self, app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.asked = threading.Event()
+        self.go = threading.Event()
+        service = app.state.stripe.v1.refunds
+        real = service.create_async
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            self.asked.set()
+            await asyncio.to_thread(self.go.wait, 60)
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(service, "create_async", held)
+
+    async def wait_asked(self) -> None:
+        assert await asyncio.to_thread(self.asked.wait, 20), "Stripe was never asked to refund"
+
+
+async def refund_while_spending(
+    api: Api, live: tuple[str, Any], monkeypatch: pytest.MonkeyPatch, purchase: dict[str, Any], spent: str,
+    **body: Any,
+) -> httpx.Response:  # fmt: skip
+    """Refund through the served app; while its Stripe call is held, a gateway charge of `spent` on the account
+    must be answered (201) — within seconds, not after Stripe. The refund's answer."""
+    base, app = live
+    stripe_side = StripeRefunding(app, monkeypatch)
+    gateway = await api.token(["gateway"])
+    charge = {"account": purchase["account"], "generation_id": f"gen-{uuid.uuid4().hex}", "cost": spent}
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        refunding = asyncio.create_task(
+            http.post(f"/v1/purchases/{purchase['id']}/refunds", json=body, headers={**ADMIN, **key()})
+        )
+        try:
+            await stripe_side.wait_asked()
+            r = await asyncio.wait_for(http.post("/v1/charges", json=charge, headers=gateway), timeout=10)
+            assert r.status_code == 201, r.text
+            assert not refunding.done()  # the charge was answered while Stripe had not answered
+        finally:
+            stripe_side.go.set()
+            answer = await refunding  # (also when the charge failed: the refund is never left behind)
+        return answer
+
+
+async def test_the_gateway_spends_on_the_account_while_stripe_refunds(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch,
+    live: tuple[str, Any],
+) -> None:  # fmt: skip
+    """Stripe is asked without the account's lock: a gateway charge on the account (and so every charge of
+    its batch) does not wait for Stripe's round trips. The refund, once Stripe answers, is booked as asked."""
+    acct, p = await paid_purchase(api, client, localstripe)
+    r = await refund_while_spending(api, live, monkeypatch, {**p, "account": acct}, "2.00", amount="5.00")
+    assert r.status_code == 201, r.text
+    assert r.json()["refund"]["amount"] == "5.00"
+    assert await refund_postings(engine, r.json()["refund"]["entry"]) == [(acct, "-5.00"), ("refunds", "5.00")]
+    assert (await api.balance(acct))["balance"] == "8.00"
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [500]
+
+
+async def test_credits_spent_while_stripe_refunds_them_are_clawed_back_into_debt(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch,
+    live: tuple[str, Any],
+) -> None:  # fmt: skip
+    """All that was left is refunded; meanwhile the gateway spends 4.00 of it. Stripe has refunded 15.00, so
+    the ledger books 15.00: the 11.00 still in the lot, and 4.00 of debt (no other lot) — the account owes
+    what it spent, as after a refund made in Stripe's dashboard."""
+    acct, p = await paid_purchase(api, client, localstripe)
+    r = await refund_while_spending(api, live, monkeypatch, {**p, "account": acct}, "4.00")
+    assert r.status_code == 201, r.text
+    assert r.json()["refund"]["amount"] == "15.00"
+    assert r.json()["purchase"]["lot"]["remaining"] == "0.00"
+    assert await refund_postings(engine, r.json()["refund"]["entry"]) == [
+        (acct, "-11.00"),
+        (acct, "-4.00"),
+        ("refunds", "15.00"),
+    ]
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["total_credits"]) == ("-4.00", "0.00")
+    assert refunds_at_stripe(localstripe, p["payment_intent"]) == [1500]
+    async with engine.connect() as conn:
+        assert await verify_ledger(conn) == {}
+
+
+async def test_stripes_event_for_the_refund_arriving_before_it_is_booked_books_it_once(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str, monkeypatch: pytest.MonkeyPatch,
+    live: tuple[str, Any],
+) -> None:  # fmt: skip
+    """Stripe's `charge.refunded` for the refund can arrive between Stripe's answer and the booking (the account
+    is not locked meanwhile): the event books it, and the request answers that booking, booking nothing more."""
+    acct, p = await paid_purchase(api, client, localstripe)
+    base, app = live
+    service = app.state.stripe.v1.refunds
+    real = service.create_async
+
+    async def event_first(*args: Any, **kwargs: Any) -> Any:
+        made = await real(*args, **kwargs)
+        payload = charge_refunded(p, 500, refunds=listed_refunds(localstripe, p["payment_intent"]))
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            r = await http.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+        assert r.status_code == 200 and r.json()["outcome"] == "refund_booked", r.text
+        return made
+
+    monkeypatch.setattr(service, "create_async", event_first)
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        r = await http.post(f"/v1/purchases/{p['id']}/refunds", json={"amount": "5.00"}, headers={**ADMIN, **key()})
+    assert r.status_code == 201, r.text
+    [stripe_refund] = [x["id"] for x in listed_refunds(localstripe, p["payment_intent"])["data"]]
+    assert await refund_rows(engine, p["id"]) == [("stripe", "500", stripe_refund)]
+    assert r.json()["refund"]["source"] == "stripe"
+    assert (await api.balance(acct))["balance"] == "10.00"
