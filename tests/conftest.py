@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import httpx
 import psycopg
 import pytest
 from litestar.testing import AsyncTestClient
+from litestar.testing.transport import TestClientTransport
 from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -124,12 +126,23 @@ async def client(settings: Settings, engine: AsyncEngine) -> AsyncIterator[Async
         yield c
 
 
+class SideBySide(TestClientTransport):  # type: ignore[type-arg]
+    """Litestar's test transport runs the app in its portal's event loop and blocks the caller's loop until
+    the answer: requests a test gathers would run one after another, and a test of concurrent requests could
+    not fail. Here each request waits in a thread of its own, so gathered requests run side by side in the
+    app's loop, as on a server."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await asyncio.to_thread(self.handle_request, request)
+
+
 def served(asgi: Any) -> AsyncTestClient:
     """A test client of what the server runs (`create_asgi`: the gateway's fast path in front of the app).
     Made on the Litestar app (the client wraps any other ASGI app and would hide its `state`), then pointed
-    at the whole."""
+    at the whole; its requests run side by side (`SideBySide`)."""
     client = AsyncTestClient(app=asgi.app)
     client.app = asgi
+    client._transport = SideBySide(client=client)
     return client
 
 
