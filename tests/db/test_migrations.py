@@ -39,8 +39,9 @@ def test_upgrade_downgrade_upgrade_and_models_agree(scratch_url: str) -> None:
         engine.dispose()
 
 
-def test_growing_ledger_tables_are_analyzed_every_million_rows_at_least(scratch_url: str) -> None:
-    """Migration 0014: autovacuum's ANALYZE of a young ledger table no longer runs on each visit."""
+def test_growing_ledger_tables_are_analyzed_and_vacuumed_every_million_rows_at_least(scratch_url: str) -> None:
+    """Migrations 0014 and 0018: autovacuum's ANALYZE, and its VACUUM for inserted rows, of a young ledger
+    table no longer run on each visit."""
     engine = create_engine(sqlalchemy_url(scratch_url))
     growing = ["generations", "holds", "journal_entries", "postings"]
     query = text(
@@ -50,7 +51,11 @@ def test_growing_ledger_tables_are_analyzed_every_million_rows_at_least(scratch_
         upgrade(scratch_url)
         with engine.connect() as conn:
             rows = conn.execute(query, {"names": growing}).all()
-        assert rows == [(name, ["autovacuum_analyze_threshold=1000000"]) for name in growing]
+        options = ["autovacuum_analyze_threshold=1000000", "autovacuum_vacuum_insert_threshold=1000000"]
+        assert rows == [(name, options) for name in growing]
+        downgrade(scratch_url, "0017_postings_lot_of_own_account")  # migration 0018: vacuums too
+        with engine.connect() as conn:
+            assert conn.execute(query, {"names": growing}).all() == [(name, options[:1]) for name in growing]
         downgrade(scratch_url, "0013_drop_unused_ledger_indexes")
         with engine.connect() as conn:
             assert conn.execute(query, {"names": growing}).all() == [(name, None) for name in growing]
