@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import socket
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from urllib.parse import urlencode
 import httpx
 import psycopg
 import pytest
+import uvicorn
 from litestar.testing import AsyncTestClient
 from litestar.testing.transport import TestClientTransport
 from psycopg import sql
@@ -144,6 +149,32 @@ def served(asgi: Any) -> AsyncTestClient:
     client.app = asgi
     client._transport = SideBySide(client=client)
     return client
+
+
+@contextmanager
+def uvicorn_thread(asgi: Any) -> Iterator[tuple[int, uvicorn.Server]]:
+    """`asgi` served by uvicorn in a thread, on a free port of 127.0.0.1, with the gateway's HTTP protocol as
+    in production: requests to it run side by side. Its port and server, once it has started."""
+    from billing.gateway.protocol import GatewayProtocol
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        asgi, host="127.0.0.1", port=port, http=GatewayProtocol, log_level="warning", server_header=False
+    )
+    serving = uvicorn.Server(config)
+    thread = threading.Thread(target=serving.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not serving.started:  # readiness with a deadline, not a timing assumption
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield port, serving
+    finally:
+        serving.should_exit = True
+        thread.join(30)
 
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

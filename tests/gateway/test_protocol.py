@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +23,7 @@ from litestar.testing import AsyncTestClient
 from uvicorn.server import ServerState
 
 from billing.settings import Settings
-from tests.conftest import ADMIN_TOKEN, Api
+from tests.conftest import ADMIN_TOKEN, Api, uvicorn_thread
 from tests.gateway.conftest import funded
 
 Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
@@ -62,26 +61,11 @@ class Server:
 @pytest.fixture(scope="module")
 def server(settings: Settings) -> Iterator[Server]:
     from billing.app import create_asgi
-    from billing.gateway.protocol import GatewayProtocol
 
     # (the suite's settings cache no token; a gateway's token is in the cache after its first request)
     app = Recording(create_asgi(dataclasses.replace(settings, token_cache_seconds=300)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, http=GatewayProtocol, log_level="warning", server_header=False
-    )
-    serving = uvicorn.Server(config)
-    thread = threading.Thread(target=serving.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not serving.started:  # readiness with a deadline, not a timing assumption
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield Server(port, app, serving)
-    serving.should_exit = True
-    thread.join(30)
+    with uvicorn_thread(app) as (port, serving):
+        yield Server(port, app, serving)
 
 
 class Unread(asyncio.Transport):

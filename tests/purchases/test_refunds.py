@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 import uuid
@@ -18,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,7 +28,7 @@ from billing.purchases.refunds import RefundAtStripe, at_stripe, named_in, refun
 from billing.settings import Settings
 from billing.stripe_client import LOCAL_API_KEY
 from billing.verify import verify_ledger
-from tests.conftest import ADMIN, Api, key
+from tests.conftest import ADMIN, Api, key, uvicorn_thread
 from tests.purchases.conftest import buy, pay, spend
 from tests.stripe_helpers import event, full_snapshot, pay_at_emulator, signed_headers
 
@@ -563,26 +561,13 @@ async def test_an_event_listing_the_charges_refunds_books_each_missing_one_under
 
 @pytest.fixture(scope="module")
 def live(settings: Settings) -> Iterator[tuple[str, Any]]:
-    """The app served by uvicorn in a thread, as in production: requests to it run side by side (the test
-    client's transport runs one request at a time). Its base URL, and the Litestar app (for its `state`)."""
+    """The app served by uvicorn in a thread, as in production. Its base URL, and the Litestar app (for its
+    `state`)."""
     from billing.app import create_asgi
-    from billing.gateway.protocol import GatewayProtocol
 
     asgi = create_asgi(settings)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(asgi, host="127.0.0.1", port=port, http=GatewayProtocol, log_level="warning")
-    serving = uvicorn.Server(config)
-    thread = threading.Thread(target=serving.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not serving.started:  # readiness with a deadline, not a timing assumption
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", asgi.app
-    serving.should_exit = True
-    thread.join(30)
+    with uvicorn_thread(asgi) as (port, _):
+        yield f"http://127.0.0.1:{port}", asgi.app
 
 
 class StripeRefunding:
