@@ -21,7 +21,8 @@ MoneyStr = Annotated[
         examples=["12.50"],
     ),
 ]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=1000, description="Why (kept in the audit log).")]
+REASON_MAX = 1000
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=REASON_MAX, description="Why (kept in the audit log).")]
 # An id the caller chooses (generation, request, external id): printable ASCII, no spaces. `(?!\n)`: Python's
 # `$` also matches before a final newline ("gen_1\n" would pass); the lookahead refuses it and reads the same
 # in the JSON Schema (ECMA-262) the OpenAPI document publishes.

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from billing.auth.middleware import requires
 from billing.auth.principal import ACCOUNT, GATEWAY, SUPPORT
@@ -49,6 +49,13 @@ class KeysController(Controller):
     async def update_key(self, key_id: FromPath[str], data: JSONBody[s.UpdateKey], ctx: Ctx, request: Request) -> s.Key:
         return await service.update_key(ctx, request.user, key_id, data)
 
-    @delete("/", summary="Delete a key", responses=error_responses(401, 403, 404), status_code=200)
-    async def delete_key(self, key_id: FromPath[str], ctx: Ctx, request: Request) -> s.Key:
-        return await service.delete_key(ctx, request.user, key_id)
+    @delete(
+        "/",
+        summary="Delete a key (staff: `?reason=` is kept in the audit log)",
+        responses=error_responses(400, 401, 403, 404),
+        status_code=200,
+    )
+    async def delete_key(
+        self, key_id: FromPath[str], ctx: Ctx, request: Request, reason: FromQuery[str | None] = None
+    ) -> s.Key:
+        return await service.delete_key(ctx, request.user, key_id, reason)

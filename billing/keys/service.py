@@ -23,7 +23,7 @@ from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
 from billing.organizations.service import member_account, role_of
-from billing.schemas import money_field, money_or_none, timestamp_field
+from billing.schemas import REASON_MAX, money_field, money_or_none, timestamp_field
 
 KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
     k.include_byok_in_limit, k.disabled, k.expires_at, k.created_at, k.usage_total, k.byok_total, k.day_start,
@@ -120,7 +120,7 @@ async def create_key(ctx: Context, principal: Principal, account: str, data: s.C
             },
         )  # fmt: skip
         if principal.is_staff:
-            await audit(conn, principal, "key.create", account_id=owner.id,
+            await audit(conn, principal, "key.create", account_id=owner.id, reason=data.reason,
                         details={"key": public, **msgspec.to_builtins(data)})  # fmt: skip
         return view(await _row(conn, principal, public))
 
@@ -147,7 +147,7 @@ async def update_key(ctx: Context, principal: Principal, key: str, data: s.Updat
     changes: dict[str, Any] = {}
     for field in msgspec.structs.fields(data):
         value = getattr(data, field.name)
-        if value is not msgspec.UNSET:
+        if value is not msgspec.UNSET and field.name != "reason":
             changes[field.name] = _limit(value) if field.name == "limit" else value
     if "expires_at" in changes:
         changes["expires_at"] = timestamp_field(changes["expires_at"], "expires_at")
@@ -163,21 +163,25 @@ async def update_key(ctx: Context, principal: Principal, key: str, data: s.Updat
             assignments = ", ".join(f'"{name}" = :{name}' for name in changes)
             await conn.execute(text(f"UPDATE api_keys SET {assignments} WHERE id = :id"), {**changes, "id": row.id})
             if principal.is_staff:
-                await audit(conn, principal, "key.update", account_id=row.account_id,
+                reason = None if data.reason is msgspec.UNSET else data.reason
+                await audit(conn, principal, "key.update", account_id=row.account_id, reason=reason,
                             details={"key": key, "changes": msgspec.to_builtins(data)})  # fmt: skip
         return view(await _row(conn, principal, key))
 
 
-async def delete_key(ctx: Context, principal: Principal, key: str) -> s.Key:
+async def delete_key(ctx: Context, principal: Principal, key: str, reason: str | None = None) -> s.Key:
     """Delete a key: it is disabled for good and no longer listed or found. Answers the key as deleted
-    (`disabled: true`), read back by id, since `_row` finds only keys not deleted. By staff: audit-logged."""
+    (`disabled: true`), read back by id, since `_row` finds only keys not deleted. By staff: audit-logged, with
+    the `reason` given (the request's query: a DELETE has no body)."""
+    if reason is not None and not 1 <= len(reason) <= REASON_MAX:
+        raise invalid("invalid_reason", f"`reason` is 1 to {REASON_MAX} characters.", "reason")
     async with ctx.db.begin() as conn:
         row = await _row(conn, principal, key)
         await conn.execute(
             text("UPDATE api_keys SET deleted_at = now(), disabled = true WHERE id = :id"), {"id": row.id}
         )
         if principal.is_staff:
-            await audit(conn, principal, "key.delete", account_id=row.account_id, details={"key": key})
+            await audit(conn, principal, "key.delete", account_id=row.account_id, reason=reason, details={"key": key})
         deleted = await conn.execute(
             text(f"SELECT {KEY_COLUMNS} FROM {KEY_FROM} WHERE k.id = :id"), {"id": row.id, "now": clock.now()}
         )

@@ -64,6 +64,35 @@ async def test_support_creating_and_deleting_a_key_is_audited(
     ], trail
 
 
+async def test_staff_key_changes_carry_the_reason_given(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
+    """A key created, changed or deleted by staff is audit-logged with the reason given (a DELETE's in its
+    query); a reason alone changes nothing on the key, and a reason out of bounds is a 400 that deletes nothing."""
+    acct = (await api.account())["id"]
+    support = await api.token(["support"])
+    before = await last_audit_id(engine)
+    body = {"name": "k", "limit": "1.00", "reason": "ticket 7: customer asked for a capped key"}
+    r = await client.post(f"/v1/accounts/{acct}/keys", json=body, headers=support)
+    assert r.status_code == 201, r.text
+    k = r.json()["id"]
+    change = {"limit": "2.00", "reason": "ticket 7: raised"}
+    r = await client.patch(f"/v1/keys/{k}", json=change, headers=support)
+    assert r.status_code == 200 and r.json()["limit"] == "2.00", r.text
+    unchanged = await client.patch(f"/v1/keys/{k}", json={"reason": "nothing to change"}, headers=support)
+    assert unchanged.status_code == 200 and unchanged.json() == r.json()
+    for bad in ("", "x" * 1001):
+        refused = await client.delete(f"/v1/keys/{k}", params={"reason": bad}, headers=support)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_reason", refused.text
+    assert (await client.get(f"/v1/keys/{k}", headers=support)).status_code == 200  # not deleted
+    gone = await client.delete(f"/v1/keys/{k}", params={"reason": "ticket 8: key leaked"}, headers=support)
+    assert gone.status_code == 200 and gone.json()["disabled"] is True, gone.text
+    trail = await audit_since(engine, before)
+    assert [(t["action"], t["account"], t["reason"]) for t in trail] == [
+        ("key.create", acct, "ticket 7: customer asked for a capped key"),
+        ("key.update", acct, "ticket 7: raised"),
+        ("key.delete", acct, "ticket 8: key leaked"),
+    ], trail
+
+
 async def test_a_staff_refund_is_audited_with_actor_and_reason(
     api: Api, client: AsyncTestClient, engine: AsyncEngine, localstripe: str
 ) -> None:
