@@ -69,6 +69,13 @@ def money_field(
     return value
 
 
+def checked_reason(reason: str | None) -> str | None:
+    """A `reason` given in a query (a DELETE has no body): 1 to REASON_MAX characters, as `Reason` in a body."""
+    if reason is not None and not 1 <= len(reason) <= REASON_MAX:
+        raise invalid("invalid_reason", f"`reason` is 1 to {REASON_MAX} characters.", "reason")
+    return reason
+
+
 def storable_text(raw: str | None, field: str) -> str | None:
     """A text field of a request, or a 400 `unstorable_text` naming it: PostgreSQL cannot store the NUL
     character. Checked up front where the write comes after something that cannot be undone (a Stripe call);

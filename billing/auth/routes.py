@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody
 from sqlalchemy import text
 
 from billing import clock
@@ -19,7 +19,7 @@ from billing.auth.tokens import TokenResolver, hash_secret, new_secret
 from billing.context import Context
 from billing.errors import invalid, not_found
 from billing.http import error_responses
-from billing.schemas import ListOf, timestamp_field
+from billing.schemas import ListOf, checked_reason, timestamp_field
 
 Scope = Literal["admin", "support", "gateway", "account"]
 
@@ -139,8 +139,20 @@ class TokensController(Controller):
             )
             return ListOf(data=[_token(r) for r in rows], has_more=False)
 
-    @delete("/{token_id:str}", summary="Revoke a token", responses=error_responses(401, 403, 404), status_code=200)
-    async def revoke_token(self, token_id: FromPath[str], ctx: NamedDependency[Context], request: Request) -> Token:
+    @delete(
+        "/{token_id:str}",
+        summary="Revoke a token (`?reason=` is kept in the audit log)",
+        responses=error_responses(400, 401, 403, 404),
+        status_code=200,
+    )
+    async def revoke_token(
+        self,
+        token_id: FromPath[str],
+        ctx: NamedDependency[Context],
+        request: Request,
+        reason: FromQuery[str | None] = None,
+    ) -> Token:
+        checked_reason(reason)
         async with ctx.db.begin() as conn:
             row = (
                 await conn.execute(
@@ -152,7 +164,14 @@ class TokensController(Controller):
             ).first()
             if row is None:
                 raise not_found("api_token", token_id)
-            await audit(conn, request.user, "token.revoke", account_id=row.account_id, details={"token": token_id})
+            await audit(
+                conn,
+                request.user,
+                "token.revoke",
+                account_id=row.account_id,
+                reason=reason,
+                details={"token": token_id},
+            )
             out = (
                 await conn.execute(
                     text(

@@ -19,7 +19,7 @@ from billing.auth.principal import ADMIN
 from billing.context import Context
 from billing.errors import invalid
 from billing.http import error_responses
-from billing.schemas import ListOf, MoneyStr, money_field, money_or_none, public_id, rate_field, timestamp_field
+from billing.schemas import ListOf, MoneyStr, Reason, money_field, money_or_none, public_id, rate_field, timestamp_field
 
 Ctx = NamedDependency[Context]
 
@@ -31,6 +31,7 @@ class CreatePolicy(msgspec.Struct, forbid_unknown_fields=True):
     allowance_usd: MoneyStr | None = None
     enterprise_allowance_usd: MoneyStr | None = None
     free_requests: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    reason: Reason | None = None  # kept in the audit log
 
 
 class Policy(msgspec.Struct):
@@ -76,7 +77,9 @@ class ByokPoliciesController(Controller):
                 )
             ).one()
             policy = _view(row)
-            await audit(conn, request.user, "byok_fee_policy.create", details=msgspec.to_builtins(policy))
+            await audit(
+                conn, request.user, "byok_fee_policy.create", reason=data.reason, details=msgspec.to_builtins(policy)
+            )
         return policy
 
     @get("/", summary="BYOK fee policy versions, newest first", responses=error_responses(401, 403))

@@ -23,7 +23,7 @@ from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
 from billing.organizations.service import member_account, role_of
-from billing.schemas import REASON_MAX, money_field, money_or_none, timestamp_field
+from billing.schemas import checked_reason, money_field, money_or_none, timestamp_field
 
 KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS member, k.name, k."limit", k.limit_reset,
     k.include_byok_in_limit, k.disabled, k.expires_at, k.created_at, k.usage_total, k.byok_total, k.day_start,
@@ -173,8 +173,7 @@ async def delete_key(ctx: Context, principal: Principal, key: str, reason: str |
     """Delete a key: it is disabled for good and no longer listed or found. Answers the key as deleted
     (`disabled: true`), read back by id, since `_row` finds only keys not deleted. By staff: audit-logged, with
     the `reason` given (the request's query: a DELETE has no body)."""
-    if reason is not None and not 1 <= len(reason) <= REASON_MAX:
-        raise invalid("invalid_reason", f"`reason` is 1 to {REASON_MAX} characters.", "reason")
+    checked_reason(reason)
     async with ctx.db.begin() as conn:
         row = await _row(conn, principal, key)
         await conn.execute(

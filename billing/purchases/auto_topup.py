@@ -54,7 +54,7 @@ from billing.organizations.service import find_account_to_act_for
 from billing.purchases import fees
 from billing.purchases.fees import to_cents
 from billing.purchases.service import fail_payment, pricing_in_force, stripe_unavailable, trailing_volume
-from billing.schemas import money_field, money_or_none
+from billing.schemas import Reason, money_field, money_or_none
 from billing.stripe_client import CURRENCY
 
 log = logging.getLogger("billing.auto_topup")
@@ -78,6 +78,7 @@ class SetAutoTopup(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
     monthly_cap: str | None = None
     cooldown_seconds: int = DEFAULT_COOLDOWN_SECONDS
+    reason: Reason | None = None  # staff: kept in the audit log
 
 
 class PendingAttempt(msgspec.Struct):
@@ -174,7 +175,10 @@ async def set_auto_topup(
                 raise
             raise customer_of_another_account(data.stripe_customer) from exc
         if principal.is_staff:
-            await audit(conn, principal, "auto_topup.set", account_id=row.id, details=msgspec.to_builtins(data))
+            await audit(
+                conn, principal, "auto_topup.set", account_id=row.id, reason=data.reason,
+                details=msgspec.to_builtins(data),
+            )  # fmt: skip
         pending = await _pending(conn, row.id)
     return _view(account, saved, pending)
 

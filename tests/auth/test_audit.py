@@ -128,12 +128,17 @@ async def test_setting_a_customers_auto_top_up_by_support_is_audited(
     before = await last_audit_id(engine)
     r = await client.put(
         f"/v1/accounts/{acct}/auto_topup",
-        json={"threshold": "5.00", "amount": "50.00", "stripe_customer": customer, "payment_method": method},
+        json={
+            "threshold": "5.00", "amount": "50.00", "stripe_customer": customer, "payment_method": method,
+            "reason": "ticket 9: set up by phone",
+        },
         headers=support,
-    )
+    )  # fmt: skip
     assert r.status_code == 200, r.text
     trail = await audit_since(engine, before)
-    assert [(t["account"], t["actor"].startswith("t (tok_")) for t in trail] == [(acct, True)], trail
+    assert [(t["account"], t["actor"].startswith("t (tok_"), t["reason"]) for t in trail] == [
+        (acct, True, "ticket 9: set up by phone")
+    ], trail
 
 
 async def test_an_admins_new_byok_fee_policy_is_audited(api: Api, client: AsyncTestClient, engine: AsyncEngine) -> None:
@@ -143,10 +148,30 @@ async def test_an_admins_new_byok_fee_policy_is_audited(api: Api, client: AsyncT
         "/v1/byok_fee_policies",
         json={
             "kind": "allowance_usd", "rate": "0.06", "allowance_usd": "1000.00",
-            "effective_from": future_epoch().isoformat(),
+            "effective_from": future_epoch().isoformat(), "reason": "finance: new rate from next month",
         },
         headers=admin,
     )  # fmt: skip
     assert r.status_code == 201, r.text
     trail = await audit_since(engine, before)
-    assert [t["actor"].startswith("t (tok_") for t in trail] == [True], trail
+    assert [(t["actor"].startswith("t (tok_"), t["reason"]) for t in trail] == [
+        (True, "finance: new rate from next month")
+    ], trail
+
+
+async def test_revoking_a_token_is_audited_with_the_reason_given(
+    api: Api, client: AsyncTestClient, engine: AsyncEngine
+) -> None:
+    acct = (await api.account())["id"]
+    r = await client.post("/v1/tokens", json={"name": "dash", "scopes": ["account"], "account": acct}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    token = r.json()["id"]
+    refused = await client.delete(f"/v1/tokens/{token}", params={"reason": ""}, headers=ADMIN)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_reason", refused.text
+    before = await last_audit_id(engine)
+    r = await client.delete(f"/v1/tokens/{token}", params={"reason": "ticket 10: token leaked"}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["revoked_at"] is not None, r.text
+    trail = await audit_since(engine, before)
+    assert [(t["action"], t["account"], t["reason"]) for t in trail] == [
+        ("token.revoke", acct, "ticket 10: token leaked")
+    ], trail
