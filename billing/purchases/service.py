@@ -668,8 +668,9 @@ def _refund_rider(
 # Refunds of one purchase through the API take turns, for as long as the transaction lasts. An advisory lock,
 # not the purchase's row: `reflect_stripe_refunds` locks the account and then that row, and a refund waiting
 # on Stripe must hold nothing either of them needs.
-_LAST_BOOKING = text("SELECT coalesce(max(id), 0) FROM refunds WHERE purchase_id = :purchase")
 _REFUNDS_TAKE_TURNS = text("SELECT pg_advisory_xact_lock(hashtextextended('purchase refunds ' || :purchase, 0))")
+# The purchase's last booking before a refund is asked of Stripe: only later ones can hold that refund.
+_LAST_BOOKING = text("SELECT coalesce(max(id), 0) FROM refunds WHERE purchase_id = :purchase")
 
 
 def _api_refund_entry(
