@@ -137,3 +137,20 @@ class Housekeeping:
             "steal_pct": round(100 * (stolen1 - stolen0) / (ticks1 - ticks0), 1) if ticks1 > ticks0 else None,
             "largest_steal_ms": round(max(stolen) * 1000 / _TICKS) if stolen else None,
         }
+
+
+# Settings from anywhere but PostgreSQL's built-in defaults and the connection itself: the server's configuration
+# files (ALTER SYSTEM writes one of them) and its command line.
+_CONFIGURED = (
+    "SELECT name, current_setting(name) FROM pg_settings"
+    " WHERE source NOT IN ('default', 'client', 'session', 'override') ORDER BY name"
+)
+
+
+def server_settings(url: str) -> dict[str, str]:
+    """What the server at `url` runs with besides its built-in defaults. A run's figures are of that
+    configuration, and one an experiment left behind (an `ALTER SYSTEM` never reset) shows here."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {str(name): str(value) for name, value in conn.execute(_CONFIGURED)}

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from billing.bench.housekeeping import Housekeeping, steal_and_total
+from billing.bench.housekeeping import Housekeeping, server_settings, steal_and_total
 from billing.bench.loadgen import (
     Call,
     LoadGenerator,
@@ -995,6 +995,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "ledger": seed_check["ledger"],
         }
         log(f"seeded {SPREAD_ACCOUNTS + 1} accounts in {report['seed']['seconds']} s, ledger {seed_check['ledger']}")
+        report["server_settings"] = server_settings(database)
+        log(f"the server's settings besides its defaults: {report['server_settings']}")
         if seed_check["ledger"] != "ok":
             raise RuntimeError(f"the seed is inconsistent: {seed_check['ledger']}")
 

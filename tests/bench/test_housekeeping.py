@@ -5,7 +5,7 @@ from pathlib import Path
 
 import psycopg
 
-from billing.bench.housekeeping import Housekeeping
+from billing.bench.housekeeping import Housekeeping, server_settings
 
 
 def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(database_url: str, tmp_path: Path) -> None:
@@ -85,3 +85,18 @@ def test_a_window_reports_the_share_of_its_time_the_hypervisor_stole(database_ur
     assert report["largest_steal_ms"] is not None and 0 <= report["largest_steal_ms"] <= stolen * 1000 / os.sysconf(
         "SC_CLK_TCK"
     ), report
+
+
+def test_a_run_reports_the_servers_settings_besides_its_built_in_defaults(database_url: str) -> None:
+    """What a run's figures were measured with: the configuration file's and ALTER SYSTEM's settings (so one an
+    experiment left behind shows), not the built-in defaults nor what the connection itself set."""
+    import psycopg
+
+    reported = server_settings(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT name, source, current_setting(name) FROM pg_settings").fetchall()
+    configured = {name: value for name, source, value in rows if source == "configuration file"}
+    assert configured and configured.items() <= reported.items()  # every server is configured by some file
+    defaults = {name for name, source, _ in rows if source == "default"}
+    assert not defaults & reported.keys()
+    assert "application_name" not in reported  # the connection's own, not the server's
