@@ -247,7 +247,7 @@ class BatchWrites:
             state.lots = [LotBalance(lot.id, lot.remaining - taken.get(lot.id, ZERO), lot.expires_at)
                           for lot in state.lots]  # fmt: skip
         self.generation(entry_n, service.generation_row(row, g, priced, spend, now, hold_id=hold_id))
-        byok = priced.byok_list_cost or ZERO
+        byok = priced.byok_billable or ZERO
         if row.key_id is not None:
             state.keys[row.key_id] = service.key_usage_after(state.keys[row.key_id], priced, spend, now)
             self.keys[row.key_id] = state.keys[row.key_id]

@@ -53,6 +53,7 @@ from billing.ledger.usage import (
     cost_of,
     spendable,
     usage_entry,
+    zero_completion,
 )
 from billing.schemas import internal_id, money_field, money_or_none, public_id
 
@@ -177,6 +178,15 @@ class Priced:
     upstream: Decimal | None
     usage: TokenUsage
 
+    @property
+    def byok_billable(self) -> Decimal | None:
+        """What a BYOK generation counts at list price toward the month's allowance, its fee and the key's
+        BYOK usage: nothing when zero completion insurance covers it (SPEC §5: no output, not charged for
+        tokens: no fee on them either). Its reported list cost is still recorded."""
+        if self.byok_list_cost is None:
+            return None
+        return ZERO if self.insured else self.byok_list_cost
+
 
 def price(g: s.Generation) -> Priced:
     """Validate a generation's money fields (400 on anything wrong, before any lock is taken)."""
@@ -188,7 +198,9 @@ def price(g: s.Generation) -> Priced:
             raise invalid("byok_list_cost_required", "A BYOK generation gives `byok_list_cost`.", "byok_list_cost")
         if g.cost is not None and _money(g.cost, "cost") != 0:
             raise invalid("byok_cost_not_allowed", "A BYOK generation is paid upstream: send `byok_list_cost`.", "cost")
-        return Priced(ZERO, None, False, list_cost, upstream, tokens)
+        # Insured only on the token counts it reports (like a cost given without them, one without is final).
+        insured = g.usage is not None and zero_completion(tokens, g.finish_reason)
+        return Priced(ZERO, None, insured, list_cost, upstream, tokens)
     if g.byok_list_cost is not None:
         raise invalid(
             "byok_list_cost_without_byok", "`byok_list_cost` is only for `is_byok` generations.", "byok_list_cost"
@@ -288,12 +300,12 @@ class Spend:
 
 
 def spend_for(row: Any, priced: Priced) -> Spend:
-    if priced.byok_list_cost is None:
+    if priced.byok_billable is None:
         return Spend(priced.cost, None, None, EntryKind.USAGE, Platform.USAGE_REVENUE)
     policy = _policy(row)
     fee = byok_fee(
         policy,
-        list_cost=priced.byok_list_cost,
+        list_cost=priced.byok_billable,
         month_list_usage=row.month_list_usage,
         month_requests=row.month_requests,
         enterprise=row.enterprise,
@@ -306,14 +318,14 @@ def admit_spend(row: Any, priced: Priced, spend: Spend, key: KeyLimit | None, no
     cost, or its BYOK fee — and the key's limit what it counts there: that, plus the BYOK list-price cost on a
     key that includes BYOK in its limit (SPEC §5 Per-key limits; `admit`). A charge that takes nothing and
     counts nothing against a limit is never refused."""
-    admit_on(row, spend.amount, key, now, byok=priced.byok_list_cost or ZERO)
+    admit_on(row, spend.amount, key, now, byok=priced.byok_billable or ZERO)
 
 
 def key_usage_after(usage: KeyUsage, priced: Priced, spend: Spend, now: datetime) -> KeyUsage:
     """A key's counters after one generation (SPEC §5 Per-key limits): `usage*` counts the credits it took —
     its cost, or its BYOK fee, as a key's limit caps the credits spent through it, fees included — and
     `byok_usage*` its BYOK list-price cost (paid upstream)."""
-    return usage.plus(now, spend.amount, priced.byok_list_cost or ZERO)
+    return usage.plus(now, spend.amount, priced.byok_billable or ZERO)
 
 
 def generation_row(
@@ -393,7 +405,7 @@ def riders_for(
                 {
                     "m_account": row.account_id,
                     "m_month": now.date().replace(day=1),
-                    "m_list": priced.byok_list_cost,
+                    "m_list": priced.byok_billable,
                     "m_fee": spend.amount,
                 },
             )

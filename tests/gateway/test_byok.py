@@ -3,6 +3,7 @@ list-price cost from credits, only on the part above the allowance; the older pe
 
 import uuid
 from datetime import UTC, date, datetime
+from decimal import Decimal
 
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
@@ -124,3 +125,54 @@ async def test_older_free_requests_policy_is_expressible(
     assert fees == ["0.00", "0.00", "0.10"]
     listed = {p["id"]: p for p in (await client.get("/v1/byok_fee_policies", headers=ADMIN)).json()["data"]}
     assert listed[policy]["free_requests"] == 2 and listed[policy]["kind"] == "free_requests"
+
+
+async def test_zero_completion_insurance_covers_a_byok_generation(
+    api: Api, gw_path: Gateway, client: AsyncTestClient, client_ctx: Context, clock_at
+) -> None:  # type: ignore[no-untyped-def]
+    """SPEC §5: a generation with zero output tokens and a blank or error finish reason is not charged for its
+    tokens. A BYOK one pays no fee on them, and its list cost neither uses up the month's allowance nor counts
+    as the key's BYOK usage; what the gateway reported stays on the record, and the month's reconciliation
+    agrees. Charges and captures, batched and single."""
+    gw = gw_path
+    clock_at(datetime(2026, 11, 16, tzinfo=UTC))
+    acct = await _account(api, client)
+    key = (await client.post(f"/v1/accounts/{acct}/keys", json={"name": "k"}, headers=ADMIN)).json()["id"]
+    for cost in ["9000.00", "9000.00", "6990.00"]:  # 24,990 of the 25,000 allowance used
+        await _byok(gw, acct, cost)
+    failed = {
+        "is_byok": True,
+        "byok_list_cost": "40.00",
+        "upstream_inference_cost": "0.30",
+        "usage": {"prompt_tokens": 3000, "completion_tokens": 0},
+    }
+    charged = (await gw.charge(key=key, finish_reason="error", **failed)).json()
+    hold = (await gw.hold(key=key, amount="1.00")).json()["id"]
+    captured = (await gw.capture(hold, **failed)).json()["generation"]  # no finish reason at all
+    for out in (charged, captured):
+        assert (out["byok_fee"], out["total_cost"], out["zero_completion_insured"]) == ("0.00", "0.00", True)
+        assert (out["byok_list_cost"], out["upstream_inference_cost"], out["tokens_prompt"]) == ("40.00", "0.30", 3000)
+    # Output, however little: the insurance is off and the fee is charged, here on the 10 above the allowance.
+    answered = await gw.charge(key=key, finish_reason="error", **{**failed, "usage": {"completion_tokens": 1}})
+    assert (answered.json()["byok_fee"], answered.json()["zero_completion_insured"]) == ("1.50", False)
+    view = (await client.get(f"/v1/keys/{key}", headers=ADMIN)).json()
+    assert (view["byok_usage"], view["usage"]) == ("40.00", "1.50")
+    assert (await api.balance(acct))["balance"] == "98.50"
+
+    acct_id = await _account_id(client_ctx, acct)
+    run = await reconcile_byok(
+        client_ctx, date(2026, 11, 1), now=datetime(2026, 11, 20, tzinfo=UTC), account_ids=[acct_id]
+    )
+    assert run.accounts == 1 and run.corrections == []
+    async with client_ctx.db.connect() as conn:
+        month = (
+            await conn.execute(
+                text("SELECT list_usage, requests, fees FROM byok_months WHERE account_id = :a"), {"a": acct_id}
+            )
+        ).all()
+    assert month == [(Decimal("25030"), 6, Decimal("1.5"))]
+
+
+async def _account_id(ctx: Context, account: str) -> int:
+    async with ctx.db.connect() as conn:
+        return int(await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :p"), {"p": account}))
