@@ -23,8 +23,9 @@ from billing.context import Context
 from billing.errors import INVALID_REQUEST, ApiError, not_found
 from billing.idempotency import Outcome, run_once
 from billing.ledger import entries
-from billing.ledger.model import Customer, LotCategory
+from billing.ledger.model import Customer, Hold, LotBalance, LotCategory
 from billing.ledger.money import format_money
+from billing.ledger.usage import unspendable
 from billing.schemas import ListOf, internal_id, money_field, public_id, timestamp_field
 
 # `held` counts open holds not yet expired: an expired hold stops counting at its expiry, job or not.
@@ -37,7 +38,17 @@ ACCOUNT_COLUMNS = (
     "   WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held,"
     " (SELECT coalesce(sum(l.remaining), 0) FROM lots l"
     "   WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now) AS expired,"
-    " EXISTS (SELECT 1 FROM disputes d WHERE d.account_id = a.id AND d.status <> 'won') AS flagged"
+    " EXISTS (SELECT 1 FROM disputes d WHERE d.account_id = a.id AND d.status <> 'won') AS flagged,"
+    # Only with expired lots and open holds: the lots and holds, to tell what of the expired lots the holds
+    # reserve (their captures pay from it: counted once, as held; `unspendable`).
+    " (SELECT json_build_array(CAST(:now AS timestamptz),"
+    "   (SELECT json_agg(json_build_array(l.id, CAST(l.remaining AS text), l.expires_at) ORDER BY l.expires_at, l.id)"
+    "      FROM lots l WHERE l.account_id = a.id AND l.remaining > 0),"
+    "   (SELECT json_agg(json_build_array(CAST(h.amount AS text), h.created_at) ORDER BY h.created_at, h.id)"
+    "      FROM holds h WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now))"
+    "  WHERE EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now)"
+    "    AND EXISTS (SELECT 1 FROM holds h"
+    "      WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now)) AS reserving"
 )
 MAX_PAGE = 100
 
@@ -46,13 +57,25 @@ def new_account_id() -> str:
     return "acct_" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
 
 
+def _unspendable(row: Row[Any]) -> Decimal:
+    """Expired credits not yet moved to breakage, but for what open holds reserve of them."""
+    if row.reserving is None:
+        return Decimal(row.expired)
+    now, lots, holds = row.reserving
+    return unspendable(
+        [LotBalance(lot_id, Decimal(left), datetime.fromisoformat(expires)) for lot_id, left, expires in lots],
+        datetime.fromisoformat(now),
+        [Hold(Decimal(amount), datetime.fromisoformat(created)) for amount, created in holds],
+    )
+
+
 def _balance(row: Row[Any]) -> s.Balance:
     return s.Balance(
         account=row.public_id,
         balance=format_money(row.balance),
         held=format_money(row.held),
         # Expired credits not yet moved to breakage can never be spent.
-        available=format_money(row.balance - row.expired - row.held),
+        available=format_money(row.balance - _unspendable(row) - row.held),
         total_credits=format_money(row.total_credits),
         total_usage=format_money(row.total_usage),
     )

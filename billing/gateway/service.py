@@ -71,12 +71,16 @@ def _state_sql(who: str, key: str, extra_columns: str = "", extra_joins: str = "
 
     (Not in the locking statement itself: under READ COMMITTED a statement that waited for a row lock
     still reads everything but that row from the snapshot taken before the wait.)
+
+    The open holds themselves (`open_hold_*`) are read only when a lot has expired: what they reserve of it
+    is spendable by their captures (`unspendable`). Otherwise that join is skipped by a one-time filter.
     """
     return f"""
 SELECT a.id AS account_id, a.public_id AS account, a.enterprise, b.balance,
     (SELECT coalesce(sum(h.amount), 0) FROM holds h
       WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held,
     lt.ids AS lot_ids, lt.remaining AS lot_remaining, lt.expires AS lot_expires,
+    oh.amounts AS open_hold_amounts, oh.created AS open_hold_created,
     {_KEY_COLUMNS} {extra_columns}
 FROM accounts a
 JOIN balances b ON b.account_id = a.id
@@ -85,8 +89,14 @@ LEFT JOIN accounts m ON m.id = k.member_id
 LEFT JOIN LATERAL (
     SELECT array_agg(l.id ORDER BY l.expires_at, l.id) AS ids,
            array_agg(l.remaining ORDER BY l.expires_at, l.id) AS remaining,
-           array_agg(l.expires_at ORDER BY l.expires_at, l.id) AS expires
+           array_agg(l.expires_at ORDER BY l.expires_at, l.id) AS expires,
+           bool_or(l.expires_at <= :now) AS any_expired
     FROM lots l WHERE l.account_id = a.id AND l.remaining > 0) lt ON true
+LEFT JOIN LATERAL (
+    SELECT array_agg(h.amount ORDER BY h.created_at, h.id) AS amounts,
+           array_agg(h.created_at ORDER BY h.created_at, h.id) AS created
+    FROM holds h
+    WHERE lt.any_expired AND h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) oh ON true
 {extra_joins}
 WHERE a.id = {who}"""
 
@@ -230,6 +240,13 @@ def lots_of(row: Any) -> tuple[LotBalance, ...]:
     return tuple(LotBalance(*t) for t in zip(row.lot_ids, row.lot_remaining, row.lot_expires, strict=True))
 
 
+def open_holds(row: Any) -> tuple[Hold, ...]:
+    """The account's open holds, as the lot rules see them: read only when one of its lots has expired."""
+    if not row.open_hold_amounts:
+        return ()
+    return tuple(Hold(*t) for t in zip(row.open_hold_amounts, row.open_hold_created, strict=True))
+
+
 def held_by(row: Any) -> Hold:
     """The hold of a RESOLVE_SQL state row, as the lot rules see it (`consume`)."""
     return Hold(row.hx_amount, row.hx_created_at)
@@ -239,7 +256,7 @@ def admit_on(row: Any, amount: Decimal, key: KeyLimit | None, now: datetime, byo
     """`admit` against an account's state row: its spendable balance, open holds and the key's holds."""
     admit(
         amount,
-        balance=spendable(row.balance, lots_of(row), now),
+        balance=spendable(row.balance, lots_of(row), now, open_holds(row)),
         held=row.held,
         key=key,
         key_held=row.key_held or ZERO,

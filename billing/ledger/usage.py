@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 from billing.ledger import outcomes
-from billing.ledger.lots import consume
+from billing.ledger.lots import consume, reserved_by
 from billing.ledger.model import Customer, Entry, EntryKind, Hold, LotBalance, Platform, Posting
 from billing.ledger.money import QUANTUM, ZERO, format_money
 from billing.ledger.outcomes import Refused
@@ -158,10 +158,21 @@ class KeyLimit:
         return max(self.limit - self.spent(now) - held, ZERO)
 
 
-def spendable(balance: Decimal, lots: tuple[LotBalance, ...], now: datetime) -> Decimal:
-    """The balance without credits that have expired but not yet been moved to breakage: those can never be
-    spent (usage consumes live lots only), so admitting against them would only create debt."""
-    return balance - sum((lot.remaining for lot in lots if lot.expires_at <= now), ZERO)
+def spendable(balance: Decimal, lots: Sequence[LotBalance], now: datetime, holds: Sequence[Hold] = ()) -> Decimal:
+    """The balance without what can never be spent (`unspendable`)."""
+    return balance - unspendable(lots, now, holds)
+
+
+def unspendable(lots: Sequence[LotBalance], now: datetime, holds: Sequence[Hold] = ()) -> Decimal:
+    """What is left of expired lots, not yet moved to breakage, that no open hold reserves: usage consumes live
+    lots only, so admitting against it would only create debt. What the open `holds` (not expired) reserve of
+    an expired lot is still theirs — a capture pays its hold from the lots live when the hold was created
+    (`consume`) — and it is counted once, as held, not a second time here."""
+    expired = [lot for lot in lots if lot.expires_at <= now]
+    if not expired:
+        return ZERO
+    reserved = reserved_by(lots, holds) if holds else {}
+    return sum((max(lot.remaining - reserved.get(lot.id, ZERO), ZERO) for lot in expired), ZERO)
 
 
 def admit(

@@ -210,3 +210,31 @@ async def test_expired_credits_are_not_spendable_before_the_expiry_job(api: Api,
     assert (await gw.charge(expect=402, account=acct, cost="0.60")).json()["error"]["available"] == "0.50"
     await gw.charge(account=acct, cost="0.50")
     assert (await api.balance(acct))["balance"] == "1.00"  # only the expired lot is left, for breakage
+
+
+async def test_what_an_open_hold_reserves_of_an_expired_lot_is_counted_once(
+    api: Api, gw_path: Gateway, clock_at
+) -> None:  # type: ignore[no-untyped-def]
+    """A hold taken while a lot was live is paid from that lot when captured, even after it has expired (SPEC §5
+    Holds). Until then what it reserves of the expired lot is held — not unspendable as well, which would keep
+    the account's other credits from being spent. Holds and charges, batched and single."""
+    gw = gw_path
+    acct = (await api.account())["id"]
+    start = datetime.now(UTC)
+    await api.grant(acct, "1.00", expires_at=(start + timedelta(days=1)).isoformat())
+    clock_at(start + timedelta(hours=23))
+    first = (await gw.hold(account=acct, amount="0.80", timeout_seconds=7200)).json()  # 0.80 of that lot
+    await api.grant(acct, "0.50")
+    clock_at(start + timedelta(days=1, seconds=1))  # the first lot has expired; no job has run
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["held"], balance["available"]) == ("1.50", "0.80", "0.50")
+
+    await gw.charge(account=acct, cost="0.10")
+    assert (await gw.hold(expect=402, account=acct, amount="0.41")).json()["error"]["available"] == "0.40"
+    second = (await gw.hold(account=acct, amount="0.40")).json()
+    assert (await gw.charge(expect=402, account=acct, cost="0.01")).json()["error"]["available"] == "0.00"
+
+    await gw.capture(first["id"], cost="0.80")  # from the expired lot it reserved
+    await gw.capture(second["id"], cost="0.40")
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["held"], balance["available"]) == ("0.20", "0.00", "0.00")  # breakage's
