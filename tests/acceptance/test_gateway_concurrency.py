@@ -5,13 +5,14 @@ import json
 import socket
 import uuid
 from decimal import Decimal
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tests.acceptance.conftest import funded_with_gateway
+from tests.acceptance.conftest import funded_with_gateway, serving
 from tests.conftest import ADMIN
 
 
@@ -172,3 +173,36 @@ async def test_concurrent_byok_charges_pay_exactly_five_percent_of_the_excess(li
         assert fees == ["0.00"] * 12 + ["50.00", "100.00", "100.00"]
         balance = (await http.get(f"/v1/accounts/{account}/balance")).json()
         assert balance["balance"] == "750.00" and balance["total_usage"] == "250.00"
+
+
+async def test_holds_and_charges_through_two_processes_admit_exactly_what_fits(
+    live_url: str, database_url: str
+) -> None:
+    """Each process batches its own requests; what keeps two processes' batches on one account from both
+    spending the same credits is the database: the balance row's lock, then a state read after it. (Three
+    accounts at once, each sent 240 holds and charges of a cent alternately through the two processes:
+    without the lock, at least one of them is overspent nearly every time.)"""
+    with serving(database_url) as (_, other_url):
+        async with (
+            httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http,
+            httpx.AsyncClient(base_url=other_url, timeout=60) as other,
+        ):
+            accounts = [await funded_with_gateway(http, "1.00") for _ in range(3)]
+
+            def call(account: str, gw: dict[str, str], i: int) -> Any:
+                client = (http, other)[i % 2]
+                if i % 4 < 2:
+                    body = {"account": account, "request_id": f"two-{i}", "amount": "0.01"}
+                    return client.post("/v1/holds", json=body, headers=gw)
+                body = {"account": account, "generation_id": f"two-{account}-{i}", "cost": "0.01"}
+                return client.post("/v1/charges", json=body, headers=gw)
+
+            responses = await asyncio.gather(*[call(a, gw, i) for i in range(240) for a, gw in accounts])
+            balances = [(await http.get(f"/v1/accounts/{a}/balance")).json() for a, _ in accounts]
+    for n, balance in enumerate(balances):
+        mine = responses[n :: len(accounts)]  # the account's 240, in the order they were sent
+        statuses = [r.status_code for r in mine]
+        assert statuses.count(201) == 100 and statuses.count(402) == 140, statuses
+        charged = sum(1 for i, r in enumerate(mine) if i % 4 >= 2 and r.status_code == 201)
+        assert balance["balance"] == f"{Decimal('1.00') - Decimal('0.01') * charged:.2f}"
+        assert (balance["held"], balance["available"]) == (f"{Decimal('0.01') * (100 - charged):.2f}", "0.00")
