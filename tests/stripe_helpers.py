@@ -23,6 +23,7 @@ import stripe
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from billing import clock
 from billing.stripe_client import LOCAL_API_KEY
 from tests.conftest import ROOT, snapshot
 
@@ -76,7 +77,7 @@ def event(type_: str, obj: dict[str, Any], event_id: str | None = None) -> bytes
         "id": event_id or f"evt_{uuid.uuid4().hex[:24]}",
         "object": "event",
         "api_version": "2026-10-28.endive",
-        "created": int(time.time()),
+        "created": int(clock.now().timestamp()),  # Stripe's clock is the service's (tests move it)
         "livemode": False,
         "type": type_,
         "data": {"object": obj},

@@ -375,6 +375,10 @@ class Payment:
     purchase_id: str | None  # our id from the PaymentIntent's (or Checkout Session's) metadata, if any
     source: str  # who asks: "stripe_event:evt_…", "reconciler", "support:…"
     checkout_session: str | None = None
+    # When Stripe says it was paid (its success event's time, or the payment's own): the purchase's time,
+    # from which its refund window and its lot's lifetime run however late it is credited (SPEC §5: within
+    # 24 hours of the purchase; one year after it). None: now.
+    paid_at: datetime | None = None
 
 
 class Result(StrEnum):
@@ -466,12 +470,13 @@ async def _fulfil(ctx: Context, conn: AsyncConnection, payment: Payment) -> Fulf
         return Fulfilment(Result.NEEDS_REVIEW, purchase.id, reason=reason)
 
     now = clock.now()
+    paid = min(payment.paid_at, now) if payment.paid_at is not None else now
     entry = entries.purchase(
         Customer(purchase.account_id),
         credits=purchase.amount,
         fee=purchase.fee,
         method=purchase.method,
-        expires_at=now + timedelta(days=ctx.settings.default_lot_expiry_days),
+        expires_at=paid + timedelta(days=ctx.settings.default_lot_expiry_days),
         debt=state.debt,
         purchase_id=purchase.public_id,
         payment_intent=payment.payment_intent,
@@ -494,7 +499,7 @@ async def _fulfil(ctx: Context, conn: AsyncConnection, payment: Payment) -> Fulf
             " paid_at = :pu_at, payment_intent = :pu_pi, checkout_session = coalesce(:pu_cs, checkout_session),"
             " failure_code = NULL, failure_message = NULL, review_reason = NULL, updated_at = now()"
             " WHERE id = :pu_id",
-            {"pu_at": now, "pu_pi": payment.payment_intent, "pu_cs": payment.checkout_session, "pu_id": purchase.id},
+            {"pu_at": paid, "pu_pi": payment.payment_intent, "pu_cs": payment.checkout_session, "pu_id": purchase.id},
         ),
     ]
     posted = await ctx.journal.post(conn, entry, balance_before=state.balance, riders=riders)

@@ -47,6 +47,9 @@ class StripePayment:
             purchase_id=self.purchase_id,
             source=source,
             checkout_session=checkout_session,
+            # The PaymentIntent's creation: a lower bound of its payment, minutes before it at a checkout,
+            # far closer than whenever a lost webhook's payment is found.
+            paid_at=self.created if self.created.timestamp() > 0 else None,  # (0: Stripe gave none)
         )
 
 

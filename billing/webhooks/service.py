@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -98,6 +98,7 @@ async def payment_intent_succeeded(
         currency=str(pi.get("currency", "")),
         purchase_id=_purchase_id(pi),
         source=f"stripe_event:{event_id}",
+        paid_at=await _event_created(conn, event_id),  # a delivery retried for days keeps its time
     )
     return _fulfilled(await purchases.fulfil_payment(ctx, payment, conn=conn))
 
@@ -145,6 +146,7 @@ async def checkout_session_paid(
         purchase_id=purchase_id,
         source=f"stripe_event:{event_id}",
         checkout_session=session_id,
+        paid_at=await _event_created(conn, event_id),
     )
     return _fulfilled(await purchases.fulfil_payment(ctx, payment, conn=conn))
 
@@ -187,6 +189,7 @@ async def charge_refunded(
                 currency=str(charge.get("currency", "")),
                 purchase_id=_purchase_id(charge),
                 source=f"stripe_event:{event_id}",
+                paid_at=_timestamp(charge.get("created")) or await _event_created(conn, event_id),
             ),
             conn=conn,
         )
@@ -217,6 +220,15 @@ def _listed_refunds(charge: dict[str, Any]) -> list[refunds.RefundAtStripe] | No
         return None
     found = [refunds.at_stripe(x) if isinstance(x, dict) else None for x in listed["data"]]
     return [x for x in found if x is not None] if all(found) else None
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """A Stripe timestamp (seconds since the epoch), or None when it is not one."""
+    return (
+        datetime.fromtimestamp(value, UTC)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0
+        else None
+    )
 
 
 async def _event_created(conn: AsyncConnection, event_id: str) -> datetime:

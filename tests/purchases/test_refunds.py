@@ -211,6 +211,35 @@ async def test_refund_window_is_24_hours(
     assert (await api.balance(acct))["balance"] == "14.00"
 
 
+async def test_a_payment_credited_late_keeps_its_time_for_the_refund_window_and_the_lot(
+    api: Api, client: AsyncTestClient, localstripe: str
+) -> None:
+    """Stripe retries an undelivered webhook for days, and the reconciler finds a lost one later still: the
+    purchase was made when it was paid, and its refund window (24 hours) and its credits' lifetime (a year)
+    run from then, not from whenever the ledger heard of it (SPEC §5)."""
+    acct = (await api.account())["id"]
+    p = (await buy(client, acct, "15.00"))["purchase"]
+    await pay_at_emulator(localstripe, p["payment_intent"])  # (so Stripe could refund it)
+    paid_at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=30)
+    body = json.loads(event("payment_intent.succeeded", {
+        "id": p["payment_intent"], "object": "payment_intent", "amount": 1583, "amount_received": 1583,
+        "currency": "usd", "status": "succeeded", "metadata": {"purchase_id": p["id"]},
+    }))  # fmt: skip
+    body["created"] = int(paid_at.timestamp())  # the event's own time: Stripe keeps it on every retry
+    payload = json.dumps(body).encode()
+    r = await client.post("/v1/stripe/webhooks", content=payload, headers=signed_headers(payload))
+    assert r.status_code == 200 and r.json()["outcome"] == "credited", r.text
+    credited = (await client.get(f"/v1/purchases/{p['id']}", headers=ADMIN)).json()
+    assert datetime.fromisoformat(credited["paid_at"]) == paid_at
+    lots = (await client.get(f"/v1/accounts/{acct}/lots", headers=ADMIN)).json()["data"]
+    assert [datetime.fromisoformat(lot["expires_at"]) for lot in lots] == [paid_at + timedelta(days=365)]
+    assert (await api.balance(acct))["balance"] == "15.00"
+
+    r = await refund(client, p["id"])
+    assert r.status_code == 409 and r.json()["error"]["code"] == "refund_window_closed", r.text
+    assert (await api.balance(acct))["balance"] == "15.00"
+
+
 async def test_crypto_and_unpaid_purchases_are_not_refundable(api: Api, client: AsyncTestClient) -> None:
     acct = (await api.account())["id"]
     crypto = (await buy(client, acct, "10", method="crypto"))["purchase"]

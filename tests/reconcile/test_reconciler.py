@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -122,6 +122,27 @@ async def test_a_lost_webhook_is_credited_once_by_concurrent_runs_and_a_ticket_t
     assert (await recon_client.get("/v1/reconciliation_runs", headers=own)).status_code == 403
     r = await recon_client.get("/v1/reconciliation_runs/recon_999999999", headers=ADMIN)
     assert r.status_code == 404 and r.json()["error"]["code"] == "reconciliation_run_not_found"
+
+
+async def test_a_payment_found_late_keeps_its_time_for_the_refund_window_and_the_lot(
+    recon_ctx: Context, recon_api: Api, recon_client: AsyncTestClient, recon_stripe: str,
+    sdk: stripe.StripeClient, clock_at: Any,
+) -> None:  # fmt: skip
+    """A payment whose webhook was lost, found by the reconciler 30 hours later: its refund window (24 hours)
+    and its credits' lifetime (a year) run from the payment (its PaymentIntent's time at Stripe), not from
+    the run that credited it (SPEC §5)."""
+    account, purchase = await paid_without_webhook(recon_api, recon_client, recon_stripe, "10.00")
+    created = datetime.fromtimestamp(sdk.v1.payment_intents.retrieve(purchase["payment_intent"]).created, UTC)
+    clock_at(created + timedelta(hours=30))
+    run = await reconcile_payments(recon_ctx, sdk, grace=NOW, source="test")
+    assert mentions([run], CREDITED, purchase["payment_intent"]) == 1
+    credited = (await recon_client.get(f"/v1/purchases/{purchase['id']}", headers=ADMIN)).json()
+    assert datetime.fromisoformat(credited["paid_at"]) == created
+    lots = (await recon_client.get(f"/v1/accounts/{account}/lots", headers=ADMIN)).json()["data"]
+    assert [datetime.fromisoformat(lot["expires_at"]) for lot in lots] == [created + timedelta(days=365)]
+    r = await recon_client.post(f"/v1/purchases/{purchase['id']}/refunds", json={}, headers={**ADMIN, **key()})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "refund_window_closed", r.text
+    assert (await recon_api.balance(account))["balance"] == "10.00"
 
 
 async def test_credits_stripe_does_not_show_as_paid_and_other_amounts_are_reported_not_edited(
