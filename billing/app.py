@@ -31,7 +31,7 @@ from billing.gateway.batch import ChargeBatcher
 from billing.gateway.fast import GatewayFastPath
 from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.gateway.policies import ByokPoliciesController
-from billing.gateway.routes import ChargesController, GenerationsController, HoldsController
+from billing.gateway.routes import ActivityController, ChargesController, GenerationsController, HoldsController
 from billing.http import error_responses
 from billing.keys.routes import AccountKeysController, KeysController
 from billing.organizations.routes import MembersController
@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ChargesController,
             HoldsController,
             GenerationsController,
+            ActivityController,
             FreeRequestsController,
             ByokPoliciesController,
             PurchasesController,

@@ -4,21 +4,23 @@ generation id); a retry with the same id and body replays the first answer (`Ide
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.response import Stream
 
 from billing.auth.middleware import requires
-from billing.auth.principal import GATEWAY
+from billing.auth.principal import ACCOUNT, GATEWAY, SUPPORT
 from billing.context import Context
+from billing.gateway import activity, service
 from billing.gateway import schemas as s
-from billing.gateway import service
 from billing.gateway.batch import ChargeBatcher
 from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.http import error_responses, money_response
 from billing.idempotency import Outcome
+from billing.schemas import ListOf
 
 Ctx = NamedDependency[Context]
 SPENDERS = requires(GATEWAY)
@@ -103,3 +105,61 @@ class GenerationsController(Controller):
     )
     async def get_generation(self, generation_id: FromPath[str], ctx: Ctx, request: Request) -> s.GenerationOut:
         return await service.get_generation(ctx, request.user, generation_id)
+
+
+Limit = Annotated[int, QueryParameter(ge=1, le=activity.MAX_PAGE, description="Page size, 1-100.")]
+Cursor = Annotated[str | None, QueryParameter(description="Return generations older than this generation id.")]
+Since = Annotated[str | None, QueryParameter(description="Only generations created at or after this ISO 8601 time.")]
+Until = Annotated[str | None, QueryParameter(description="Only generations created before this ISO 8601 time.")]
+OfKey = Annotated[str | None, QueryParameter(description="Only generations paid through this key.")]
+
+
+class ActivityController(Controller):
+    """An account's activity: its charged generations (the dashboard's list and CSV export, support's view)."""
+
+    path = "/v1/accounts/{account_id:str}"
+    tags = ["gateway"]
+    guards = [requires(GATEWAY, SUPPORT, ACCOUNT)]
+
+    @get(
+        "/generations",
+        summary="The account's generations, newest first (activity)",
+        responses=error_responses(400, 401, 403, 404),
+    )
+    async def list_generations(
+        self,
+        account_id: FromPath[str],
+        ctx: Ctx,
+        request: Request,
+        limit: Limit = 20,
+        starting_after: Cursor = None,
+        key: OfKey = None,
+        since: Since = None,
+        until: Until = None,
+    ) -> ListOf[s.GenerationOut]:
+        return await activity.list_generations(
+            ctx, request.user, account_id, limit=limit, starting_after=starting_after, key=key, since=since, until=until
+        )
+
+    @get(
+        "/generations.csv",
+        summary="The account's generations as CSV: 30 days before `until` (default now) unless `since` is given",
+        description="At most 366 days per export (400 `export_range_too_long`). Columns: "
+        + ", ".join(activity.COLUMNS)
+        + ". Times in UTC; money as decimal strings; a text cell that a spreadsheet would read as a formula is"
+        " prefixed with `'`.",
+        responses=error_responses(400, 401, 403, 404),
+        media_type="text/csv",
+    )
+    async def export_generations(
+        self, account_id: FromPath[str], ctx: Ctx, request: Request, key: OfKey = None, since: Since = None,
+        until: Until = None,
+    ) -> Stream:  # fmt: skip
+        name, lines = await activity.export_generations(
+            ctx, request.user, account_id, key=key, since=since, until=until
+        )
+        return Stream(
+            lines,
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )

@@ -140,12 +140,12 @@ _HOLD_KEY = "k.id = (SELECT key_id FROM holds WHERE id = :hold)"
 RESOLVE_SQL = _state_sql(_HOLDER, _HOLD_KEY, _RESOLVE_COLUMNS, _RESOLVE_JOINS)
 RESOLVE_BYOK_SQL = _state_sql(_HOLDER, _HOLD_KEY, _RESOLVE_COLUMNS + _BYOK_COLUMNS, _RESOLVE_JOINS + "\n" + _BYOK_JOINS)
 
-GENERATION_VIEW = text("""
+GENERATION_FROM = """
 SELECT g.*, a.public_id AS account, k.public_id AS key, m.public_id AS member, e.id AS entry
 FROM generations g JOIN accounts a ON a.id = g.account_id
 LEFT JOIN api_keys k ON k.id = g.key_id LEFT JOIN accounts m ON m.id = g.member_id
-LEFT JOIN journal_entries e ON e.id = g.entry_id
-WHERE g.generation_id = :generation""")
+LEFT JOIN journal_entries e ON e.id = g.entry_id"""
+GENERATION_VIEW = text(GENERATION_FROM + "\nWHERE g.generation_id = :generation")
 
 GENERATION_COLUMNS = (
     "generation_id", "account_id", "key_id", "member_id", "hold_id", "status", "fingerprint", "model", "provider",
@@ -432,8 +432,11 @@ def riders_for(
 
 async def generation_view(conn: AsyncConnection, generation_id: str) -> s.GenerationOut | None:
     r = (await conn.execute(GENERATION_VIEW, {"generation": generation_id})).first()
-    if r is None:
-        return None
+    return None if r is None else generation_of(r)
+
+
+def generation_of(r: Any) -> s.GenerationOut:
+    """A generation as the gateway reads it, from a row of GENERATION_FROM's columns."""
     usage = r.usage or {}
     return s.GenerationOut(
         id=r.generation_id, account=r.account, key=r.key, member=r.member,
