@@ -20,6 +20,7 @@ from billing.accounts.routes import AccountsController, JournalController
 from billing.auth.middleware import PUBLIC_PATHS, BearerAuth
 from billing.auth.routes import TokensController
 from billing.auth.tokens import TokenResolver
+from billing.console.routes import ConsoleController
 from billing.context import Context
 from billing.db import pipeline
 from billing.db.engine import make_engine
@@ -172,6 +173,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             HoldsController,
             GenerationsController,
             ActivityController,
+            ConsoleController,
             FreeRequestsController,
             ByokPoliciesController,
             PurchasesController,

@@ -10,7 +10,8 @@ from billing.auth.principal import Principal
 from billing.auth.tokens import TokenResolver
 from billing.errors import AUTHENTICATION, PERMISSION, ApiError
 
-PUBLIC_PATHS = ["^/healthz$", "^/readyz$", "^/schema", "^/v1/stripe/webhooks"]
+# (The console checks its own cookie: billing/console/routes.py.)
+PUBLIC_PATHS = ["^/healthz$", "^/readyz$", "^/schema", "^/v1/stripe/webhooks", "^/console"]
 
 
 def bearer_secret(header: str) -> str | None:

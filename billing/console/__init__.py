@@ -1,0 +1,1 @@
+"""The support console: server-rendered pages over the API's own service functions."""
