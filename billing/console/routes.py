@@ -64,12 +64,12 @@ async def _staff(request: Request[Any, Any, Any]) -> Principal | None:
 
 
 def _same_origin(request: Request[Any, Any, Any]) -> bool:
-    """A form posted from this console's own pages (browsers send `Origin`, or at least `Referer`, on a POST)."""
+    """A form posted from this console's own pages (browsers send `Origin`, or at least `Referer`, on a POST).
+    The host is compared, not the scheme: behind a proxy that ends TLS the service sees plain HTTP."""
     sent = request.headers.get("origin") or request.headers.get("referer")
     if not sent:
         return True  # no browser sends neither on a form post; a non-browser client has no cookie to abuse
-    there = urlsplit(sent)
-    return (there.scheme, there.netloc) == (request.url.scheme, request.url.netloc)
+    return urlsplit(sent).netloc == request.url.netloc
 
 
 def _flash(outcome: Outcome) -> tuple[str, str]:
@@ -112,6 +112,8 @@ class ConsoleController(Controller):
 
     @post("/login", status_code=303)
     async def login(self, data: Form, request: Request[Any, Any, Any]) -> Response[str] | Redirect:
+        if not _same_origin(request):  # no signing a staff member in to someone else's token
+            return _html(pages.page("Refused", "<p>This form was sent from another site.</p>"), 403)
         secret = (data.get("token") or "").strip()
         principal = await request.app.state.tokens.resolve(secret) if secret else None
         if principal is None or not principal.has_any(SUPPORT):

@@ -74,6 +74,12 @@ async def test_only_a_support_or_admin_token_signs_in_and_the_cookie_is_the_cons
         assert refused.status_code == 401 and "not a support token" in refused.text
         assert "billing_console" not in refused.headers.get("set-cookie", "")
 
+    secret = (await api.token(["support"]))["Authorization"].removeprefix("Bearer ")
+    planted = await console.post(
+        "/console/login", data={"token": secret}, headers={"Origin": "https://elsewhere.example"},
+        follow_redirects=False,
+    )  # fmt: skip
+    assert planted.status_code == 403 and "set-cookie" not in planted.headers
     signed = await sign_in(console, api)
     assert signed.status_code == 303 and signed.headers["location"] == "/console/accounts"
     cookie = signed.headers["set-cookie"].lower()
