@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
+LEDGER_PAGE = 20
 _STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:0 16px;color:#222}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}table{border-collapse:collapse;width:100%}
 td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
@@ -134,7 +135,9 @@ def account(who: str, a: Any, lots: Any, ledger: Any, purchases: Any, activity: 
         + moves
         + "<h2>Lots</h2>"
         + table(["lot", "category", "amount", "left", "expires", ""], lot_rows, frozenset({2, 3}))
-        + f'<h2>Ledger (latest 20) · <a href="/console/accounts/{quote(acct)}">refresh</a></h2>'
+        + f'<h2>Ledger · <a href="{base}">latest</a>'
+        + (f' · <a href="{base}?ledger_after={quote(ledger.data[-1].id)}">older</a>' if ledger.has_more else "")
+        + "</h2>"
         + table(
             ["posted", "entry", "kind", "amount", "balance after", "description", "reason"],
             ledger_rows,

@@ -153,27 +153,27 @@ class ConsoleController(Controller):
     @get("/accounts/{account_id:str}")
     async def account(
         self, account_id: FromPath[str], ctx: Ctx, request: Request[Any, Any, Any], done: FromQuery[str | None] = None,
-        failed: FromQuery[str | None] = None,
+        ledger_after: FromQuery[str | None] = None,
     ) -> Response[str] | Redirect:  # fmt: skip
         staff = await _staff(request)
         if staff is None:
             return Redirect("/console", status_code=303)
-        return await self._account(
-            ctx, staff, account_id, ("ok", done) if done else ("err", failed) if failed else None
-        )
+        return await self._account(ctx, staff, account_id, ("ok", done) if done else None, ledger_after=ledger_after)
 
     async def _account(
-        self, ctx: Context, staff: Principal, account_id: str, flash: tuple[str, str] | None, status: int = 200
-    ) -> Response[str]:
+        self, ctx: Context, staff: Principal, account_id: str, flash: tuple[str, str] | None, status: int = 200,
+        ledger_after: str | None = None,
+    ) -> Response[str]:  # fmt: skip
         try:
             found = await accounts.get_account(ctx, staff, account_id)
+            ledger = await accounts.ledger(ctx, staff, account_id, pages.LEDGER_PAGE, ledger_after)
         except ApiError as error:
             return _html(pages.search(staff.name, account_id, _message(error.body())), error.status)
         content = pages.account(
             staff.name,
             found,
             await accounts.lots(ctx, staff, account_id),
-            await accounts.ledger(ctx, staff, account_id, 20, None),
+            ledger,
             await purchases.list_purchases(ctx, staff, account_id, 10, None),
             await activity.list_generations(ctx, staff, account_id, limit=20, starting_after=None),
             await support.list_tickets(ctx, staff, status=None, account=account_id, limit=20, starting_after=None),

@@ -165,3 +165,17 @@ async def test_a_refund_and_a_missing_credit_ticket_from_the_console(
 
     csv = await console.get(f"/console/accounts/{account}/activity.csv")
     assert csv.status_code == 200 and csv.text.startswith("created_at,id,")
+
+
+async def test_the_ledger_pages_back_through_an_accounts_whole_history(api: Api, console: AsyncTestClient) -> None:
+    account = (await api.account())["id"]
+    for n in range(1, 24):
+        await api.grant(account, f"{n}.00", reason=f"grant number {n:02d}")
+    await sign_in(console, api)
+    latest = (await console.get(f"/console/accounts/{account}")).text
+    assert "grant number 23" in latest and "grant number 04" in latest and "grant number 03" not in latest
+    older = re.search(r'<a href="([^"]+\?ledger_after=[^"]+)">older</a>', latest)
+    assert older is not None
+    rest = (await console.get(older.group(1).replace("&amp;", "&"))).text
+    assert all(f"grant number {n:02d}" in rest for n in (1, 2, 3)) and "grant number 04" not in rest
+    assert ">older</a>" not in rest  # the first grant is the oldest entry
