@@ -471,12 +471,21 @@ async def _fulfil(ctx: Context, conn: AsyncConnection, payment: Payment) -> Fulf
 
     now = clock.now()
     paid = min(payment.paid_at, now) if payment.paid_at is not None else now
+    lifetime = timedelta(days=ctx.settings.default_lot_expiry_days)
+    if paid + lifetime <= now:
+        # Its credits would arrive already expired: a payment this old is for a person to settle.
+        reason = (
+            f"paid at {paid.isoformat()}, longer ago than a lot lives ({lifetime.days} days):"
+            " its credits would arrive already expired"
+        )
+        await mark_for_review(conn, purchase.id, reason)
+        return Fulfilment(Result.NEEDS_REVIEW, purchase.id, reason=reason)
     entry = entries.purchase(
         Customer(purchase.account_id),
         credits=purchase.amount,
         fee=purchase.fee,
         method=purchase.method,
-        expires_at=paid + timedelta(days=ctx.settings.default_lot_expiry_days),
+        expires_at=paid + lifetime,
         debt=state.debt,
         purchase_id=purchase.public_id,
         payment_intent=payment.payment_intent,

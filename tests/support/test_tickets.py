@@ -101,6 +101,26 @@ async def test_a_declined_payment_resolves_not_paid_and_fails_the_purchase(
     assert (p["status"], p["failure_code"]) == ("failed", "card_declined")
 
 
+async def test_a_payment_found_after_its_credits_would_have_expired_is_left_for_review(
+    api: Api, client: AsyncTestClient, support_stripe: str, clock_at: Any
+) -> None:
+    """Credits expire a year after the purchase (SPEC §5): a payment found only after that would be credited
+    as a lot already expired — a person settles it instead."""
+    account = (await api.account())["id"]
+    purchase = (await buy(client, account, "9.00"))["purchase"]
+    await pay_at_emulator(support_stripe, purchase["payment_intent"])
+    clock_at(datetime.now(UTC) + timedelta(days=366))
+
+    r = await open_ticket(client, {"account": account, "payment_intent": purchase["payment_intent"]})
+    assert r.status_code == 201, r.text
+    ticket = r.json()
+    assert (ticket["status"], ticket["entry"]) == ("needs_review", None)
+    assert "its credits would arrive already expired" in ticket["resolution"], ticket["resolution"]
+    assert (await api.balance(account))["balance"] == "0.00"
+    p = (await client.get(f"/v1/purchases/{purchase['id']}", headers=ADMIN)).json()
+    assert p["status"] == "needs_review" and p["lot"] is None
+
+
 async def test_a_payment_never_confirmed_is_not_paid(api: Api, client: AsyncTestClient) -> None:
     account = (await api.account())["id"]
     purchase = (await buy(client, account, "5.00"))["purchase"]
