@@ -68,7 +68,7 @@ def _same_origin(request: Request[Any, Any, Any]) -> bool:
     The host is compared, not the scheme: behind a proxy that ends TLS the service sees plain HTTP."""
     sent = request.headers.get("origin") or request.headers.get("referer")
     if not sent:
-        return True  # no browser sends neither on a form post; a non-browser client has no cookie to abuse
+        return True  # browsers send one of them on a form post; a client sending neither has no cookie to abuse
     return urlsplit(sent).netloc == request.url.netloc
 
 
