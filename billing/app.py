@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -91,12 +92,18 @@ def handle_api_error(_: Request, exc: ApiError) -> Response[Any]:
     return Response(exc.body(), status_code=exc.status, media_type=MediaType.JSON)
 
 
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
 def handle_validation(_: Request, exc: ValidationException) -> Response[Any]:
     problems = exc.extra if isinstance(exc.extra, list) else []
     if problems and isinstance(problems[0], dict):
         first = problems[0]
         key = first.get("key")
         message = str(first.get("message", exc.detail))
+        missing = _MISSING_FIELD.search(message)
+        if missing is not None and key == "data":  # the body as a whole: name the field it lacks
+            key = missing[1]
         source = first.get("source", "body")
         where = f" (at `{key}` in the {source})" if key else ""
         return _error(400, INVALID_REQUEST, "invalid_parameter", f"{message}{where}", key)

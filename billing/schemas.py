@@ -23,6 +23,15 @@ MoneyStr = Annotated[
 ]
 REASON_MAX = 1000
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=REASON_MAX, description="Why (kept in the audit log).")]
+# A reason that staff must give and an account's own token need not (billing.auth.audit.require_reason)
+StaffReason = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=REASON_MAX,
+        description="Why (kept in the audit log). Required when a support or admin token makes the change.",
+    ),
+]
 # An id the caller chooses (generation, request, external id): printable ASCII, no spaces. `(?!\n)`: Python's
 # `$` also matches before a final newline ("gen_1\n" would pass); the lookahead refuses it and reads the same
 # in the JSON Schema (ECMA-262) the OpenAPI document publishes.

@@ -24,14 +24,14 @@ from billing.schemas import ListOf, MoneyStr, Reason, money_field, money_or_none
 Ctx = NamedDependency[Context]
 
 
-class CreatePolicy(msgspec.Struct, forbid_unknown_fields=True):
+class CreatePolicy(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kind: Literal["allowance_usd", "free_requests"]
     rate: Annotated[str, msgspec.Meta(description='Fee rate as a decimal string, e.g. "0.05" for 5%.')]
     effective_from: datetime
     allowance_usd: MoneyStr | None = None
     enterprise_allowance_usd: MoneyStr | None = None
     free_requests: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    reason: Reason | None = None  # kept in the audit log
+    reason: Reason  # kept in the audit log
 
 
 class Policy(msgspec.Struct):
@@ -52,7 +52,7 @@ class ByokPoliciesController(Controller):
 
     @post("/", summary="Add a BYOK fee policy version", responses=error_responses(400, 401, 403), status_code=201)
     async def create_policy(self, data: JSONBody[CreatePolicy], ctx: Ctx, request: Request) -> Policy:
-        """A new version, audit-logged with the admin who added it (SPEC §7)."""
+        """A new version, audit-logged with the admin who added it and why (SPEC §7)."""
         rate = rate_field(data.rate, "rate", upto_one=True)
         effective_from = timestamp_field(data.effective_from, "effective_from")
         if data.kind == "allowance_usd" and data.allowance_usd is None:

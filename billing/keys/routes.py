@@ -51,7 +51,7 @@ class KeysController(Controller):
 
     @delete(
         "/",
-        summary="Delete a key (staff: `?reason=` is kept in the audit log)",
+        summary="Delete a key (staff give `?reason=`, kept in the audit log)",
         responses=error_responses(400, 401, 403, 404),
         status_code=200,
     )

@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from billing.schemas import MoneyStr, Reason
+from billing.schemas import MoneyStr, StaffReason
 
 Reset = Literal["daily", "weekly", "monthly"]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
@@ -18,7 +18,7 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     include_byok_in_limit: bool = False
     expires_at: datetime | None = None
     member: Annotated[str | None, msgspec.Meta(description="For an organization: the member account using it.")] = None
-    reason: Reason | None = None
+    reason: StaffReason | None = None
 
 
 class UpdateKey(msgspec.Struct, forbid_unknown_fields=True):
@@ -30,7 +30,7 @@ class UpdateKey(msgspec.Struct, forbid_unknown_fields=True):
     include_byok_in_limit: bool | msgspec.UnsetType = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
     expires_at: datetime | msgspec.UnsetType | None = msgspec.UNSET
-    reason: Reason | msgspec.UnsetType = msgspec.UNSET  # not a change: what the audit log records with it
+    reason: StaffReason | msgspec.UnsetType = msgspec.UNSET  # not a change: what the audit log records with it
 
 
 class Key(msgspec.Struct):

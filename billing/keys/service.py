@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
 from billing.accounts.service import find_account
-from billing.auth.audit import audit
+from billing.auth.audit import audit, require_reason
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import invalid, not_found
@@ -96,6 +96,7 @@ async def _row(conn: AsyncConnection, principal: Principal, key: str) -> Row[Any
 
 
 async def create_key(ctx: Context, principal: Principal, account: str, data: s.CreateKey) -> s.Key:
+    require_reason(principal, data.reason)
     limit = _limit(data.limit)
     expires_at = timestamp_field(data.expires_at, "expires_at")
     async with ctx.db.begin() as conn:
@@ -143,7 +144,8 @@ async def get_key(ctx: Context, principal: Principal, key: str) -> s.Key:
 
 
 async def update_key(ctx: Context, principal: Principal, key: str, data: s.UpdateKey) -> s.Key:
-    """Change only the fields sent; a change by staff is audit-logged with what was sent (SPEC §7)."""
+    """Change only the fields sent; a change by staff is audit-logged with what was sent and why (SPEC §7)."""
+    require_reason(principal, data.reason)
     changes: dict[str, Any] = {}
     for field in msgspec.structs.fields(data):
         value = getattr(data, field.name)
@@ -174,6 +176,7 @@ async def delete_key(ctx: Context, principal: Principal, key: str, reason: str |
     (`disabled: true`), read back by id, since `_row` finds only keys not deleted. By staff: audit-logged, with
     the `reason` given (the request's query: a DELETE has no body)."""
     checked_reason(reason)
+    require_reason(principal, reason)
     async with ctx.db.begin() as conn:
         row = await _row(conn, principal, key)
         await conn.execute(

@@ -18,7 +18,10 @@ from billing.schemas import ListOf
 
 Ctx = NamedDependency[Context]
 AuditReason = Annotated[
-    str | None, QueryParameter(min_length=1, max_length=1000, description="Why (kept in the audit log).")
+    str | None,
+    QueryParameter(
+        min_length=1, max_length=1000, description="Why (kept in the audit log). Required when staff make the change."
+    ),
 ]
 
 

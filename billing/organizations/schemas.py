@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from billing.schemas import Reason
+from billing.schemas import StaffReason
 
 Role = Annotated[
     Literal["admin", "member"],
@@ -18,7 +18,7 @@ Role = Annotated[
 class SetMember(msgspec.Struct, forbid_unknown_fields=True):
     member: Annotated[str, msgspec.Meta(min_length=1, max_length=100, description="A `user` account id.")]
     role: Role
-    reason: Reason | None = None
+    reason: StaffReason | None = None
 
 
 class Member(msgspec.Struct):

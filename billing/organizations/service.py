@@ -16,7 +16,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.accounts.service import find_account
-from billing.auth.audit import audit
+from billing.auth.audit import audit, require_reason
 from billing.auth.principal import SUPPORT, Principal
 from billing.context import Context
 from billing.errors import INVALID_REQUEST, PERMISSION, ApiError, invalid, not_found
@@ -102,6 +102,7 @@ async def _lock_memberships(conn: AsyncConnection, organization_id: int) -> None
 async def set_member(ctx: Context, principal: Principal, organization: str, data: s.SetMember) -> tuple[s.Member, bool]:
     """Add a user to the organization with a role, or change its role (staff; audit-logged). Idempotent: the
     same role again changes nothing and logs nothing. Answers the membership and whether it was created."""
+    require_reason(principal, data.reason)
     async with ctx.db.begin() as conn:
         org = await _organization(conn, principal, organization)
         member = await find_account(conn, principal, data.member)
@@ -151,6 +152,7 @@ async def remove_member(
     Organizations: its members' keys spend from it): the organization's keys that name it are disabled in the
     same transaction, and the audit records which. The keys stay (they record who spent what) and no new key
     can name it."""
+    require_reason(principal, reason)
     async with ctx.db.begin() as conn:
         org = await _organization(conn, principal, organization)
         await _lock_memberships(conn, org.id)

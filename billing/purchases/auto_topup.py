@@ -44,7 +44,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
-from billing.auth.audit import audit
+from billing.auth.audit import audit, require_reason
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import API, INVALID_REQUEST, ApiError, from_refusal, invalid, not_found
@@ -54,7 +54,7 @@ from billing.organizations.service import find_account_to_act_for
 from billing.purchases import fees
 from billing.purchases.fees import to_cents
 from billing.purchases.service import fail_payment, pricing_in_force, stripe_unavailable, trailing_volume
-from billing.schemas import Reason, money_field, money_or_none
+from billing.schemas import StaffReason, money_field, money_or_none
 from billing.stripe_client import CURRENCY
 
 log = logging.getLogger("billing.auto_topup")
@@ -78,7 +78,7 @@ class SetAutoTopup(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool = True
     monthly_cap: str | None = None
     cooldown_seconds: int = DEFAULT_COOLDOWN_SECONDS
-    reason: Reason | None = None  # staff: kept in the audit log
+    reason: StaffReason | None = None  # staff: kept in the audit log
 
 
 class PendingAttempt(msgspec.Struct):
@@ -147,6 +147,7 @@ async def set_auto_topup(
     the customer (else 400 `payment_method_not_attached`), and a customer belongs to one account — one that
     another account's auto top-up names is refused with 409 `stripe_customer_of_another_account` (the unique
     index `uq_auto_topups_stripe_customer` decides a race), and nothing is saved."""
+    require_reason(principal, data.reason)
     threshold = money_field(data.threshold, "threshold")
     amount = money_field(data.amount, "amount")
     cap = money_field(data.monthly_cap, "monthly_cap")

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from billing.schemas import MoneyStr, Reason
+from billing.schemas import MoneyStr, Reason, StaffReason
 
 MethodField = Annotated[
     Literal["card", "crypto"],
@@ -97,7 +97,7 @@ class CreateRefund(msgspec.Struct, forbid_unknown_fields=True):
     amount: Annotated[
         str | None, msgspec.Meta(description="Credits to refund (whole cents); default: all that is left.")
     ] = None
-    reason: Reason | None = None
+    reason: StaffReason | None = None
 
 
 class Purchase(msgspec.Struct):
@@ -148,7 +148,7 @@ class CreateTier(msgspec.Struct, forbid_unknown_fields=True):
     fee_discount: RateStr
 
 
-class CreatePricingVersion(msgspec.Struct, forbid_unknown_fields=True):
+class CreatePricingVersion(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     effective_from: datetime
     card_rate: RateStr = "0.055"
     card_minimum: MoneyStr = "0.80"
@@ -158,6 +158,7 @@ class CreatePricingVersion(msgspec.Struct, forbid_unknown_fields=True):
     max_purchase: MoneyStr = "25000"
     volume_window_days: Annotated[int, msgspec.Meta(ge=1, le=3660)] = 30
     tiers: Annotated[list[CreateTier], msgspec.Meta(max_length=50)] = []
+    reason: Reason  # kept in the audit log with the version
 
 
 class PricingVersion(msgspec.Struct):

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing import clock
-from billing.auth.audit import audit
+from billing.auth.audit import audit, require_reason
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.db.journal import Rider
@@ -571,7 +571,8 @@ def pricing_view(row: Row[Any], pricing: fees.Pricing) -> s.PricingVersion:
 
 
 async def create_pricing_version(ctx: Context, principal: Principal, data: s.CreatePricingVersion) -> s.PricingVersion:
-    """A new version of the purchase rules from `effective_from`; purchases priced before keep theirs."""
+    """A new version of the purchase rules from `effective_from`; purchases priced before keep theirs. Audit-logged
+    with the admin who added it and why (SPEC §7)."""
     effective_from = timestamp_field(data.effective_from, "effective_from")
     amounts = {
         field: _parse_amount(getattr(data, field), field)
@@ -623,7 +624,9 @@ async def create_pricing_version(ctx: Context, principal: Principal, data: s.Cre
                 ),
                 {"v": row.id, "n": name, "m": volume, "d": discount},
             )
-        return pricing_view(row, await _pricing(conn, row))
+        version = pricing_view(row, await _pricing(conn, row))
+        await audit(conn, principal, "pricing_version.create", reason=data.reason, details=msgspec.to_builtins(version))
+        return version
 
 
 async def list_pricing_versions(ctx: Context) -> ListOf[s.PricingVersion]:
@@ -747,6 +750,7 @@ async def refund_purchase(
         raise ApiError(503, API, "stripe_not_configured", "Payments are not configured (STRIPE_API_KEY).")
     requested = None if data.amount is None else _amount(data.amount)
     storable_text(data.reason, "reason")
+    require_reason(principal, data.reason)
     body = msgspec.json.encode(data)
     scope = principal.idempotency_scope
     refund_id = "ref_" + purchase_public_id(scope, idempotency_key, fingerprint("POST", path, body))[4:]

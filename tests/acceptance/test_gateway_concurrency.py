@@ -132,7 +132,8 @@ async def test_concurrent_charges_on_one_account_admit_exactly_what_fits(live_ur
 async def test_concurrent_charges_respect_a_key_limit(live_url: str) -> None:
     async with httpx.AsyncClient(base_url=live_url, headers=ADMIN, timeout=60) as http:
         account, gw = await funded_with_gateway(http, "100.00")
-        key = (await http.post(f"/v1/accounts/{account}/keys", json={"name": "k", "limit": "0.50"})).json()["id"]
+        body = {"name": "k", "limit": "0.50", "reason": "test"}
+        key = (await http.post(f"/v1/accounts/{account}/keys", json=body)).json()["id"]
         responses = await asyncio.gather(
             *[
                 http.post("/v1/charges", json={"key": key, "generation_id": f"k-{key}-{i}", "cost": "0.02"}, headers=gw)

@@ -111,7 +111,9 @@ def error(response: httpx.Response) -> dict[str, Any]:
 async def test_admits_zero_balance_and_reports_both_windows(client: AsyncTestClient, fresh, api: Api, redis: Redis):
     account = await fresh()
     gateway = await api.token(["gateway"])
-    key = (await client.post(f"/v1/accounts/{account}/keys", json={"name": "k"}, headers=ADMIN)).json()["id"]
+    key = (
+        await client.post(f"/v1/accounts/{account}/keys", json={"reason": "test", "name": "k"}, headers=ADMIN)
+    ).json()["id"]
     at(T0)
     r = await free(client, account, headers=gateway, key=key)
     assert r.status_code == 200, r.text
@@ -238,7 +240,9 @@ async def test_a_won_dispute_does_not_count_its_purchase_twice(client: AsyncTest
     """What was purchased is what was paid for: a won dispute gives the disputed credits back as a new `paid` lot,
     which must not count as a second purchase — for the day quota or for a key's `is_free_tier`."""
     account = await fresh()
-    key = (await client.post(f"/v1/accounts/{account}/keys", json={"name": "k"}, headers=ADMIN)).json()["id"]
+    key = (
+        await client.post(f"/v1/accounts/{account}/keys", json={"reason": "test", "name": "k"}, headers=ADMIN)
+    ).json()["id"]
     first = (await buy(client, account, "5.00"))["purchase"]
     await pay(client, first)
     dp = "dp_" + uuid.uuid4().hex[:14]
@@ -382,9 +386,11 @@ async def test_disabled_expired_or_foreign_key_is_refused_and_not_counted(
     keys = {}
     for name, body in [("disabled", {}), ("expiring", {"expires_at": "2031-05-14T10:00:30Z"}), ("foreign", {})]:
         owner = other if name == "foreign" else account
-        r = await client.post(f"/v1/accounts/{owner}/keys", json={"name": name, **body}, headers=ADMIN)
+        r = await client.post(
+            f"/v1/accounts/{owner}/keys", json={"reason": "test", "name": name, **body}, headers=ADMIN
+        )
         keys[name] = r.json()["id"]
-    await client.patch(f"/v1/keys/{keys['disabled']}", json={"disabled": True}, headers=ADMIN)
+    await client.patch(f"/v1/keys/{keys['disabled']}", json={"reason": "test", "disabled": True}, headers=ADMIN)
     at(T0 + timedelta(seconds=31))
     assert (await free(client, account, key=keys["disabled"])).json()["error"]["code"] == "key_disabled"
     assert (await free(client, account, key=keys["expiring"])).json()["error"]["code"] == "key_expired"

@@ -36,7 +36,9 @@ async def _charged(api: Api, gw: Gateway, client: AsyncTestClient, clock_at: Any
     """An account with a key and four charged generations a day apart (one through the key, one BYOK, one
     captured from a hold), a refusal, and another account's charge; the generation ids oldest first."""
     acct = await funded(api, "10.00")
-    key = (await client.post(f"/v1/accounts/{acct}/keys", json={"name": "k"}, headers=ADMIN)).json()["id"]
+    key = (await client.post(f"/v1/accounts/{acct}/keys", json={"reason": "test", "name": "k"}, headers=ADMIN)).json()[
+        "id"
+    ]
     ids = []
     clock_at(DAY)
     ids.append((await gw.charge(account=acct, cost="0.10", model='=HYPERLINK("x")')).json()["id"])

@@ -55,6 +55,7 @@ async def setup(
             "payment_method": method,
             "monthly_cap": "100.00",
             "cooldown_seconds": 60,
+            "reason": "set up by phone",
         },
         headers=ADMIN,
     )
@@ -313,7 +314,7 @@ async def test_an_amount_a_newer_pricing_refuses_disables_that_auto_topup_and_th
     small = await setup(api, client, sdk, "4242424242424242", "1.00", amount="20.00")  # handled first
     big = await setup(api, client, sdk, "4242424242424242", "1.00", amount="60.00")
     start = future_epoch()  # finance raises the minimum purchase to 50.00
-    version = {"effective_from": start.isoformat(), "min_purchase": "50"}
+    version = {"effective_from": start.isoformat(), "min_purchase": "50", "reason": "finance: larger purchases"}
     assert (await client.post("/v1/pricing_versions", json=version, headers=ADMIN)).status_code == 201
     run = await run_auto_topups(client_ctx, sdk, now=start + timedelta(hours=1))
     assert run.attempted >= 1 and run.disabled >= 1
@@ -393,6 +394,7 @@ async def test_a_payment_method_not_attached_to_the_customer_is_refused(
     own, _ = await saved_card(sdk, "4242424242424242")
     _, someone_elses = await saved_card(sdk, "4242424242424242")
     for method, code in ((someone_elses, "payment_method_not_attached"), ("pm_unknown", "no_such_payment_method")):
-        r = await client.put(f"/v1/accounts/{account}/auto_topup", json=settings_for(own, method), headers=ADMIN)
+        body = {**settings_for(own, method), "reason": "set up by phone"}
+        r = await client.put(f"/v1/accounts/{account}/auto_topup", json=body, headers=ADMIN)
         assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
     assert (await client.get(f"/v1/accounts/{account}/auto_topup", headers=ADMIN)).status_code == 404

@@ -45,7 +45,11 @@ async def test_one_batch_of_mixed_charges_writes_what_single_charges_would(
     two_lots = await funded(api, "0.50")
     await api.grant(two_lots, "0.50")  # two lots of 0.50: the charges below cross from one into the other
     keyed = await funded(api, "10.00")
-    key = (await client.post(f"/v1/accounts/{keyed}/keys", json={"name": "k", "limit": "0.50"}, headers=ADMIN)).json()
+    key = (
+        await client.post(
+            f"/v1/accounts/{keyed}/keys", json={"reason": "test", "name": "k", "limit": "0.50"}, headers=ADMIN
+        )
+    ).json()
     byok = await funded(api, "100.00")
     repeated = _charge(account=two_lots, cost="0.30")
     charges = [
@@ -140,7 +144,8 @@ async def test_one_batch_admits_byok_charges_against_a_key_limit_that_includes_b
     account = await funded(api, "10.00")
     key = (
         await client.post(
-            f"/v1/accounts/{account}/keys", json={"name": "k", "limit": "1.00", "include_byok_in_limit": True},
+            f"/v1/accounts/{account}/keys",
+            json={"name": "k", "limit": "1.00", "include_byok_in_limit": True, "reason": "test"},
             headers=ADMIN,
         )
     ).json()["id"]  # fmt: skip
@@ -171,7 +176,11 @@ async def test_one_batch_of_holds_admits_in_arrival_order_against_credits_and_ke
 ) -> None:
     account = await funded(api, "1.00")
     keyed = await funded(api, "10.00")
-    key = (await client.post(f"/v1/accounts/{keyed}/keys", json={"name": "k", "limit": "0.50"}, headers=ADMIN)).json()
+    key = (
+        await client.post(
+            f"/v1/accounts/{keyed}/keys", json={"reason": "test", "name": "k", "limit": "0.50"}, headers=ADMIN
+        )
+    ).json()
     repeated = msgspec.convert({"account": account, "request_id": "req-repeated", "amount": "0.40"}, s.CreateHold)
     holds = [
         repeated,
@@ -223,7 +232,11 @@ async def test_one_batch_of_captures_charges_each_once_and_closes_its_holds(
     clock_at(datetime(2026, 11, 20, 12, tzinfo=UTC))
     account = await funded(api, "1.00")
     keyed = await funded(api, "10.00")
-    key = (await client.post(f"/v1/accounts/{keyed}/keys", json={"name": "k", "limit": "1.00"}, headers=ADMIN)).json()
+    key = (
+        await client.post(
+            f"/v1/accounts/{keyed}/keys", json={"reason": "test", "name": "k", "limit": "1.00"}, headers=ADMIN
+        )
+    ).json()
     h1, h2, h3 = [(await gw.hold(account=account, amount=a)).json()["id"] for a in ("0.40", "0.40", "0.10")]
     short = (await gw.hold(account=account, amount="0.05", timeout_seconds=60)).json()["id"]
     by_key = (await gw.hold(key=key["id"], amount="0.20")).json()["id"]

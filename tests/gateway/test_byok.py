@@ -75,6 +75,7 @@ async def test_enterprise_allowance_falls_back_to_the_standard_one(
     r = await client.post(
         "/v1/byok_fee_policies",
         json={
+            "reason": "finance: new policy",
             "kind": "allowance_usd",
             "allowance_usd": "30000",
             "rate": "0.05",
@@ -101,7 +102,13 @@ async def test_a_policy_effective_after_the_year_9000_utc_is_refused(client: Asy
     before = (await client.get("/v1/byok_fee_policies", headers=ADMIN)).json()
     r = await client.post(
         "/v1/byok_fee_policies",
-        json={"kind": "free_requests", "free_requests": 2, "rate": "0.05", "effective_from": BEYOND_YEAR_9999_UTC},
+        json={
+            "reason": "finance: new policy",
+            "kind": "free_requests",
+            "free_requests": 2,
+            "rate": "0.05",
+            "effective_from": BEYOND_YEAR_9999_UTC,
+        },
         headers=ADMIN,
     )
     assert r.status_code == 400, r.text
@@ -114,7 +121,13 @@ async def test_older_free_requests_policy_is_expressible(
 ) -> None:  # type: ignore[no-untyped-def]
     r = await client.post(
         "/v1/byok_fee_policies",
-        json={"kind": "free_requests", "free_requests": 2, "rate": "0.05", "effective_from": "2031-01-01T00:00:00Z"},
+        json={
+            "reason": "finance: new policy",
+            "kind": "free_requests",
+            "free_requests": 2,
+            "rate": "0.05",
+            "effective_from": "2031-01-01T00:00:00Z",
+        },
         headers=ADMIN,
     )
     assert r.status_code == 201, r.text
@@ -137,7 +150,9 @@ async def test_zero_completion_insurance_covers_a_byok_generation(
     gw = gw_path
     clock_at(datetime(2026, 11, 16, tzinfo=UTC))
     acct = await _account(api, client)
-    key = (await client.post(f"/v1/accounts/{acct}/keys", json={"name": "k"}, headers=ADMIN)).json()["id"]
+    key = (await client.post(f"/v1/accounts/{acct}/keys", json={"reason": "test", "name": "k"}, headers=ADMIN)).json()[
+        "id"
+    ]
     for cost in ["9000.00", "9000.00", "6990.00"]:  # 24,990 of the 25,000 allowance used
         await _byok(gw, acct, cost)
     failed = {

@@ -123,7 +123,7 @@ async def test_a_policy_change_mid_month_is_honoured_per_generation(
     for effective, rate in [("2033-05-01T00:00:00Z", "0.05"), ("2033-05-15T00:00:00Z", "0.10")]:
         r = await client.post(
             "/v1/byok_fee_policies",
-            json={"kind": "allowance_usd", "allowance_usd": "100.00", "enterprise_allowance_usd": "1000.00",
+            json={"reason": "finance: new policy", "kind": "allowance_usd", "allowance_usd": "100.00", "enterprise_allowance_usd": "1000.00",
                   "rate": rate, "effective_from": effective},
             headers=ADMIN,
         )  # fmt: skip
@@ -162,7 +162,7 @@ async def test_a_backdated_policy_does_not_reprice_generations_already_charged(
     ]:
         r = await client.post(
             "/v1/byok_fee_policies",
-            json={"kind": "allowance_usd", "allowance_usd": allowance, "enterprise_allowance_usd": "200000.00",
+            json={"reason": "finance: new policy", "kind": "allowance_usd", "allowance_usd": allowance, "enterprise_allowance_usd": "200000.00",
                   "rate": rate, "effective_from": effective},
             headers=ADMIN,
         )  # fmt: skip

@@ -11,7 +11,7 @@ from tests.gateway.conftest import Gateway, funded
 
 
 async def new_key(client: AsyncTestClient, account: str, **body: Any) -> dict[str, Any]:
-    r = await client.post(f"/v1/accounts/{account}/keys", json={"name": "k", **body}, headers=ADMIN)
+    r = await client.post(f"/v1/accounts/{account}/keys", json={"reason": "test", "name": "k", **body}, headers=ADMIN)
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -135,11 +135,13 @@ async def test_disabled_expired_and_deleted_keys_cannot_spend(
 ) -> None:  # type: ignore[no-untyped-def]
     acct = await funded(api, "10.00")
     disabled = (await new_key(client, acct))["id"]
-    assert (await client.patch(f"/v1/keys/{disabled}", json={"disabled": True}, headers=ADMIN)).json()["disabled"]
+    assert (
+        await client.patch(f"/v1/keys/{disabled}", json={"reason": "test", "disabled": True}, headers=ADMIN)
+    ).json()["disabled"]
     soon = datetime.now(UTC) + timedelta(hours=1)
     expiring = (await new_key(client, acct, expires_at=soon.isoformat()))["id"]
     deleted = (await new_key(client, acct))["id"]
-    r = await client.delete(f"/v1/keys/{deleted}", headers=ADMIN)
+    r = await client.delete(f"/v1/keys/{deleted}", params={"reason": "test"}, headers=ADMIN)
     assert (r.status_code, r.json()["id"], r.json()["disabled"]) == (200, deleted, True)  # answered as deleted
     assert (await client.get(f"/v1/keys/{deleted}", headers=ADMIN)).status_code == 404
     clock_at(soon + timedelta(seconds=1))
@@ -168,7 +170,9 @@ async def organization_of_two(api: Api, client: AsyncTestClient) -> tuple[str, t
     members = []
     for _ in range(2):
         member = (await api.account())["id"]
-        r = await client.post(f"/v1/accounts/{org}/members", json={"member": member, "role": "member"}, headers=ADMIN)
+        r = await client.post(
+            f"/v1/accounts/{org}/members", json={"reason": "test", "member": member, "role": "member"}, headers=ADMIN
+        )
         assert r.status_code == 201, r.text
         members.append((member, (await new_key(client, org, member=member))["id"]))
     return org, members[0], members[1]
@@ -201,25 +205,31 @@ async def test_a_removed_members_keys_no_longer_spend_from_the_organization_pool
     await gw_path.charge(key=alice_key, cost="0.50")  # the remaining member's key still spends
     assert (await api.balance(org))["balance"] == "8.50"
     assert (await read_key(client, alice_key))["disabled"] is False
-    r = await client.patch(f"/v1/keys/{bob_key}", json={"disabled": False}, headers=ADMIN)
+    r = await client.patch(f"/v1/keys/{bob_key}", json={"reason": "test", "disabled": False}, headers=ADMIN)
     assert r.status_code == 400 and r.json()["error"]["code"] == "not_a_member", r.text  # not while removed
     assert (await read_key(client, bob_key))["disabled"] is True
-    r = await client.post(f"/v1/accounts/{org}/members", json={"member": bob, "role": "member"}, headers=ADMIN)
+    r = await client.post(
+        f"/v1/accounts/{org}/members", json={"reason": "test", "member": bob, "role": "member"}, headers=ADMIN
+    )
     assert r.status_code == 201, r.text
-    r = await client.patch(f"/v1/keys/{bob_key}", json={"disabled": False}, headers=ADMIN)
+    r = await client.patch(f"/v1/keys/{bob_key}", json={"reason": "test", "disabled": False}, headers=ADMIN)
     assert r.status_code == 200 and r.json()["disabled"] is False, r.text  # a member again: it may
 
 
 async def test_a_key_expiring_after_the_year_9000_utc_is_refused(api: Api, client: AsyncTestClient) -> None:
     acct = (await api.account())["id"]
     r = await client.post(
-        f"/v1/accounts/{acct}/keys", json={"name": "k", "expires_at": BEYOND_YEAR_9999_UTC}, headers=ADMIN
+        f"/v1/accounts/{acct}/keys",
+        json={"name": "k", "expires_at": BEYOND_YEAR_9999_UTC, "reason": "test"},
+        headers=ADMIN,
     )
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "expires_at")
     assert (await client.get(f"/v1/accounts/{acct}/keys", headers=ADMIN)).json()["data"] == []
     view = await new_key(client, acct)
-    r = await client.patch(f"/v1/keys/{view['id']}", json={"expires_at": BEYOND_YEAR_9999_UTC}, headers=ADMIN)
+    r = await client.patch(
+        f"/v1/keys/{view['id']}", json={"reason": "test", "expires_at": BEYOND_YEAR_9999_UTC}, headers=ADMIN
+    )
     assert r.status_code == 400, r.text
     assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("invalid_parameter", "expires_at")
     assert (await read_key(client, view["id"]))["expires_at"] is None
@@ -235,7 +245,7 @@ async def test_key_view_fields_and_bad_limits(api: Api, client: AsyncTestClient)
     }  # fmt: skip
     for body, code in [({"limit": "-1"}, "limit_must_not_be_negative"), ({"limit": 5}, "invalid_parameter"),
                        ({"limit_reset": "hourly"}, "invalid_parameter")]:  # fmt: skip
-        r = await client.post(f"/v1/accounts/{acct}/keys", json={"name": "x", **body}, headers=ADMIN)
+        r = await client.post(f"/v1/accounts/{acct}/keys", json={"reason": "test", "name": "x", **body}, headers=ADMIN)
         assert r.status_code == 400 and r.json()["error"]["code"] == code
     await api.grant(acct, "10.00", category="paid")
     assert (await read_key(client, view["id"]))["is_free_tier"] is False

@@ -20,7 +20,7 @@ async def set_member(
     client: AsyncTestClient, org: str, member: str, role: str, headers: dict[str, str] = ADMIN, **extra: Any
 ) -> Any:
     return await client.post(
-        f"/v1/accounts/{org}/members", json={"member": member, "role": role, **extra}, headers=headers
+        f"/v1/accounts/{org}/members", json={"member": member, "role": role, "reason": "test", **extra}, headers=headers
     )
 
 
@@ -64,9 +64,9 @@ async def test_members_are_added_re_roled_listed_and_removed_with_an_audit_trail
     trail = await audit(engine, org)
     assert [(a, reason, d["member"], d["role"], d["previous_role"]) for a, _, reason, d in trail] == [
         ("organization_member_added", "founder", alice, "admin", None),
-        ("organization_member_added", None, bob, "member", None),
+        ("organization_member_added", "test", bob, "member", None),
         ("organization_member_role_changed", "promoted", bob, "admin", "member"),
-        ("organization_member_role_changed", None, bob, "member", "admin"),
+        ("organization_member_role_changed", "test", bob, "member", "admin"),
     ]
     assert trail[0][1].startswith("t (tok") and trail[1][1] == "bootstrap-admin (bootstrap)"  # the actor of each
 
@@ -83,10 +83,14 @@ async def test_members_are_added_re_roled_listed_and_removed_with_an_audit_trail
     stranger = await api.token(["account"], account=(await api.account())["id"])
     assert (await client.get(f"/v1/accounts/{org}/members", headers=stranger)).status_code == 404
 
-    bob_key = (await client.post(f"/v1/accounts/{org}/keys", json={"name": "k", "member": bob}, headers=ADMIN)).json()
+    bob_key = (
+        await client.post(
+            f"/v1/accounts/{org}/keys", json={"reason": "test", "name": "k", "member": bob}, headers=ADMIN
+        )
+    ).json()
     r = await client.delete(f"/v1/accounts/{org}/members/{bob}?reason=left", headers=support)
     assert (r.status_code, r.json()["deleted"], r.json()["role"]) == (200, True, "member")
-    r = await client.delete(f"/v1/accounts/{org}/members/{bob}", headers=support)
+    r = await client.delete(f"/v1/accounts/{org}/members/{bob}?reason=again", headers=support)
     assert (r.status_code, r.json()["error"]["code"]) == (404, "organization_member_not_found")
     action, _, reason, details = (await audit(engine, org))[-1]
     assert (action, reason, details["disabled_keys"]) == ("organization_member_removed", "left", [bob_key["id"]])
@@ -168,7 +172,7 @@ async def test_only_admins_the_organization_and_staff_buy_and_refund_for_it(
     assert await full_snapshot(engine) == before
 
     # removing the admin takes the right away
-    assert (await client.delete(f"/v1/accounts/{org}/members/{alice}", headers=ADMIN)).status_code == 200
+    assert (await client.delete(f"/v1/accounts/{org}/members/{alice}?reason=left", headers=ADMIN)).status_code == 200
     r = await client.get(f"/v1/purchases/{p}", headers=as_alice)
     assert r.status_code == 404
     assert (await api.balance(org))["balance"] == "20.00"
@@ -200,7 +204,9 @@ async def test_an_organization_key_names_one_of_its_members(
     if role:
         await set_member(client, org, carol, role)
     before = await snapshot(engine)
-    r = await client.post(f"/v1/accounts/{org}/keys", json={"name": "k", "member": carol}, headers=ADMIN)
+    r = await client.post(
+        f"/v1/accounts/{org}/keys", json={"reason": "test", "name": "k", "member": carol}, headers=ADMIN
+    )
     if role is None:
         assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["param"]) == (400, "not_a_member", "member")
         assert await snapshot(engine) == before

@@ -183,6 +183,7 @@ async def test_pricing_versions_tiers_and_a_purchase_keeps_its_version(
             {"name": "silver", "min_volume": "500", "fee_discount": "0.1"},
             {"name": "gold", "min_volume": "1000", "fee_discount": "0.5"},
         ],
+        "reason": "finance: volume tiers",
     }
     r = await client.post("/v1/pricing_versions", json=version, headers=ADMIN)
     assert r.status_code == 201, r.text
@@ -221,7 +222,9 @@ async def test_pricing_versions_tiers_and_a_purchase_keeps_its_version(
     # a new version later does not reprice a purchase made before it
     later = start + timedelta(days=10)
     r = await client.post(
-        "/v1/pricing_versions", json={"effective_from": later.isoformat(), "card_rate": "0.07"}, headers=ADMIN
+        "/v1/pricing_versions",
+        json={"effective_from": later.isoformat(), "card_rate": "0.07", "reason": "finance: card fees rose"},
+        headers=ADMIN,
     )
     assert r.status_code == 201
     clock_at(later + timedelta(days=1))
@@ -249,7 +252,9 @@ async def test_pricing_versions_tiers_and_a_purchase_keeps_its_version(
 async def test_bad_pricing_version_is_refused(client: AsyncTestClient, body: dict[str, Any], code: str) -> None:
     before = (await client.get("/v1/pricing_versions", headers=ADMIN)).json()
     r = await client.post(
-        "/v1/pricing_versions", json={"effective_from": future_epoch().isoformat(), **body}, headers=ADMIN
+        "/v1/pricing_versions",
+        json={"effective_from": future_epoch().isoformat(), "reason": "test", **body},
+        headers=ADMIN,
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
     assert (await client.get("/v1/pricing_versions", headers=ADMIN)).json() == before

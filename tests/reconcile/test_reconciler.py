@@ -140,7 +140,9 @@ async def test_a_payment_found_late_keeps_its_time_for_the_refund_window_and_the
     assert datetime.fromisoformat(credited["paid_at"]) == created
     lots = (await recon_client.get(f"/v1/accounts/{account}/lots", headers=ADMIN)).json()["data"]
     assert [datetime.fromisoformat(lot["expires_at"]) for lot in lots] == [created + timedelta(days=365)]
-    r = await recon_client.post(f"/v1/purchases/{purchase['id']}/refunds", json={}, headers={**ADMIN, **key()})
+    r = await recon_client.post(
+        f"/v1/purchases/{purchase['id']}/refunds", json={"reason": "test"}, headers={**ADMIN, **key()}
+    )
     assert r.status_code == 409 and r.json()["error"]["code"] == "refund_window_closed", r.text
     assert (await recon_api.balance(account))["balance"] == "10.00"
 
