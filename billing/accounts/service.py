@@ -163,6 +163,28 @@ async def find_by_external_id(ctx: Context, principal: Principal, external_id: s
         return _account(await find_account(conn, principal, public))
 
 
+# What a customer quotes to support, and the account it leads to: the account's own id or external id, a
+# purchase (its id, its Stripe PaymentIntent or Checkout Session), an API key, a generation. Each is a unique
+# column with its own index; the first that names something answers.
+_REFERENCE = text(
+    "SELECT public_id FROM accounts WHERE kind <> 'platform' AND (public_id = :r OR external_id = :r)"
+    " UNION ALL SELECT a.public_id FROM purchases p JOIN accounts a ON a.id = p.account_id"
+    " WHERE p.public_id = :r OR p.payment_intent = :r OR p.checkout_session = :r"
+    " UNION ALL SELECT a.public_id FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.public_id = :r"
+    " UNION ALL SELECT a.public_id FROM generations g JOIN accounts a ON a.id = g.account_id WHERE g.generation_id = :r"
+    " LIMIT 1"
+)
+
+
+async def find_by_reference(ctx: Context, principal: Principal, reference: str) -> s.Account:
+    """The account a reference belongs to (`_REFERENCE`); 404 when it names nothing this caller may see."""
+    async with ctx.db.connect() as conn:
+        public = await conn.scalar(_REFERENCE, {"r": reference})
+        if public is None:
+            raise not_found("account", reference)
+        return _account(await find_account(conn, principal, public))
+
+
 async def get_balance(ctx: Context, principal: Principal, account: str) -> s.Balance:
     async with ctx.db.connect() as conn:
         return _balance(await find_account(conn, principal, account))

@@ -74,8 +74,10 @@ def login(error: str | None = None) -> str:
 
 def search(who: str, query: str | None = None, error: str | None = None) -> str:
     body = (
-        '<form method="get" action="/console/accounts"><label>Account id (acct_…) or external id '
-        f'<input name="q" value="{e(query)}" required autofocus></label> <button type="submit">Open</button></form>'
+        '<form method="get" action="/console/accounts"><label>Account id (acct_…), external id, purchase (pur_…), '
+        "Stripe payment (pi_…, cs_…), key (key_…) or generation id "
+        f'<input name="q" value="{e(query)}" size="40" required autofocus></label> '
+        '<button type="submit">Open</button></form>'
     )
     return page("Find an account", body, who=who, flash=("err", error) if error else None)
 

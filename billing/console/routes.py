@@ -141,11 +141,7 @@ class ConsoleController(Controller):
             return _html(pages.search(staff.name))
         query = q.strip()
         try:
-            found = (
-                await accounts.get_account(ctx, staff, query)
-                if query.startswith("acct_")
-                else await accounts.find_by_external_id(ctx, staff, query)
-            )
+            found = await accounts.find_by_reference(ctx, staff, query)
         except ApiError as error:
             return _html(pages.search(staff.name, query, _message(error.body())), error.status)
         return Redirect(f"/console/accounts/{quote(found.id)}", status_code=303)

@@ -177,3 +177,30 @@ async def test_the_ledger_pages_back_through_an_accounts_whole_history(api: Api,
     rest = (await console.get(older.group(1).replace("&amp;", "&"))).text
     assert all(f"grant number {n:02d}" in rest for n in (1, 2, 3)) and "grant number 04" not in rest
     assert ">older</a>" not in rest  # the first grant is the oldest entry
+
+
+async def test_an_account_is_found_by_what_its_customer_quotes(
+    api: Api, console: AsyncTestClient, client: AsyncTestClient, support_stripe: str
+) -> None:
+    """A customer writing in quotes a purchase, a Stripe receipt, a key or a generation, not an account id: each
+    leads to the account it belongs to, and one that names nothing is a 404 on the search page."""
+    account = (await api.account())["id"]
+    other = (await api.account())["id"]
+    await api.grant(account, "5.00")
+    purchase = (await buy(client, account, "10.00"))["purchase"]
+    key = await client.post(f"/v1/accounts/{account}/keys", json={"name": "k", "reason": "setup"}, headers=ADMIN)
+    gateway = await api.token(["gateway"])
+    generation = f"gen-{uuid.uuid4().hex}"
+    charged = await client.post(
+        "/v1/charges", json={"account": account, "generation_id": generation, "cost": "0.10"}, headers=gateway
+    )
+    assert charged.status_code == 201, charged.text
+    await sign_in(console, api)
+    for reference in (account, purchase["id"], purchase["payment_intent"], key.json()["id"], generation):
+        found = await console.get("/console/accounts", params={"q": f" {reference} "}, follow_redirects=False)
+        assert found.status_code == 303, (reference, found.text)
+        assert unquote(found.headers["location"]) == f"/console/accounts/{account}", reference
+    found = await console.get("/console/accounts", params={"q": other}, follow_redirects=False)
+    assert unquote(found.headers["location"]) == f"/console/accounts/{other}"
+    missing = await console.get("/console/accounts", params={"q": "pi_nothing_like_it"})
+    assert missing.status_code == 404 and "pi_nothing_like_it" in missing.text
