@@ -17,7 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy import text
 
-from billing.accounts.routes import AccountsController, JournalController
+from billing.accounts.routes import AccountsController, JournalController, TrialBalanceController
 from billing.auth.middleware import PUBLIC_PATHS, BearerAuth
 from billing.auth.routes import TokensController
 from billing.auth.tokens import TokenResolver
@@ -172,6 +172,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             readyz,
             AccountsController,
             JournalController,
+            TrialBalanceController,
             TokensController,
             MembersController,
             AccountKeysController,

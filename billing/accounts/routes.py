@@ -157,6 +157,26 @@ class AccountsController(Controller):
         return money_response(outcome)
 
 
+class TrialBalanceController(Controller):
+    path = "/v1/trial_balance"
+    tags = ["ledger"]
+
+    @get(
+        "/",
+        guards=[STAFF],
+        summary="Trial balance: debits and credits per account of the chart, now or as of a past time",
+        responses=error_responses(400, 401, 403),
+    )
+    async def get_trial_balance(
+        self, ctx: Ctx, request: Request, as_of: FromQuery[datetime | None] = None
+    ) -> s.TrialBalance:
+        if as_of is None:
+            return await service.trial_balance(ctx, None)
+        if request.query_params.get("as_of", "").lstrip("+-").replace(".", "", 1).isdigit():
+            raise invalid("invalid_parameter", "`as_of` is an ISO 8601 time, e.g. 2026-11-01T00:00:00Z.", "as_of")
+        return await service.trial_balance(ctx, timestamp_field(as_of, "as_of"))
+
+
 class JournalController(Controller):
     path = "/v1/journal_entries"
     tags = ["ledger"]

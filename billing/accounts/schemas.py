@@ -53,6 +53,25 @@ class BalanceAsOf(msgspec.Struct):
     object: str = "balance_as_of"
 
 
+class TrialBalanceLine(msgspec.Struct):
+    account: str  # a platform account's code, or `customer_credits` for every customer's credits account
+    name: str
+    type: str  # asset, liability, revenue, expense or equity
+    accounts: int  # ledger accounts summed in the line: 1 for a platform account, the customers with postings
+    debits: str
+    credits: str
+    balance: str  # on the type's normal side: debits − credits for assets and expenses, else credits − debits
+
+
+class TrialBalance(msgspec.Struct):
+    as_of: datetime
+    lines: list[TrialBalanceLine]
+    total_debits: str
+    total_credits: str
+    balanced: bool  # total debits equal total credits, as every entry sums to zero
+    object: str = "trial_balance"
+
+
 class Account(msgspec.Struct):
     id: str
     external_id: str

@@ -185,6 +185,47 @@ async def find_by_reference(ctx: Context, principal: Principal, reference: str) 
         return _account(await find_account(conn, principal, public))
 
 
+# Every posting up to `as_of` (now, when not given: what had committed when the statement began), summed per ledger
+# account, then per line: each platform account on its own (all of them, with or without postings), every
+# customer's credits account together (a liability of the platform).
+_TRIAL_BALANCE = text(
+    "WITH cutoff AS (SELECT coalesce(CAST(:as_of AS timestamptz), now()) AS at),"
+    " sums AS ("
+    " SELECT account_id, sum(CASE WHEN amount < 0 THEN -amount ELSE 0 END) AS debits,"
+    " sum(CASE WHEN amount > 0 THEN amount ELSE 0 END) AS credits"
+    " FROM postings WHERE posted_at <= (SELECT at FROM cutoff) GROUP BY account_id)"
+    " SELECT CASE WHEN a.kind = 'platform' THEN a.public_id ELSE 'customer_credits' END AS account,"
+    " CASE WHEN a.kind = 'platform' THEN coalesce(a.name, a.public_id) ELSE 'customer credits' END AS name,"
+    " a.type, count(a.id) AS accounts, coalesce(sum(s.debits), 0) AS debits,"
+    " coalesce(sum(s.credits), 0) AS credits, (SELECT at FROM cutoff) AS as_of"
+    " FROM accounts a LEFT JOIN sums s ON s.account_id = a.id"
+    " WHERE a.kind = 'platform' OR s.account_id IS NOT NULL"
+    " GROUP BY 1, 2, 3 ORDER BY min(a.id)"
+)
+_DEBIT_NORMAL = frozenset({"asset", "expense"})
+
+
+async def trial_balance(ctx: Context, as_of: datetime | None) -> s.TrialBalance:
+    """The trial balance as of `as_of` (SPEC §2, finance): debits and credits per account of the chart, customers'
+    credits in one line, and whether the totals agree. Read in one statement, so one snapshot."""
+    async with ctx.db.connect() as conn:
+        rows = (await conn.execute(_TRIAL_BALANCE, {"as_of": as_of})).all()
+    lines = [
+        s.TrialBalanceLine(
+            account=r.account, name=r.name, type=r.type, accounts=r.accounts, debits=format_money(r.debits),
+            credits=format_money(r.credits),
+            balance=format_money(r.debits - r.credits if r.type in _DEBIT_NORMAL else r.credits - r.debits),
+        )
+        for r in rows
+    ]  # fmt: skip
+    debits = sum((r.debits for r in rows), Decimal(0))
+    credits = sum((r.credits for r in rows), Decimal(0))
+    return s.TrialBalance(
+        as_of=rows[0].as_of.astimezone(UTC), lines=lines, total_debits=format_money(debits),
+        total_credits=format_money(credits), balanced=debits == credits,
+    )  # fmt: skip
+
+
 async def get_balance(ctx: Context, principal: Principal, account: str) -> s.Balance:
     async with ctx.db.connect() as conn:
         return _balance(await find_account(conn, principal, account))
