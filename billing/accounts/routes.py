@@ -28,6 +28,14 @@ PROVISIONERS = requires(SUPPORT, GATEWAY)
 STAFF = requires(SUPPORT)
 
 
+def checked_as_of(request: Request, as_of: datetime) -> datetime:
+    """An `as_of` query parameter, refused as a bare number (the parser reads one as Unix seconds: `as_of=2026`
+    would be 1970) and held to the years every timestamp is (`timestamp_field`)."""
+    if request.query_params.get("as_of", "").lstrip("+-").replace(".", "", 1).isdigit():
+        raise invalid("invalid_parameter", "`as_of` is an ISO 8601 time, e.g. 2026-11-01T00:00:00Z.", "as_of")
+    return timestamp_field(as_of, "as_of")
+
+
 class AccountsController(Controller):
     path = "/v1/accounts"
     tags = ["accounts"]
@@ -76,10 +84,7 @@ class AccountsController(Controller):
         principal: Principal = request.user
         if as_of is None:
             return await service.get_balance(ctx, principal, account_id)
-        if request.query_params.get("as_of", "").lstrip("+-").replace(".", "", 1).isdigit():
-            # (the parser reads a bare number as Unix seconds: `as_of=2026` would be a balance of 1970)
-            raise invalid("invalid_parameter", "`as_of` is an ISO 8601 time, e.g. 2026-11-01T00:00:00Z.", "as_of")
-        return await service.balance_as_of(ctx, principal, account_id, timestamp_field(as_of, "as_of"))
+        return await service.balance_as_of(ctx, principal, account_id, checked_as_of(request, as_of))
 
     @get(
         "/{account_id:str}/ledger",
@@ -170,11 +175,7 @@ class TrialBalanceController(Controller):
     async def get_trial_balance(
         self, ctx: Ctx, request: Request, as_of: FromQuery[datetime | None] = None
     ) -> s.TrialBalance:
-        if as_of is None:
-            return await service.trial_balance(ctx, None)
-        if request.query_params.get("as_of", "").lstrip("+-").replace(".", "", 1).isdigit():
-            raise invalid("invalid_parameter", "`as_of` is an ISO 8601 time, e.g. 2026-11-01T00:00:00Z.", "as_of")
-        return await service.trial_balance(ctx, timestamp_field(as_of, "as_of"))
+        return await service.trial_balance(ctx, None if as_of is None else checked_as_of(request, as_of))
 
 
 class JournalController(Controller):

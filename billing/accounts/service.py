@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import msgspec
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -156,11 +156,10 @@ async def get_account(ctx: Context, principal: Principal, account: str) -> s.Acc
 
 
 async def find_by_external_id(ctx: Context, principal: Principal, external_id: str) -> s.Account:
-    async with ctx.db.connect() as conn:
-        public = await conn.scalar(text("SELECT public_id FROM accounts WHERE external_id = :e"), {"e": external_id})
-        if public is None:
-            raise not_found("account", external_id)
-        return _account(await find_account(conn, principal, public))
+    return await _account_named(ctx, principal, _EXTERNAL_ID, external_id)
+
+
+_EXTERNAL_ID = text("SELECT public_id FROM accounts WHERE external_id = :r")
 
 
 # What a customer quotes to support, and the account it leads to: the account's own id or external id, a
@@ -178,8 +177,13 @@ _REFERENCE = text(
 
 async def find_by_reference(ctx: Context, principal: Principal, reference: str) -> s.Account:
     """The account a reference belongs to (`_REFERENCE`); 404 when it names nothing this caller may see."""
+    return await _account_named(ctx, principal, _REFERENCE, reference)
+
+
+async def _account_named(ctx: Context, principal: Principal, query: TextClause, reference: str) -> s.Account:
+    """The account whose public id `query` finds for `reference` (`:r`), or 404 naming the reference."""
     async with ctx.db.connect() as conn:
-        public = await conn.scalar(_REFERENCE, {"r": reference})
+        public = await conn.scalar(query, {"r": reference})
         if public is None:
             raise not_found("account", reference)
         return _account(await find_account(conn, principal, public))
