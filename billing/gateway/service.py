@@ -711,11 +711,11 @@ async def resolve_hold(
                 if (reused := generation_reused(row, data.generation_id)) is not None:
                     raise reused
                 spend = spend_for(row, priced)
-                rider = _resolution_rider(hold_id, "captured", fp, data.generation_id)
+                rider = resolution_rider(hold_id, "captured", fp, data.generation_id)
                 entry_id = await _write_spend(ctx, tx, row, data, priced, spend, now, hold_id=hold_id, extra=[rider])
                 generation = generation_out(row, data, priced, spend, now, entry_id, hold_id)
                 return 200, s.CaptureOut(hold=hold_out, generation=generation), False
-            statement = ctx.journal.riders_statement([_resolution_rider(hold_id, "released", fp, None)])
+            statement = ctx.journal.riders_statement([resolution_rider(hold_id, "released", fp, None)])
             await tx.run((statement.sql, statement.params), commit=True)
             return 200, hold_out, False
     except UniqueViolation as exc:
@@ -764,15 +764,21 @@ class _HoldRow:
     created_at: datetime
 
 
-def _resolution_rider(hold_id: int, status: str, fp: str, generation_id: str | None) -> Rider:
-    """Resolve the hold; what is kept lets the same request replay (the generation holds the rest)."""
+def resolution_rider(hold_id: int, status: str, fp: str, generation_id: str | None) -> Rider:
+    """Resolve the hold if it is still open; what is kept lets the same request replay (the generation holds
+    the rest). The status it must still have comes as a value of a row (`x.was`), never as the constant:
+    `status = 'open'` matches the predicate of the partial indexes on open holds, which keep the entries of
+    resolved holds until the next vacuum, and the planner took one of them over the primary key (a scan of
+    every hold resolved since: billing/gateway/hold_batch.py, CAPTURE_HOLDS)."""
     return Rider(
         "hr",
         "UPDATE holds SET status = :hr_status, resolved_at = now(), resolution = CAST(:hr_resolution AS jsonb)"
-        " WHERE id = :hr_id AND status = 'open'",
+        " FROM json_to_record(CAST(:hr_was AS json)) AS x(was text)"
+        " WHERE holds.id = :hr_id AND holds.status = x.was",
         {
             "hr_status": status,
             "hr_id": hold_id,
+            "hr_was": '{"was": "open"}',
             "hr_resolution": msgspec.json.encode(resolution(fp, generation_id)).decode(),
         },
     )

@@ -16,14 +16,17 @@ from billing.context import Context
 BATCH_SIZE = 1000
 
 # SKIP LOCKED: a concurrent run (or a capture holding the row) is skipped, never waited on and never counted
-# twice; `status = 'open'` is re-checked on the locked row, so a hold resolved meanwhile is left alone.
-_EXPIRE = text(
+# twice; the status is re-checked on the locked row, so a hold resolved meanwhile is left alone. (Against the
+# status `due` read, not the constant 'open': that would let the planner find the rows to update through a
+# partial index on open holds, scanning the entries every hold resolved since the last vacuum left there,
+# instead of the primary key.)
+EXPIRE_DUE = text(
     """WITH due AS (
-    SELECT id FROM holds WHERE status = 'open' AND expires_at <= :cutoff
+    SELECT id, status FROM holds WHERE status = 'open' AND expires_at <= :cutoff
     ORDER BY expires_at, id LIMIT :batch FOR UPDATE SKIP LOCKED)
 UPDATE holds h SET status = 'expired', resolved_at = now(),
        resolution = jsonb_build_object('expired_at', h.expires_at)
-FROM due WHERE h.id = due.id AND h.status = 'open'
+FROM due WHERE h.id = due.id AND h.status = due.status
 RETURNING h.id"""
 )
 
@@ -41,7 +44,7 @@ async def expire_holds(
     marked = 0
     while True:
         async with ctx.db.begin() as conn:
-            ids = (await conn.execute(_EXPIRE, {"cutoff": cutoff, "batch": batch_size})).scalars().all()
+            ids = (await conn.execute(EXPIRE_DUE, {"cutoff": cutoff, "batch": batch_size})).scalars().all()
         marked += len(ids)
         if len(ids) < batch_size:
             return marked

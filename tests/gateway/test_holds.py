@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.errors import ApiError
 from billing.gateway import schemas as s
 from billing.gateway import service
-from tests.conftest import ADMIN, Api
+from tests.conftest import ADMIN, Api, holds_resolved_since_the_statistics, indexes_planned
 from tests.gateway.conftest import Gateway, funded
 from tests.gateway.test_batch import GATEWAY, waiting_on_a_lock
 
@@ -238,3 +238,20 @@ async def test_what_an_open_hold_reserves_of_an_expired_lot_is_counted_once(
     await gw.capture(second["id"], cost="0.40")
     balance = await api.balance(acct)
     assert (balance["balance"], balance["held"], balance["available"]) == ("0.20", "0.00", "0.00")  # breakage's
+
+
+async def test_a_capture_or_release_on_its_own_finds_its_hold_by_primary_key(engine: AsyncEngine) -> None:
+    """As for a batch of captures (test_batch.py): the entries resolved holds leave in the partial indexes on open
+    holds until the next vacuum must not be where a single capture or release looks for its hold, and a hold
+    no longer open is left alone."""
+    async with engine.connect() as conn:
+        ids, primary = await holds_resolved_since_the_statistics(conn)
+        for hold, status in ((ids[0], "released"), (ids[1], "captured"), (ids[3], "released")):
+            rider = service.resolution_rider(hold, status, "fingerprint", None)
+            assert await indexes_planned(conn, rider.sql, rider.params) == {"holds": {primary}}
+            await conn.execute(text(rider.sql), rider.params)
+        statuses = dict(
+            (await conn.execute(text("SELECT id, status FROM holds WHERE id = ANY(:ids)"), {"ids": ids})).all()
+        )
+        assert statuses == {ids[0]: "released", ids[1]: "captured", ids[2]: "open", ids[3]: "expired"}
+        await conn.rollback()

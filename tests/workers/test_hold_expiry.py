@@ -12,8 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.context import Context
-from billing.jobs.holds import count_due_holds, expire_holds
-from tests.conftest import Api
+from billing.jobs.holds import EXPIRE_DUE, count_due_holds, expire_holds
+from tests.conftest import Api, holds_resolved_since_the_statistics, indexes_planned
 from tests.workers.conftest import clock_moved, eventually
 
 
@@ -108,3 +108,15 @@ async def test_the_actor_expires_holds(
         return await statuses(jobs_engine, old) == dict.fromkeys(old, "expired")
 
     await eventually(expired, "the worker to expire the holds")
+
+
+async def test_the_job_updates_the_holds_it_found_due_through_the_primary_key(jobs_engine: AsyncEngine) -> None:
+    """The job looks for due holds among the open ones (the partial index on open holds), but updates each through
+    the primary key: not through the entries resolved holds leave in that index until the next vacuum."""
+    async with jobs_engine.connect() as conn:
+        ids, primary = await holds_resolved_since_the_statistics(conn)
+        params = {"cutoff": datetime.now(UTC), "batch": 1000}
+        assert (await indexes_planned(conn, EXPIRE_DUE.text, params))["h"] == {primary}
+        marked = (await conn.execute(EXPIRE_DUE, params)).scalars().all()
+        assert sorted(marked) == ids[:3]
+        await conn.rollback()
