@@ -7,7 +7,8 @@
 - every lot's `remaining` equals the sum of the postings naming it, and a posting names only a lot of its own
   account (also a foreign key, `fk_postings_lot_id_account_id_lots`);
 - lots plus debt make the balance: no lot-less credit, only debt.
-- every captured hold has exactly one generation; no other hold (open, released, expired) has one.
+- every captured hold has exactly one generation; no other hold (open, released, expired) has one;
+- `open_holds` holds exactly the open holds, each as it is in `holds` (what admissions count as held).
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ CHECKS: dict[str, str] = {
     "uncaptured_hold_with_generation": """
         SELECT DISTINCT h.id FROM holds h JOIN generations g ON g.hold_id = h.id
         WHERE h.status <> 'captured' LIMIT 20""",
+    # Kept by triggers on `holds` (migration 0019); admissions and balances read `held` from it.
+    "open_holds_mismatch": """
+        SELECT coalesce(h.id, o.hold_id) FROM (SELECT * FROM holds WHERE status = 'open') h
+        FULL JOIN open_holds o ON o.hold_id = h.id
+        WHERE h.id IS NULL OR o.hold_id IS NULL
+           OR (h.account_id, h.key_id, h.amount, h.created_at, h.expires_at)
+              IS DISTINCT FROM (o.account_id, o.key_id, o.amount, o.created_at, o.expires_at) LIMIT 20""",
 }
 
 

@@ -31,7 +31,7 @@ from litestar.testing import AsyncTestClient
 from litestar.testing.transport import TestClientTransport
 from psycopg import sql
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from billing.db import pipeline
 from billing.settings import Settings, libpq_url, sqlalchemy_url
@@ -296,46 +296,3 @@ def clock_at() -> Iterator[Any]:
     from datetime import timedelta
 
     clock.set_offset(timedelta(0))
-
-
-async def holds_resolved_since_the_statistics(conn: AsyncConnection) -> tuple[list[int], str]:
-    """A private copy of `holds` on `conn` (a temporary table comes first on the search path, and no autovacuum
-    visits it), in the state that misled the planner: 5,000 holds opened and resolved since the statistics were
-    taken, whose entries stay in the partial indexes on open holds until a vacuum. Then three holds still open
-    (due since an hour) and one expired. Their ids (open ones first), and the copy's primary key index."""
-    await conn.execute(text("CREATE TEMPORARY TABLE holds (LIKE public.holds INCLUDING ALL)"))
-    await conn.execute(
-        text(
-            "INSERT INTO holds (account_id, request_id, amount, status, fingerprint, created_at, expires_at)"
-            " SELECT g % 50, 'r' || g, 0.01, 'captured', 'f', now(), now() - interval '1 hour'"
-            " FROM generate_series(1, 5000) AS g"
-        )
-    )
-    await conn.execute(text("ANALYZE holds"))
-    await conn.execute(text("UPDATE holds SET status = 'open'"))
-    await conn.execute(text("UPDATE holds SET status = 'captured'"))
-    ids = list((await conn.execute(text("SELECT id FROM holds ORDER BY id LIMIT 4"))).scalars())
-    await conn.execute(text("UPDATE holds SET status = 'open' WHERE id = ANY(:ids)"), {"ids": ids[:3]})
-    await conn.execute(text("UPDATE holds SET status = 'expired' WHERE id = :id"), {"id": ids[3]})
-    primary = await conn.scalar(
-        text(
-            "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'pg_temp.holds'::regclass AND indisprimary"
-        )
-    )
-    return ids, str(primary)
-
-
-async def indexes_planned(conn: AsyncConnection, sql: str, params: dict[str, Any]) -> dict[str, set[str]]:
-    """The indexes PostgreSQL plans to read for `sql` with `params` bound (as the service sends it), by the
-    alias of the table each is read for."""
-    found: dict[str, set[str]] = {}
-
-    def walk(plan: dict[str, Any]) -> None:
-        if "Index Name" in plan:
-            found.setdefault(plan["Alias"], set()).add(plan["Index Name"])
-        for child in plan.get("Plans", ()):
-            walk(child)
-
-    plan = (await conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}"), params)).scalar_one()
-    walk(plan[0]["Plan"])
-    return found

@@ -34,8 +34,8 @@ from billing.schemas import ListOf, internal_id, money_field, public_id, timesta
 ACCOUNT_COLUMNS = (
     "a.id, a.public_id, a.external_id, a.kind, a.name, a.metadata, a.enterprise, a.created_at,"
     " b.balance, b.total_credits, b.total_usage,"
-    " (SELECT coalesce(sum(h.amount), 0) FROM holds h"
-    "   WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held,"
+    " (SELECT coalesce(sum(h.amount), 0) FROM open_holds h"
+    "   WHERE h.account_id = a.id AND h.expires_at > :now) AS held,"
     " (SELECT coalesce(sum(l.remaining), 0) FROM lots l"
     "   WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now) AS expired,"
     " EXISTS (SELECT 1 FROM disputes d WHERE d.account_id = a.id AND d.status <> 'won') AS flagged,"
@@ -44,11 +44,10 @@ ACCOUNT_COLUMNS = (
     " (SELECT json_build_array(CAST(:now AS timestamptz),"
     "   (SELECT json_agg(json_build_array(l.id, CAST(l.remaining AS text), l.expires_at) ORDER BY l.expires_at, l.id)"
     "      FROM lots l WHERE l.account_id = a.id AND l.remaining > 0),"
-    "   (SELECT json_agg(json_build_array(CAST(h.amount AS text), h.created_at) ORDER BY h.created_at, h.id)"
-    "      FROM holds h WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now))"
+    "   (SELECT json_agg(json_build_array(CAST(h.amount AS text), h.created_at) ORDER BY h.created_at, h.hold_id)"
+    "      FROM open_holds h WHERE h.account_id = a.id AND h.expires_at > :now))"
     "  WHERE EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now)"
-    "    AND EXISTS (SELECT 1 FROM holds h"
-    "      WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now)) AS reserving"
+    "    AND EXISTS (SELECT 1 FROM open_holds h WHERE h.account_id = a.id AND h.expires_at > :now)) AS reserving"
 )
 MAX_PAGE = 100
 

@@ -262,8 +262,6 @@ class HoldRow(Base):
         CheckConstraint("status IN ('open', 'captured', 'released', 'expired', 'refused')", name="status"),
         CheckConstraint("amount > 0", name="amount_positive"),
         UniqueConstraint("account_id", "request_id", name="uq_holds_account_id"),
-        Index("ix_holds_open_account", "account_id", postgresql_where=text("status = 'open'")),
-        Index("ix_holds_open_key", "key_id", postgresql_where=text("status = 'open'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -277,6 +275,27 @@ class HoldRow(Base):
     expires_at: Mapped[datetime] = mapped_column(TS)
     resolved_at: Mapped[datetime | None] = mapped_column(TS)
     resolution: Mapped[Any | None] = mapped_column(JSONB)
+
+
+class OpenHoldRow(Base):
+    """A hold while it is open, kept by the database from `holds` (triggers of migration 0019): inserted with
+    the hold, deleted when it resolves. What reads open holds reads this small table, which only holds what
+    is open, never the history of every hold.
+    """
+
+    __tablename__ = "open_holds"
+    __table_args__ = (
+        Index("ix_open_holds_account_id", "account_id"),
+        Index("ix_open_holds_key_id", "key_id", postgresql_where=text("key_id IS NOT NULL")),
+        Index("ix_open_holds_expires_at", "expires_at"),
+    )
+
+    hold_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    account_id: Mapped[int] = mapped_column(BigInteger)
+    key_id: Mapped[int | None] = mapped_column(BigInteger)
+    amount: Mapped[Decimal] = mapped_column(MONEY)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime] = mapped_column(TS)
 
 
 class ByokFeePolicyRow(Base):

@@ -167,15 +167,10 @@ STATE_CAPTURES = (
     f" ({service.RESOLVE_BYOK_SQL.replace(':hold', 'x.hold').replace(':generation', 'x.generation')}) st"
     " ON true ORDER BY x.n"
 )
-# Only holds still in the status the batch read (`was`, always 'open') are captured: compared with a column of the
-# rows, not with a constant, on purpose. `holds.status = 'open'` matches the predicate of the partial indexes on
-# open holds, and the planner, counting few open holds, scanned one of those instead of the primary key. But a
-# captured hold's entry stays in them until the next vacuum (which a large table gets after a fifth of its rows
-# changed), so that scan read every hold captured since: 33,605 entries and 1,031 heap pages for a batch of nine
-# captures in a benchmark window (1.76 ms a batch there on average), and more the longer the table goes unvacuumed.
+# Only holds still open are captured (the batch read them open, under their account's lock).
 CAPTURE_HOLDS = f"""UPDATE holds SET status = 'captured', resolved_at = now(), resolution = x.resolution
-FROM {json_rows("resolutions", {"id": "bigint", "was": "text", "resolution": "jsonb"})}
-WHERE holds.id = x.id AND holds.id = ANY({json_ids("resolutions", "id")}) AND holds.status = x.was"""
+FROM {json_rows("resolutions", {"id": "bigint", "resolution": "jsonb"})}
+WHERE holds.id = x.id AND holds.id = ANY({json_ids("resolutions", "id")}) AND holds.status = 'open'"""
 
 
 @dataclass
@@ -251,9 +246,7 @@ class CaptureBatcher(Batcher[_Capture]):
                 spend = service.spend_for(row, item.priced)  # captured even beyond the hold or the balance
                 entry_n = writes.spend(state, row, data, item.priced, spend, now, hold_id=row.hx_id)
                 fp = service.fingerprint(data)
-                resolutions.append(
-                    {"id": row.hx_id, "was": "open", "resolution": service.resolution(fp, data.generation_id)}
-                )
+                resolutions.append({"id": row.hx_id, "resolution": service.resolution(fp, data.generation_id)})
                 answers[n] = _Captured(row, spend, entry_n)
             write_sql, write_params = writes.statement(month)
             (entry_ids, _) = await tx.run(

@@ -61,8 +61,8 @@ _KEY_COLUMNS = """k.id AS key_id, k.public_id AS key, k.member_id, m.public_id A
     k.limit_reset, k.include_byok_in_limit, k.disabled, k.expires_at AS key_expires_at,
     k.deleted_at AS key_deleted_at, k.usage_total, k.byok_total, k.day_start, k.usage_day, k.byok_day,
     k.week_start, k.usage_week, k.byok_week, k.month_start, k.usage_month, k.byok_month,
-    (SELECT coalesce(sum(h.amount), 0) FROM holds h
-      WHERE h.key_id = k.id AND h.status = 'open' AND h.expires_at > :now) AS key_held"""
+    (SELECT coalesce(sum(h.amount), 0) FROM open_holds h
+      WHERE h.key_id = k.id AND h.expires_at > :now) AS key_held"""
 
 
 def _state_sql(who: str, key: str, extra_columns: str = "", extra_joins: str = "") -> str:
@@ -77,8 +77,8 @@ def _state_sql(who: str, key: str, extra_columns: str = "", extra_joins: str = "
     """
     return f"""
 SELECT a.id AS account_id, a.public_id AS account, a.enterprise, b.balance,
-    (SELECT coalesce(sum(h.amount), 0) FROM holds h
-      WHERE h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) AS held,
+    (SELECT coalesce(sum(h.amount), 0) FROM open_holds h
+      WHERE h.account_id = a.id AND h.expires_at > :now) AS held,
     lt.ids AS lot_ids, lt.remaining AS lot_remaining, lt.expires AS lot_expires,
     oh.amounts AS open_hold_amounts, oh.created AS open_hold_created,
     {_KEY_COLUMNS} {extra_columns}
@@ -93,10 +93,10 @@ LEFT JOIN LATERAL (
            bool_or(l.expires_at <= :now) AS any_expired
     FROM lots l WHERE l.account_id = a.id AND l.remaining > 0) lt ON true
 LEFT JOIN LATERAL (
-    SELECT array_agg(h.amount ORDER BY h.created_at, h.id) AS amounts,
-           array_agg(h.created_at ORDER BY h.created_at, h.id) AS created
-    FROM holds h
-    WHERE lt.any_expired AND h.account_id = a.id AND h.status = 'open' AND h.expires_at > :now) oh ON true
+    SELECT array_agg(h.amount ORDER BY h.created_at, h.hold_id) AS amounts,
+           array_agg(h.created_at ORDER BY h.created_at, h.hold_id) AS created
+    FROM open_holds h
+    WHERE lt.any_expired AND h.account_id = a.id AND h.expires_at > :now) oh ON true
 {extra_joins}
 WHERE a.id = {who}"""
 
@@ -766,19 +766,14 @@ class _HoldRow:
 
 def resolution_rider(hold_id: int, status: str, fp: str, generation_id: str | None) -> Rider:
     """Resolve the hold if it is still open; what is kept lets the same request replay (the generation holds
-    the rest). The status it must still have comes as a value of a row (`x.was`), never as the constant:
-    `status = 'open'` matches the predicate of the partial indexes on open holds, which keep the entries of
-    resolved holds until the next vacuum, and the planner took one of them over the primary key (a scan of
-    every hold resolved since: billing/gateway/hold_batch.py, CAPTURE_HOLDS)."""
+    the rest)."""
     return Rider(
         "hr",
         "UPDATE holds SET status = :hr_status, resolved_at = now(), resolution = CAST(:hr_resolution AS jsonb)"
-        " FROM json_to_record(CAST(:hr_was AS json)) AS x(was text)"
-        " WHERE holds.id = :hr_id AND holds.status = x.was",
+        " WHERE id = :hr_id AND status = 'open'",
         {
             "hr_status": status,
             "hr_id": hold_id,
-            "hr_was": '{"was": "open"}',
             "hr_resolution": msgspec.json.encode(resolution(fp, generation_id)).decode(),
         },
     )

@@ -44,8 +44,7 @@ _LOTS = text(
 
 # Open holds reserve credits until they resolve or time out (SPEC §5 Holds); a timed-out hold reserves nothing.
 _HOLDS = text(
-    "SELECT account_id, amount, created_at FROM holds WHERE account_id = ANY(:ids) AND status = 'open'"
-    " AND expires_at > :now"
+    "SELECT account_id, amount, created_at FROM open_holds WHERE account_id = ANY(:ids) AND expires_at > :now"
 )
 
 

@@ -15,18 +15,20 @@ from billing.context import Context
 
 BATCH_SIZE = 1000
 
-# SKIP LOCKED: a concurrent run (or a capture holding the row) is skipped, never waited on and never counted
-# twice; the status is re-checked on the locked row, so a hold resolved meanwhile is left alone. (Against the
-# status `due` read, not the constant 'open': that would let the planner find the rows to update through a
-# partial index on open holds, scanning the entries every hold resolved since the last vacuum left there,
-# instead of the primary key.)
+# The due holds are found among the open ones (`open_holds`, which holds nothing else) and locked in `holds`
+# with SKIP LOCKED: a concurrent run, or a capture holding the row, is skipped, never waited on and never
+# counted twice; the status is checked again on the locked row, so a hold resolved meanwhile is left alone.
+# (Locking `open_holds` instead would take the locks in the other order than a capture, which updates the hold
+# and then, through the trigger, deletes its open row.)
 EXPIRE_DUE = text(
     """WITH due AS (
-    SELECT id, status FROM holds WHERE status = 'open' AND expires_at <= :cutoff
-    ORDER BY expires_at, id LIMIT :batch FOR UPDATE SKIP LOCKED)
+    SELECT h.id FROM holds h
+    WHERE h.id = ANY(ARRAY(SELECT hold_id FROM open_holds WHERE expires_at <= :cutoff
+                           ORDER BY expires_at, hold_id LIMIT :batch))
+    FOR UPDATE OF h SKIP LOCKED)
 UPDATE holds h SET status = 'expired', resolved_at = now(),
        resolution = jsonb_build_object('expired_at', h.expires_at)
-FROM due WHERE h.id = due.id AND h.status = due.status
+FROM due WHERE h.id = due.id AND h.status = 'open'
 RETURNING h.id"""
 )
 
@@ -54,6 +56,6 @@ async def count_due_holds(ctx: Context, *, now: datetime, grace: timedelta = tim
     """How many holds `expire_holds` would mark at `now` (a dry run)."""
     async with ctx.db.connect() as conn:
         count = await conn.scalar(
-            text("SELECT count(*) FROM holds WHERE status = 'open' AND expires_at <= :cutoff"), {"cutoff": now - grace}
+            text("SELECT count(*) FROM open_holds WHERE expires_at <= :cutoff"), {"cutoff": now - grace}
         )
     return int(count or 0)

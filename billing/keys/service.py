@@ -29,8 +29,8 @@ KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS memb
     k.include_byok_in_limit, k.disabled, k.expires_at, k.created_at, k.usage_total, k.byok_total, k.day_start,
     k.usage_day, k.byok_day, k.week_start, k.usage_week, k.byok_week, k.month_start, k.usage_month,
     k.byok_month, k.account_id,
-    (SELECT coalesce(sum(h.amount), 0) FROM holds h
-      WHERE h.key_id = k.id AND h.status = 'open' AND h.expires_at > :now) AS key_held,
+    (SELECT coalesce(sum(h.amount), 0) FROM open_holds h
+      WHERE h.key_id = k.id AND h.expires_at > :now) AS key_held,
     {purchased_sql("k.account_id")} AS purchased"""
 KEY_FROM = "api_keys k JOIN accounts a ON a.id = k.account_id LEFT JOIN accounts m ON m.id = k.member_id"
 

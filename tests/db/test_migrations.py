@@ -81,3 +81,37 @@ def test_refunds_name_their_stripe_refund_or_the_event_that_booked_them(scratch_
             assert "reported_at" not in {c["name"] for c in inspect(conn).get_columns("refunds")}
     finally:
         engine.dispose()
+
+
+def test_open_holds_start_with_the_holds_open_before_the_migration(scratch_url: str) -> None:
+    """Migration 0019: the holds open when it runs are in `open_holds` from the start (admissions count them
+    from there), resolved ones are not, and the table is vacuumed by dead rows, not by a fraction of its size;
+    downgrading brings back the partial indexes the holds' readers used."""
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    try:
+        upgrade(scratch_url, "0018_ledger_vacuum_insert")
+        with engine.begin() as conn:
+            account = conn.execute(
+                text("INSERT INTO accounts (public_id, kind, type, external_id)"
+                     " VALUES ('acct_m', 'user', 'liability', 'm') RETURNING id")
+            ).scalar_one()  # fmt: skip
+            conn.execute(
+                text("INSERT INTO holds (account_id, request_id, amount, status, fingerprint, expires_at)"
+                     " SELECT :a, 'r' || n, n, CASE WHEN n % 2 = 0 THEN 'open' ELSE 'captured' END, 'f',"
+                     "        now() + interval '1 minute' FROM generate_series(1, 6) AS n"),
+                {"a": account},
+            )  # fmt: skip
+        upgrade(scratch_url)
+        with engine.connect() as conn:
+            opened = conn.execute(text("SELECT amount FROM open_holds ORDER BY amount")).scalars().all()
+            assert opened == [2, 4, 6]
+            options = conn.execute(text("SELECT reloptions FROM pg_class WHERE relname = 'open_holds'")).scalar_one()
+            assert "autovacuum_vacuum_scale_factor=0" in options
+            assert "autovacuum_vacuum_threshold=1000" in options
+        downgrade(scratch_url, "0018_ledger_vacuum_insert")
+        with engine.connect() as conn:
+            indexes = {i["name"] for i in inspect(conn).get_indexes("holds")}
+            assert {"ix_holds_open_account", "ix_holds_open_key"} <= indexes
+            assert "open_holds" not in inspect(conn).get_table_names()
+    finally:
+        engine.dispose()

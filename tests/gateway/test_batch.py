@@ -2,7 +2,6 @@
 transaction, leaves exactly what the same requests one by one would have left."""
 
 import asyncio
-import json
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -17,10 +16,10 @@ from billing.auth.principal import Principal
 from billing.errors import ApiError
 from billing.gateway import schemas as s
 from billing.gateway.batch import BACKLOG, Batcher, ChargeBatcher, Queued, new_future
-from billing.gateway.hold_batch import CAPTURE_HOLDS, CaptureBatcher, HoldBatcher
+from billing.gateway.hold_batch import CaptureBatcher, HoldBatcher
 from billing.jobs.expiry import expire_credits
 from billing.verify import verify_ledger
-from tests.conftest import ADMIN, Api, holds_resolved_since_the_statistics, indexes_planned
+from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway, funded
 
 GATEWAY = Principal("tok_batch", "batch test", frozenset({"gateway"}))
@@ -611,23 +610,3 @@ async def test_a_batched_capture_pays_from_the_lot_its_hold_reserved_before_it_e
     assert [_answer(o)[0] for o in outcomes] == [200, 200]
     await expire_credits(client_ctx, now=expiry + timedelta(minutes=2))
     assert [(await api.balance(a))["balance"] for a in (before, after)] == ["0.00", "0.00"]
-
-
-async def test_a_capture_batch_finds_its_holds_by_primary_key_whatever_captures_left_in_the_open_holds_indexes(
-    engine: AsyncEngine,
-) -> None:
-    """A capture leaves its hold's entry in the partial indexes on open holds until the next vacuum. The
-    batch's update must not scan those (it once did, reading every hold captured since the last vacuum),
-    and must still leave alone a hold that is no longer open."""
-    async with engine.connect() as conn:
-        ids, primary = await holds_resolved_since_the_statistics(conn)
-        params = {"resolutions": json.dumps([{"id": i, "was": "open", "resolution": {}} for i in ids])}
-
-        assert await indexes_planned(conn, CAPTURE_HOLDS, params) == {"holds": {primary}}
-
-        await conn.execute(text(CAPTURE_HOLDS), params)
-        statuses = dict(
-            (await conn.execute(text("SELECT id, status FROM holds WHERE id = ANY(:ids)"), {"ids": ids})).all()
-        )
-        assert statuses == {ids[0]: "captured", ids[1]: "captured", ids[2]: "captured", ids[3]: "expired"}
-        await conn.rollback()

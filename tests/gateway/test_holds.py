@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from billing.errors import ApiError
 from billing.gateway import schemas as s
 from billing.gateway import service
-from tests.conftest import ADMIN, Api, holds_resolved_since_the_statistics, indexes_planned
+from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway, funded
 from tests.gateway.test_batch import GATEWAY, waiting_on_a_lock
 
@@ -240,18 +240,34 @@ async def test_what_an_open_hold_reserves_of_an_expired_lot_is_counted_once(
     assert (balance["balance"], balance["held"], balance["available"]) == ("0.20", "0.00", "0.00")  # breakage's
 
 
-async def test_a_capture_or_release_on_its_own_finds_its_hold_by_primary_key(engine: AsyncEngine) -> None:
-    """As for a batch of captures (test_batch.py): the entries resolved holds leave in the partial indexes on open
-    holds until the next vacuum must not be where a single capture or release looks for its hold, and a hold
-    no longer open is left alone."""
-    async with engine.connect() as conn:
-        ids, primary = await holds_resolved_since_the_statistics(conn)
-        for hold, status in ((ids[0], "released"), (ids[1], "captured"), (ids[3], "released")):
-            rider = service.resolution_rider(hold, status, "fingerprint", None)
-            assert await indexes_planned(conn, rider.sql, rider.params) == {"holds": {primary}}
-            await conn.execute(text(rider.sql), rider.params)
-        statuses = dict(
-            (await conn.execute(text("SELECT id, status FROM holds WHERE id = ANY(:ids)"), {"ids": ids})).all()
-        )
-        assert statuses == {ids[0]: "released", ids[1]: "captured", ids[2]: "open", ids[3]: "expired"}
-        await conn.rollback()
+async def test_open_holds_are_the_holds_still_open_whatever_opened_or_resolved_them(
+    api: Api, gw_path: Gateway, engine: AsyncEngine, client_ctx: Any
+) -> None:
+    """What admissions count as held is read from `open_holds`, which the database keeps from `holds`
+    (migration 0019): a hold opened is in it, a refused one never, and a capture, a release or the expiry job
+    takes it out — on the batched path and on the single one."""
+    from billing.jobs.holds import expire_holds
+
+    gw = gw_path
+    acct = await funded(api, "1.00")
+    opened = [(await gw.hold(account=acct, amount="0.20")).json() for _ in range(3)]
+    expiring = (await gw.hold(account=acct, amount="0.10", timeout_seconds=1)).json()
+    assert (await gw.hold(expect=402, account=acct, amount="0.50")).json()["error"]["limit_source"] == "credits"
+
+    async def open_holds() -> dict[str, str]:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text("SELECT o.hold_id, o.amount FROM open_holds o JOIN accounts a ON a.id = o.account_id"
+                     " WHERE a.public_id = :a"),
+                {"a": acct},
+            )  # fmt: skip
+        return {f"hold_{hold}": f"{amount:.2f}" for hold, amount in rows}
+
+    ids = [h["id"] for h in opened]
+    assert await open_holds() == {**dict.fromkeys(ids, "0.20"), expiring["id"]: "0.10"}
+    await gw.capture(ids[0], cost="0.05")
+    await gw.release(ids[1])
+    assert await expire_holds(client_ctx, now=datetime.fromisoformat(expiring["expires_at"]) + timedelta(seconds=1))
+    assert await open_holds() == {ids[2]: "0.20"}
+    balance = await api.balance(acct)
+    assert (balance["balance"], balance["held"], balance["available"]) == ("0.95", "0.20", "0.75")

@@ -187,6 +187,31 @@ async def test_a_captured_hold_without_its_generation_is_reported(throwaway: Con
     assert set(result.problems) == {"captured_hold_generations"}
 
 
+async def _open_hold(conn: AsyncConnection, request_id: str) -> int:
+    hold: int = await conn.scalar(
+        text("INSERT INTO holds (account_id, request_id, amount, status, fingerprint, expires_at)"
+             " SELECT id, :r, 1, 'open', 'x', now() + interval '10 minutes' FROM accounts"
+             " WHERE public_id = 'acct_broken' RETURNING id"),
+        {"r": request_id},
+    )  # fmt: skip
+    return hold
+
+
+async def test_open_holds_kept_apart_from_holds_are_reported(throwaway: Context) -> None:
+    """`open_holds` is what admissions count as held: a hold open in one and not in the other, or open in both
+    with another amount, is reported (written with the triggers that keep them in step switched off)."""
+    async with throwaway.db.begin() as conn:
+        missing, changed, resolved = [await _open_hold(conn, f"r{n}") for n in range(3)]
+        await conn.execute(text("ALTER TABLE holds DISABLE TRIGGER USER"))
+        await conn.execute(text("DELETE FROM open_holds WHERE hold_id = :h"), {"h": missing})
+        await conn.execute(text("UPDATE holds SET amount = 2 WHERE id = :h"), {"h": changed})
+        await conn.execute(text("UPDATE holds SET status = 'released' WHERE id = :h"), {"h": resolved})
+        await conn.execute(text("ALTER TABLE holds ENABLE TRIGGER USER"))
+    result = await verify(throwaway)
+    assert set(result.problems) == {"open_holds_mismatch"}
+    assert sorted(result.problems["open_holds_mismatch"]) == sorted([missing, changed, resolved])
+
+
 async def test_the_actor_publishes_the_result(
     actors: ModuleType, worker: subprocess.Popen[bytes], jobs_settings: Settings
 ) -> None:
