@@ -37,16 +37,16 @@ ACCOUNT_COLUMNS = (
     " (SELECT coalesce(sum(h.amount), 0) FROM open_holds h"
     "   WHERE h.account_id = a.id AND h.expires_at > :now) AS held,"
     " (SELECT coalesce(sum(l.remaining), 0) FROM lots l"
-    "   WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now) AS expired,"
+    "   WHERE l.account_id = a.id AND l.live AND l.expires_at <= :now) AS expired,"
     " EXISTS (SELECT 1 FROM disputes d WHERE d.account_id = a.id AND d.status <> 'won') AS flagged,"
     # Only with expired lots and open holds: the lots and holds, to tell what of the expired lots the holds
     # reserve (their captures pay from it: counted once, as held; `unspendable`).
     " (SELECT json_build_array(CAST(:now AS timestamptz),"
     "   (SELECT json_agg(json_build_array(l.id, CAST(l.remaining AS text), l.expires_at) ORDER BY l.expires_at, l.id)"
-    "      FROM lots l WHERE l.account_id = a.id AND l.remaining > 0),"
+    "      FROM lots l WHERE l.account_id = a.id AND l.live),"
     "   (SELECT json_agg(json_build_array(CAST(h.amount AS text), h.created_at) ORDER BY h.created_at, h.hold_id)"
     "      FROM open_holds h WHERE h.account_id = a.id AND h.expires_at > :now))"
-    "  WHERE EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.remaining > 0 AND l.expires_at <= :now)"
+    "  WHERE EXISTS (SELECT 1 FROM lots l WHERE l.account_id = a.id AND l.live AND l.expires_at <= :now)"
     "    AND EXISTS (SELECT 1 FROM open_holds h WHERE h.account_id = a.id AND h.expires_at > :now)) AS reserving"
 )
 MAX_PAGE = 100

@@ -70,10 +70,7 @@ class Journal:
         if balance is None:
             raise AccountMissing(customer.id)
         rows = await conn.execute(
-            text(
-                "SELECT id, remaining, expires_at FROM lots WHERE account_id = :id AND remaining > 0 "
-                "ORDER BY expires_at, id"
-            ),
+            text("SELECT id, remaining, expires_at FROM lots WHERE account_id = :id AND live ORDER BY expires_at, id"),
             {"id": customer.id},
         )
         return CustomerState(balance, tuple(LotBalance(*row) for row in rows))

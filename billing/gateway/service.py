@@ -91,7 +91,7 @@ LEFT JOIN LATERAL (
            array_agg(l.remaining ORDER BY l.expires_at, l.id) AS remaining,
            array_agg(l.expires_at ORDER BY l.expires_at, l.id) AS expires,
            bool_or(l.expires_at <= :now) AS any_expired
-    FROM lots l WHERE l.account_id = a.id AND l.remaining > 0) lt ON true
+    FROM lots l WHERE l.account_id = a.id AND l.live) lt ON true
 LEFT JOIN LATERAL (
     SELECT array_agg(h.amount ORDER BY h.created_at, h.hold_id) AS amounts,
            array_agg(h.created_at ORDER BY h.created_at, h.hold_id) AS created

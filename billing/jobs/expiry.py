@@ -34,11 +34,11 @@ BATCH_SIZE = 500
 
 _DUE_ACCOUNTS = text(
     """SELECT DISTINCT l.account_id, a.public_id FROM lots l JOIN accounts a ON a.id = l.account_id
-WHERE l.remaining > 0 AND l.expires_at <= :now AND l.account_id > :after
+WHERE l.live AND l.expires_at <= :now AND l.account_id > :after
 ORDER BY l.account_id LIMIT :batch"""
 )
 _LOTS = text(
-    "SELECT account_id, id, remaining, expires_at FROM lots WHERE account_id = ANY(:ids) AND remaining > 0"
+    "SELECT account_id, id, remaining, expires_at FROM lots WHERE account_id = ANY(:ids) AND live"
     " ORDER BY expires_at, id"
 )
 

@@ -152,3 +152,40 @@ async def test_a_nul_character_in_one_charge_costs_the_charges_batched_with_it_n
     assert [r.status_code for r in answers] == [201, 400, 201, 400, 201]
     assert {answers[i].json()["error"]["code"] for i in (1, 3)} == {"unstorable_text"}
     assert (await api.balance(acct))["balance"] == "0.97"
+
+
+def _blocks_read(plan: dict[str, Any], relation: str) -> int:
+    """Shared buffers the nodes scanning `relation` (and the index scans under them) touched."""
+    own = plan.get("Shared Hit Blocks", 0) + plan.get("Shared Read Blocks", 0)
+    children = plan.get("Plans", ())
+    if plan.get("Relation Name") == relation:
+        return own
+    return sum(_blocks_read(child, relation) for child in children)
+
+
+async def test_a_charge_reads_only_the_lots_with_something_left(api: Api, gw: Gateway, engine: AsyncEngine) -> None:
+    """An account that has emptied thousands of lots (a top-up a day for years) pays nothing for them on each
+    request: the state read finds the lots it may spend from through an index of the live ones alone (migration
+    0020). Counted in buffers, not timed."""
+    from datetime import UTC, datetime
+
+    from billing.gateway.service import CHARGE_SQL
+
+    acct = await funded(api, "1.00")
+    async with engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO lots (account_id, category, amount, remaining, expires_at, entry_id)"
+                 " SELECT l.account_id, 'paid', 1, 0, now() + g * interval '1 minute', l.entry_id"
+                 " FROM lots l JOIN accounts a ON a.id = l.account_id, generate_series(1, 3000) AS g"
+                 " WHERE a.public_id = :a"),
+            {"a": acct},
+        )  # fmt: skip
+        await conn.execute(text("ANALYZE lots"))
+    params = {"key": None, "account": acct, "now": datetime.now(UTC), "generation": f"gen-{uuid.uuid4().hex}"}
+    async with engine.connect() as conn:
+        plan = (await conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {CHARGE_SQL}"), params)).scalar_one()
+    assert _blocks_read(plan[0]["Plan"], "lots") <= 4
+
+    await gw.charge(account=acct, cost="0.40")
+    lots = (await api.client.get(f"/v1/accounts/{acct}/lots", headers=ADMIN)).json()
+    assert [lot["remaining"] for lot in lots["data"] if lot["remaining"] != "0.00"] == ["0.60"]
