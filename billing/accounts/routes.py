@@ -21,6 +21,8 @@ from billing.schemas import ListOf, timestamp_field
 
 Limit = Annotated[int, QueryParameter(ge=1, le=service.MAX_PAGE, description="Page size, 1-100.")]
 Cursor = Annotated[str | None, QueryParameter(description="Return entries older than this entry id (cursor).")]
+LotCursor = Annotated[str | None, QueryParameter(description="Return the lots consumed after this lot id (cursor).")]
+Live = Annotated[bool, QueryParameter(description="Only the lots with something left.")]
 Ctx = NamedDependency[Context]
 
 READERS = requires(SUPPORT, GATEWAY, ACCOUNT)
@@ -105,11 +107,19 @@ class AccountsController(Controller):
     @get(
         "/{account_id:str}/lots",
         guards=[READERS],
-        summary="Credit lots and what is left of each",
-        responses=error_responses(401, 403, 404),
+        summary="Credit lots and what is left of each, in the order usage consumes them",
+        responses=error_responses(400, 401, 403, 404),
     )
-    async def get_lots(self, account_id: FromPath[str], ctx: Ctx, request: Request) -> ListOf[s.Lot]:
-        return await service.lots(ctx, request.user, account_id)
+    async def get_lots(
+        self,
+        account_id: FromPath[str],
+        ctx: Ctx,
+        request: Request,
+        limit: Limit = 20,
+        starting_after: LotCursor = None,
+        live: Live = False,
+    ) -> ListOf[s.Lot]:
+        return await service.lots(ctx, request.user, account_id, limit, starting_after, live=live)
 
     @post(
         "/{account_id:str}/grants",

@@ -328,19 +328,43 @@ def _lot(r: Row[Any], account: str, now: datetime) -> s.Lot:
     )
 
 
-async def lots(ctx: Context, principal: Principal, account: str) -> ListOf[s.Lot]:
-    """Every lot of the account, in the order usage consumes them (soonest expiry first)."""
+_LOTS = (
+    "SELECT id, category, amount, remaining, expires_at, created_at, entry_id FROM lots WHERE account_id = :id"
+    " AND (expires_at, id) > (CAST(:after_expiry AS timestamptz), :after_id) {live}"
+    " ORDER BY expires_at, id LIMIT :n"
+)
+_LOT_CURSOR = text("SELECT expires_at, id FROM lots WHERE id = :lot AND account_id = :id")
+
+
+async def lots(
+    ctx: Context,
+    principal: Principal,
+    account: str,
+    limit: int = MAX_PAGE,
+    starting_after: str | None = None,
+    *,
+    live: bool = False,
+) -> ListOf[s.Lot]:
+    """A page of the account's lots in the order usage consumes them (soonest expiry first), after the lot
+    `starting_after`; with `live`, only those with something left (an account topping up every day has
+    thousands of emptied lots before them)."""
     now = clock.now()
     async with ctx.db.connect() as conn:
         row = await find_account(conn, principal, account)
-        rows = await conn.execute(
-            text(
-                "SELECT id, category, amount, remaining, expires_at, created_at, entry_id FROM lots"
-                " WHERE account_id = :id ORDER BY expires_at, id"
-            ),
-            {"id": row.id},
-        )
-        return ListOf(data=[_lot(r, account, now) for r in rows], has_more=False)
+        after: tuple[Any, int] = (datetime.min.replace(tzinfo=UTC), 0)
+        if starting_after is not None:
+            found = await conn.execute(_LOT_CURSOR, {"lot": internal_id("lot", starting_after, "lot"), "id": row.id})
+            cursor = found.first()
+            if cursor is None:
+                raise not_found("lot", starting_after)
+            after = (cursor.expires_at, cursor.id)
+        rows = (
+            await conn.execute(
+                text(_LOTS.format(live="AND live" if live else "")),
+                {"id": row.id, "after_expiry": after[0], "after_id": after[1], "n": limit + 1},
+            )
+        ).all()
+    return ListOf(data=[_lot(r, account, now) for r in rows[:limit]], has_more=len(rows) > limit)
 
 
 async def journal_entry(conn: AsyncConnection, entry_id: int) -> s.JournalEntry | None:

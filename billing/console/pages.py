@@ -135,7 +135,7 @@ def account(who: str, a: Any, lots: Any, ledger: Any, purchases: Any, activity: 
     body = (
         summary
         + moves
-        + "<h2>Lots</h2>"
+        + "<h2>Lots with credits left</h2>"
         + table(["lot", "category", "amount", "left", "expires", ""], lot_rows, frozenset({2, 3}))
         + f'<h2>Ledger · <a href="{base}">latest</a>'
         + (f' · <a href="{base}?ledger_after={quote(ledger.data[-1].id)}">older</a>' if ledger.has_more else "")

@@ -168,7 +168,7 @@ class ConsoleController(Controller):
         content = pages.account(
             staff.name,
             found,
-            await accounts.lots(ctx, staff, account_id),
+            await accounts.lots(ctx, staff, account_id, live=True),
             ledger,
             await purchases.list_purchases(ctx, staff, account_id, 10, None),
             await activity.list_generations(ctx, staff, account_id, limit=20, starting_after=None),

@@ -84,6 +84,41 @@ async def test_negative_adjustment_consumes_soonest_expiring_lot(api: Api, clien
     assert [lot["id"] for lot in lots] == [early["lot"]["id"], late["lot"]["id"]]
 
 
+async def test_lots_page_in_the_order_usage_consumes_them_and_filter_to_the_live_ones(
+    api: Api, client: AsyncTestClient
+) -> None:
+    acct = (await api.account())["id"]
+    days = [5, 1, 9, 3]
+    made = {
+        d: await api.grant(acct, "1.00", expires_at=(datetime.now(UTC) + timedelta(days=d)).isoformat()) for d in days
+    }
+    order = [made[d]["lot"]["id"] for d in sorted(days)]
+    r = await client.post(
+        f"/v1/accounts/{acct}/adjustments", json={"amount": "-1.50", "reason": "x"}, headers={**ADMIN, **key()}
+    )
+    assert r.status_code == 201, r.text
+
+    async def page(**params: Any) -> Any:
+        r = await client.get(f"/v1/accounts/{acct}/lots", params=params, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = await page(limit=3)
+    assert [lot["id"] for lot in first["data"]] == order[:3] and first["has_more"] is True
+    rest = await page(limit=3, starting_after=first["data"][-1]["id"])
+    assert [lot["id"] for lot in rest["data"]] == order[3:] and rest["has_more"] is False
+    live = await page(live="true")
+    assert [(lot["id"], lot["remaining"]) for lot in live["data"]] == [
+        (order[1], "0.50"),
+        *((i, "1.00") for i in order[2:]),
+    ]
+
+    other = await api.grant((await api.account())["id"], "1.00")
+    for cursor in (other["lot"]["id"], "lot_x", "je_1"):
+        r = await client.get(f"/v1/accounts/{acct}/lots", params={"starting_after": cursor}, headers=ADMIN)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "lot_not_found", r.text
+
+
 async def test_ledger_history_paginates_newest_first_with_running_balance(api: Api, client: AsyncTestClient) -> None:
     acct = (await api.account())["id"]
     for amount in ["1.00", "2.00", "3.00", "4.00", "5.00"]:
