@@ -17,14 +17,15 @@ BATCH_SIZE = 1000
 
 # The due holds are found among the open ones (`open_holds`, which holds nothing else) and locked in `holds`
 # with SKIP LOCKED: a concurrent run, or a capture holding the row, is skipped, never waited on and never
-# counted twice; the status is checked again on the locked row, so a hold resolved meanwhile is left alone.
+# counted twice. The LIMIT counts the rows locked, not those passed over, so a run stops only when fewer than a
+# batch of due holds are left to it; a hold resolved meanwhile fails the status check on its locked row.
 # (Locking `open_holds` instead would take the locks in the other order than a capture, which updates the hold
 # and then, through the trigger, deletes its open row.)
 EXPIRE_DUE = text(
     """WITH due AS (
-    SELECT h.id FROM holds h
-    WHERE h.id = ANY(ARRAY(SELECT hold_id FROM open_holds WHERE expires_at <= :cutoff
-                           ORDER BY expires_at, hold_id LIMIT :batch))
+    SELECT h.id FROM open_holds o JOIN holds h ON h.id = o.hold_id
+    WHERE o.expires_at <= :cutoff AND h.status = 'open'
+    ORDER BY o.expires_at, o.hold_id LIMIT :batch
     FOR UPDATE OF h SKIP LOCKED)
 UPDATE holds h SET status = 'expired', resolved_at = now(),
        resolution = jsonb_build_object('expired_at', h.expires_at)

@@ -17,10 +17,11 @@ from tests.conftest import Api
 from tests.workers.conftest import clock_moved, eventually
 
 
-async def holds(api: Api, account: str, count: int, *, expired: bool) -> list[str]:
+async def holds(api: Api, account: str, count: int, *, expired: bool, ago: timedelta = timedelta(hours=1)) -> list[str]:
+    """`count` holds of 60 s, one after the other: opened `ago` when `expired`, else now."""
     gateway = await api.token(["gateway"])
     made = []
-    when = datetime.now(UTC) - timedelta(hours=1) if expired else datetime.now(UTC)
+    when = datetime.now(UTC) - ago if expired else datetime.now(UTC)
     with clock_moved(when):
         for _ in range(count):
             r = await api.client.post(
@@ -114,14 +115,18 @@ async def test_the_job_passes_over_a_due_hold_whose_capture_holds_it_and_takes_i
     ctx: Context, jobs_api: Api, jobs_engine: AsyncEngine
 ) -> None:
     """A capture locks its hold, then (the trigger) its open row; the job must skip the hold, not wait for it
-    in the other order, and leave the capture to decide. The holds it does expire leave `open_holds`."""
+    in the other order, and leave the capture to decide — and go on to the holds due after it: a batch is
+    the due holds it could lock, so one locked hold does not end the run. The holds it does expire leave
+    `open_holds`."""
     account = (await jobs_api.account())["id"]
     await jobs_api.grant(account, "1.00")
-    busy, *due = await holds(jobs_api, account, 3, expired=True)
+    # due before any other test's holds, the one a capture holds first
+    busy, *due = await holds(jobs_api, account, 3, expired=True, ago=timedelta(days=30))
     ids = [int(h.removeprefix("hold_")) for h in (busy, *due)]
     async with jobs_engine.connect() as capture:
         await capture.execute(text("SELECT id FROM holds WHERE id = :h FOR UPDATE"), {"h": ids[0]})
-        assert await asyncio.wait_for(expire_holds(ctx, now=datetime.now(UTC)), timeout=30) >= 2
+        run = expire_holds(ctx, now=datetime.now(UTC), batch_size=1)
+        assert await asyncio.wait_for(run, timeout=30) >= 2
         await capture.rollback()
     assert await statuses(jobs_engine, [busy, *due]) == {busy: "open", **dict.fromkeys(due, "expired")}
     async with jobs_engine.connect() as conn:
