@@ -54,24 +54,31 @@ return {1, minute, day}
 """
 
 
-def purchased_sql(account_id: str) -> str:
-    """What an account has purchased in total, as an SQL scalar subquery; `account_id` is the SQL expression
-    of its internal id. The one definition behind the day quota above and a key's `is_free_tier`.
+def purchased_enough_sql(account_id: str) -> str:
+    """Whether an account has purchased at least PURCHASE_THRESHOLD in total, as an SQL boolean; `account_id` is
+    the SQL expression of its internal id. The one definition behind the day quota above and a key's
+    `is_free_tier`.
 
     Purchased means paid for: the credits of each `paid` lot a payment created — a purchase, or a staff
     `paid` grant (credits paid outside Stripe). Not the `paid` lot of a won dispute, which gives back credits
     their purchase already counted, nor a positive adjustment's (a correction, not a payment). Refunds and
     disputes are not subtracted: SPEC §5 asks what the account has purchased "in total", not what it kept.
+
+    A running sum over the account's lots in index order (amounts are positive, so it reaches the threshold
+    exactly when the total does), read only until it does: a free-model request of an account that tops up
+    every day reads its first lots, not every lot it ever had.
     """
     return (
-        "(SELECT coalesce(sum(l.amount), 0) FROM lots l JOIN journal_entries e ON e.id = l.entry_id"
-        f" WHERE l.account_id = {account_id} AND l.category = 'paid' AND e.kind IN ('purchase', 'grant'))"
+        "EXISTS (SELECT 1 FROM (SELECT sum(l.amount) OVER (ORDER BY l.expires_at) AS running"
+        " FROM lots l JOIN journal_entries e ON e.id = l.entry_id"
+        f" WHERE l.account_id = {account_id} AND l.category = 'paid' AND e.kind IN ('purchase', 'grant')) p"
+        f" WHERE p.running >= {PURCHASE_THRESHOLD})"
     )
 
 
-def day_limit(purchased: Decimal) -> int:
+def day_limit(purchased_enough: bool) -> int:
     """The daily quota: larger once the account has purchased at least $10 of credits in total."""
-    return PER_DAY_AFTER_PURCHASE if purchased >= PURCHASE_THRESHOLD else PER_DAY
+    return PER_DAY_AFTER_PURCHASE if purchased_enough else PER_DAY
 
 
 @dataclass(frozen=True, slots=True)

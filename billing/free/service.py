@@ -17,15 +17,15 @@ from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import LEDGER, PERMISSION, ApiError, invalid, not_found
 from billing.free import schemas as s
-from billing.free.quota import FreeLimiter, Usage, Verdict, day_limit, purchased_sql
+from billing.free.quota import FreeLimiter, Usage, Verdict, day_limit, purchased_enough_sql
 from billing.ledger.money import format_money
 
 FREE_SUFFIX = ":free"
 RATE_LIMIT = "rate_limit_error"
 
-# One round trip on the hot path: the account, its balance, and what it has purchased.
+# One round trip on the hot path: the account, its balance, and whether it has purchased enough for the larger quota.
 _ACCOUNT = text(
-    f"SELECT a.id, b.balance, {purchased_sql('a.id')} AS purchased,"
+    f"SELECT a.id, b.balance, {purchased_enough_sql('a.id')} AS purchased_enough,"
     " k.id AS key_id, k.disabled, k.expires_at AS key_expires_at, k.deleted_at AS key_deleted_at"
     " FROM accounts a JOIN balances b ON b.account_id = a.id"
     " LEFT JOIN api_keys k ON k.public_id = :k AND k.account_id = a.id"
@@ -97,7 +97,7 @@ async def admit(ctx: Context, limiter: FreeLimiter, principal: Principal, data: 
             "The account's balance is negative: pay it off before using free models.",
             balance=format_money(row.balance),
         )
-    verdict = await limiter.admit(data.account, day_limit(row.purchased), now)
+    verdict = await limiter.admit(data.account, day_limit(row.purchased_enough), now)
     refused = verdict.refused_by
     if refused is not None:
         raise RateLimited(refused, now, verdict.degraded)

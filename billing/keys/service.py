@@ -18,7 +18,7 @@ from billing.auth.audit import audit, require_reason
 from billing.auth.principal import Principal
 from billing.context import Context
 from billing.errors import invalid, not_found
-from billing.free.quota import PURCHASE_THRESHOLD, purchased_sql
+from billing.free.quota import purchased_enough_sql
 from billing.keys import schemas as s
 from billing.ledger.money import format_money
 from billing.ledger.usage import KeyLimit, KeyUsage
@@ -31,7 +31,7 @@ KEY_COLUMNS = f"""k.id, k.public_id, a.public_id AS account, m.public_id AS memb
     k.byok_month, k.account_id,
     (SELECT coalesce(sum(h.amount), 0) FROM open_holds h
       WHERE h.key_id = k.id AND h.expires_at > :now) AS key_held,
-    {purchased_sql("k.account_id")} AS purchased"""
+    {purchased_enough_sql("k.account_id")} AS purchased_enough"""
 KEY_FROM = "api_keys k JOIN accounts a ON a.id = k.account_id LEFT JOIN accounts m ON m.id = k.member_id"
 
 
@@ -72,7 +72,7 @@ def view(row: Row[Any]) -> s.Key:
         byok_usage_weekly=format_money(current.byok_week),
         byok_usage_monthly=format_money(current.byok_month),
         # An account that has purchased $10 in total leaves the free tier (SPEC §5, free models).
-        is_free_tier=row.purchased < PURCHASE_THRESHOLD,
+        is_free_tier=not row.purchased_enough,
         disabled=row.disabled,
         expires_at=row.expires_at,
         created_at=row.created_at,

@@ -264,6 +264,37 @@ async def test_a_won_dispute_does_not_count_its_purchase_twice(client: AsyncTest
     assert await day_limit_and_free_tier() == (1000, False)
 
 
+async def test_whether_an_account_bought_enough_is_read_from_as_few_lots_as_reach_10_dollars(
+    api: Api, engine: AsyncEngine
+) -> None:
+    """Each free-model request (and each key read) asks whether the account has purchased $10 in total. An
+    account topping up every day has thousands of paid lots; the answer reads lots only until their running
+    total reaches $10, not all of them (counted in rows the plan read, not timed)."""
+    from billing.free.quota import purchased_enough_sql
+
+    account = (await api.account())["id"]
+    await api.grant(account, "10.00", category="paid")
+    async with engine.begin() as conn:
+        internal = await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :a"), {"a": account})
+        await conn.execute(
+            text("INSERT INTO lots (account_id, category, amount, remaining, expires_at, entry_id)"
+                 " SELECT l.account_id, 'paid', 1, 0, now() + g * interval '1 minute', l.entry_id"
+                 " FROM lots l, generate_series(1, 3000) AS g WHERE l.account_id = :id"),
+            {"id": internal},
+        )  # fmt: skip
+        await conn.execute(text("ANALYZE lots"))
+    sql = f"SELECT {purchased_enough_sql(str(internal))}"
+    async with engine.connect() as conn:
+        assert await conn.scalar(text(sql)) is True
+        plan = (await conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"))).scalar_one()
+
+    def lots_read(node: dict[str, Any]) -> int:
+        own = node["Actual Rows"] * node["Actual Loops"] if node.get("Relation Name") == "lots" else 0
+        return own + sum(lots_read(child) for child in node.get("Plans", ()))
+
+    assert lots_read(plan[0]["Plan"]) <= 20  # of 3,001
+
+
 async def spend(engine: AsyncEngine, account: str, amount: Decimal) -> None:
     """Usage the balance cannot cover (a finished generation is paid even into debt): one balanced entry."""
     journal = Journal()
