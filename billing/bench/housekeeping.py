@@ -19,16 +19,30 @@ them falls inside a 20 s window decides much of that window's p99 — for the se
   interval, in milliseconds summed over the cores (None where /proc/stat is missing). Up to 17% of a scratch
   window's time was stolen on one benchmark host (docs/performance.md, session 13): such a window measures
   the neighbours as much as the code.
+- `sync_writes`, `sync_p50_ms`, `sync_p99_ms`, `sync_max_ms`: what one durable write cost on the disk the
+  server's WAL is on, measured outside PostgreSQL: every SYNC_PROBE_S an 8 kB block rewritten in a file beside
+  the data directory and `fdatasync`ed, as a commit rewrites and flushes its WAL page (None when the server's
+  directory is not on this machine or not readable). Every acknowledged charge waits for one such flush; when
+  the probe's own p99 is above the latency target, no durable commit met it in that window (docs/performance.md,
+  session 21: the probe's p99.9 was 120 ms and its slowest write 428 ms in a window of spread charges at 1,000/s,
+  against 1.2 and 14 ms on the same disk at rest).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
+import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from billing.bench.loadgen import percentile_ms
+
 SAMPLE_S = 0.1
+SYNC_PROBE_S = 0.02
+_BLOCK = b"\0" * 8192
 _TICKS = os.sysconf("SC_CLK_TCK")
 _CHECKPOINTER = {  # PostgreSQL 17 moved the checkpointer's figures out of pg_stat_bgwriter
     True: "SELECT num_timed + num_requested, buffers_written, sync_time FROM pg_stat_checkpointer",
@@ -66,10 +80,33 @@ def cpu_ticks() -> tuple[int, int] | None:
         return None
 
 
+def sync_probe_directory(url: str) -> Path | None:
+    """A directory on the disk the server at `url` writes its WAL to, outside the server's own directories,
+    that this process may write to: the parent of the data directory (the embedded server's data folder), or
+    the directory holding `pg_wal` when the WAL is elsewhere. None when the server's files are not on this machine
+    or not ours to see (`data_directory` is a superuser's setting to read)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT current_setting('data_directory')").fetchone()
+        data = Path(row[0]).resolve(strict=True) if row else None
+        if data is None:
+            return None
+        wal = (data / "pg_wal").resolve(strict=True)
+        device = wal.stat().st_dev
+        for candidate in (data.parent, wal.parent):
+            if candidate != data and candidate.stat().st_dev == device and os.access(candidate, os.W_OK):
+                return candidate
+    except (psycopg.Error, OSError):
+        return None
+    return None
+
+
 class Housekeeping:
     """`with Housekeeping(url, disk=...) as window: ...` then `window.report()`; `url` names the database whose
     tables autovacuum is counted on (the server's own figures are server-wide); `disk`: the server runs on
-    this machine, so its disk writes are this machine's."""
+    this machine, so its disk writes are this machine's, and its WAL's disk is probed with durable writes."""
 
     def __init__(self, url: str, *, disk: bool) -> None:
         self.url = url
@@ -80,6 +117,8 @@ class Housekeeping:
         self._cpu: list[tuple[int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="housekeeping", daemon=True)
+        self._syncs_ns: list[int] = []
+        self._probe: threading.Thread | None = None
 
     def _server(self) -> tuple[Any, ...]:
         import psycopg
@@ -107,10 +146,32 @@ class Housekeeping:
         while not self._stop.wait(SAMPLE_S):
             self._sample_machine()
 
+    @property
+    def synced(self) -> int:
+        """Durable writes the sync probe has made so far in this window."""
+        return len(self._syncs_ns)
+
+    def _sync_probe(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix=".billing-bench-sync-", dir=directory)
+        try:
+            while not self._stop.wait(SYNC_PROBE_S):
+                began = time.perf_counter_ns()
+                os.pwrite(fd, _BLOCK, 0)
+                os.fdatasync(fd)
+                self._syncs_ns.append(time.perf_counter_ns() - began)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+
     def __enter__(self) -> Housekeeping:
+        directory = sync_probe_directory(self.url) if self.disk else None
+        if directory is not None:
+            self._probe = threading.Thread(target=self._sync_probe, args=(directory,), name="sync-probe", daemon=True)
         self._before = self._server()
         self._sample_machine()  # the window's first and last samples are taken here and in __exit__
         self._thread.start()
+        if self._probe is not None:
+            self._probe.start()
         return self
 
     def __exit__(
@@ -118,6 +179,8 @@ class Housekeeping:
     ) -> None:
         self._stop.set()
         self._thread.join()
+        if self._probe is not None:
+            self._probe.join()
         self._sample_machine()
         self._after = self._server()
 
@@ -136,7 +199,23 @@ class Housekeeping:
             "largest_write_burst_mb": round(max(steps) / 1024, 1) if steps else None,
             "steal_pct": round(100 * (stolen1 - stolen0) / (ticks1 - ticks0), 1) if ticks1 > ticks0 else None,
             "largest_steal_ms": round(max(stolen) * 1000 / _TICKS) if stolen else None,
+            **sync_figures(self._syncs_ns if self._probe is not None else None),
         }
+
+
+def sync_figures(syncs_ns: list[int] | None) -> dict[str, Any]:
+    """The sync probe's count and p50 / p99 / max in ms; None each when there was no probe."""
+
+    def ms(q: float) -> float | None:
+        value = percentile_ms(syncs_ns or [], q)
+        return None if value is None else round(value, 2)
+
+    return {
+        "sync_writes": None if syncs_ns is None else len(syncs_ns),
+        "sync_p50_ms": ms(50),
+        "sync_p99_ms": ms(99),
+        "sync_max_ms": ms(100),
+    }
 
 
 # Settings from anywhere but PostgreSQL's built-in defaults and the connection itself: the server's configuration

@@ -1,6 +1,7 @@
 """What a latency window contained besides the load: the server's checkpoints and WAL, the disk's writes."""
 
 import os
+import time
 from pathlib import Path
 
 import psycopg
@@ -33,12 +34,45 @@ def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(datab
     assert report["autovacuum_runs"] >= 0, report
 
 
+def io_written_bytes() -> int:
+    """What this process has sent to storage (`write_bytes` of /proc/self/io, counted as pages are dirtied)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("write_bytes:"))
+
+
+def test_a_window_probes_the_disk_of_the_servers_wal_with_durable_writes(database_url: str) -> None:
+    """Each probe write is flushed to the disk before the next: its page is clean again and the next write
+    dirties it anew, so this process sends a page to storage per write (unflushed, the same dirty page would be
+    counted once)."""
+    from billing.bench.housekeeping import SYNC_PROBE_S, sync_probe_directory
+
+    directory = sync_probe_directory(database_url)
+    assert directory is not None  # the tests' server runs here and its superuser can read data_directory
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (data,) = conn.execute("SELECT current_setting('data_directory')").fetchone() or ("",)
+    assert Path(data).resolve().parent == directory  # beside the data directory, never inside it
+    before = sorted(directory.glob(".billing-bench-sync-*"))
+    written = io_written_bytes()
+    with Housekeeping(database_url, disk=True) as window:
+        deadline = time.monotonic() + 60
+        while window.synced < 10 and time.monotonic() < deadline:
+            time.sleep(SYNC_PROBE_S)  # the probe writes once every SYNC_PROBE_S, flushes taking what they take
+    written = io_written_bytes() - written
+
+    report = window.report()
+    assert report["sync_writes"] is not None and report["sync_writes"] >= 10, report
+    assert written >= 4096 * report["sync_writes"], (written, report)
+    assert 0.0 < report["sync_p50_ms"] <= report["sync_p99_ms"] <= report["sync_max_ms"], report
+    assert sorted(directory.glob(".billing-bench-sync-*")) == before  # its file is gone
+
+
 def test_a_server_elsewhere_reports_no_disk_figures_of_this_machine(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn, Housekeeping(database_url, disk=False) as window:
         conn.execute("CHECKPOINT")
 
     report = window.report()
     assert report["disk_written_mb"] is None and report["largest_write_burst_mb"] is None, report
+    assert report["sync_writes"] is None and report["sync_p99_ms"] is None, report
     assert report["checkpoints"] >= 1, report  # the server's own figures are still counted
 
 
