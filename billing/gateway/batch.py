@@ -253,17 +253,17 @@ class BatchWrites:
             self.keys[row.key_id] = state.keys[row.key_id]
         if g.is_byok:
             state.month_list_usage += byok
-            state.month_requests += 1
-            self.byok(row.account_id, byok, spend.amount)
+            state.month_requests += priced.byok_requests
+            self.byok(row.account_id, byok, priced.byok_requests, spend.amount)
         return entry_n
 
     def generation(self, entry_n: int | None, row: dict[str, Any]) -> None:
         self.generations.append({"n": len(self.generations) + 1, "e": entry_n, **row})
 
-    def byok(self, account_id: int, list_usage: Decimal, fee: Decimal) -> None:
+    def byok(self, account_id: int, list_usage: Decimal, requests: int, fee: Decimal) -> None:
         month = self.months.setdefault(account_id, [ZERO, 0, ZERO])
         month[0] += list_usage
-        month[1] += 1
+        month[1] += requests
         month[2] += fee
 
     def statement(self, month: date) -> tuple[str, dict[str, Any]]:

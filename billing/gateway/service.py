@@ -164,9 +164,9 @@ UPDATE_KEY = """UPDATE api_keys SET usage_total = :k_usage_total, byok_total = :
     month_start = :k_month_start, usage_month = :k_usage_month, byok_month = :k_byok_month
 WHERE id = :k_id"""
 UPSERT_BYOK_MONTH = """INSERT INTO byok_months (account_id, month, list_usage, requests, fees)
-VALUES (:m_account, :m_month, :m_list, 1, :m_fee)
+VALUES (:m_account, :m_month, :m_list, :m_requests, :m_fee)
 ON CONFLICT (account_id, month) DO UPDATE SET list_usage = byok_months.list_usage + EXCLUDED.list_usage,
-    requests = byok_months.requests + 1, fees = byok_months.fees + EXCLUDED.fees"""
+    requests = byok_months.requests + EXCLUDED.requests, fees = byok_months.fees + EXCLUDED.fees"""
 
 
 def fingerprint(data: msgspec.Struct) -> str:
@@ -196,6 +196,12 @@ class Priced:
         if self.byok_list_cost is None:
             return None
         return ZERO if self.insured else self.byok_list_cost
+
+    @property
+    def byok_requests(self) -> int:
+        """What a BYOK generation counts toward the month's free requests (the per-request policy): none when
+        zero completion insurance covers it, as it counts nothing toward the list-price allowance either."""
+        return 0 if self.insured else 1
 
 
 def price(g: s.Generation) -> Priced:
@@ -423,6 +429,7 @@ def riders_for(
                     "m_account": row.account_id,
                     "m_month": now.date().replace(day=1),
                     "m_list": priced.byok_billable,
+                    "m_requests": priced.byok_requests,
                     "m_fee": spend.amount,
                 },
             )

@@ -6,7 +6,8 @@ generations in the UTC month, under the account's balance lock (so no charge run
 
 - recomputes each generation's fee in the order the hot path charged them (generation id: rows are
   inserted under the account's balance lock, so ids follow the lock order even when concurrent requests'
-  `created_at` do not), on its list cost (none for one that zero completion insurance covered), with the
+  `created_at` do not), on its list cost (none for one that zero completion insurance covered, which counts as no request
+  either), with the
   policy it recorded when charged (`byok_policy_id`: rules are versioned so past entries keep the rule that
   made them, SPEC §5, and a policy added later with a backdated `effective_from` re-prices nothing), or, for
   a generation that recorded none, the policy in force at its `created_at` (`usage.expected_byok_fees`), and
@@ -55,8 +56,8 @@ ORDER BY g.account_id"""
 )
 _CLOSED = text("SELECT 1 FROM byok_month_closings WHERE account_id = :account AND month = :month")
 _GENERATIONS = text(
-    """SELECT created_at, byok_policy_id,
-    CASE WHEN usage @> '{"insured": true}' THEN 0 ELSE byok_list_cost END, coalesce(byok_fee, 0) FROM generations
+    """SELECT created_at, byok_policy_id, byok_list_cost, coalesce(byok_fee, 0), usage @> '{"insured": true}'
+FROM generations
 WHERE account_id = :account AND is_byok AND status = 'charged' AND created_at >= :start AND created_at < :end
 ORDER BY id"""
 )
@@ -188,11 +189,12 @@ async def _reconcile_account(
     account, enterprise = (await conn.execute(_ACCOUNT, {"account": account_id})).one()
     generations = (await conn.execute(_GENERATIONS, {"account": account_id, "start": start, "end": end})).all()
     fees = expected_byok_fees(
-        [(cost, policy_charged(policies, policy_id, at)) for at, policy_id, cost, _ in generations],
+        [(cost, policy_charged(policies, policy_id, at), insured) for at, policy_id, cost, _, insured in generations],
         enterprise=enterprise,
     )
     expected = sum(fees, ZERO)
-    charged = sum((fee for _, _, _, fee in generations), ZERO) + Decimal(await conn.scalar(_CORRECTED, key))
+    charged = sum((fee for _, _, _, fee, _ in generations), ZERO) + Decimal(await conn.scalar(_CORRECTED, key))
+    counted = [cost for _, _, cost, _, insured in generations if not insured]
     difference = expected - charged
     entry_id: int | None = None
     if difference:
@@ -215,8 +217,7 @@ async def _reconcile_account(
                     format_money(difference), correction.entry)  # fmt: skip
     await conn.execute(
         _MONTH,
-        {**key, "list_usage": sum((cost for _, _, cost, _ in generations), ZERO), "requests": len(generations),
-         "fees": expected},
+        {**key, "list_usage": sum(counted, ZERO), "requests": len(counted), "fees": expected},
     )  # fmt: skip
     if run.close:
         closed = await conn.execute(_CLOSE, {**key, "now": now, "entry": entry_id})

@@ -302,18 +302,25 @@ def policy_charged(
     return policy_at(policies, at)
 
 
-def expected_byok_fees(generations: Sequence[tuple[Decimal, ByokPolicy | None]], *, enterprise: bool) -> list[Decimal]:
+def expected_byok_fees(
+    generations: Sequence[tuple[Decimal, ByokPolicy | None, bool]], *, enterprise: bool
+) -> list[Decimal]:
     """The fee each of an account's charged BYOK generations of one UTC month should have paid, given in
-    the order they were charged as (list cost, the policy it was charged by): the same `byok_fee` rule as the hot
-    path, on the month's running list-price usage and request count. No policy in force: no fee."""
+    the order they were charged as (list cost, the policy it was charged by, whether zero completion insurance
+    covered it): the same `byok_fee` rule as the hot path, on the month's running list-price usage and count of
+    requests. An insured generation pays nothing and counts toward neither (its list cost is given as zero).
+    No policy in force: no fee."""
     fees: list[Decimal] = []
     usage = ZERO
-    for requests, (list_cost, policy) in enumerate(generations):
+    requests = 0
+    for list_cost, policy, insured in generations:
         fee = ZERO
-        if policy is not None:
+        if policy is not None and not insured:
             fee = byok_fee(
                 policy, list_cost=list_cost, month_list_usage=usage, month_requests=requests, enterprise=enterprise
             )
         fees.append(fee)
-        usage += list_cost
+        if not insured:
+            usage += list_cost
+            requests += 1
     return fees

@@ -185,7 +185,49 @@ async def test_zero_completion_insurance_covers_a_byok_generation(
                 text("SELECT list_usage, requests, fees FROM byok_months WHERE account_id = :a"), {"a": acct_id}
             )
         ).all()
-    assert month == [(Decimal("25030"), 6, Decimal("1.5"))]
+    assert month == [(Decimal("25030"), 4, Decimal("1.5"))]  # the two insured ones are no requests either
+
+
+async def test_an_insured_byok_request_is_not_one_of_the_months_free_requests(
+    api: Api, gw_path: Gateway, client: AsyncTestClient, client_ctx: Context, clock_at
+) -> None:  # type: ignore[no-untyped-def]
+    """Under the older per-request policy, a BYOK generation that zero completion insurance covers pays nothing
+    and uses none of the month's free requests, as it uses none of the list-price allowance: counted, it would
+    make a later request that produced output pay the 5% fee. Charges and captures, batched and single; the
+    month's reconciliation agrees."""
+    gw = gw_path
+    policy = {"reason": "finance: per-request policy", "kind": "free_requests", "free_requests": 2, "rate": "0.05"}
+    r = await client.post(
+        "/v1/byok_fee_policies", json={**policy, "effective_from": "2052-01-01T00:00:00Z"}, headers=ADMIN
+    )
+    assert r.status_code == 201, r.text
+    clock_at(datetime(2052, 3, 10, tzinfo=UTC))
+    acct = await _account(api, client)
+    failed = {
+        "is_byok": True,
+        "byok_list_cost": "2.00",
+        "upstream_inference_cost": "2.00",
+        "usage": {"prompt_tokens": 3000, "completion_tokens": 0},
+    }
+    insured = [(await gw.charge(account=acct, finish_reason="error", **failed)).json()]
+    hold = (await gw.hold(account=acct, amount="1.00")).json()["id"]
+    insured.append((await gw.capture(hold, **failed)).json()["generation"])
+    assert [(g["byok_fee"], g["zero_completion_insured"]) for g in insured] == [("0.00", True)] * 2
+    paid = [(await _byok(gw, acct, "2.00"))["byok_fee"] for _ in range(3)]
+    assert paid == ["0.00", "0.00", "0.10"]  # two free requests, then 5% of the list cost
+
+    acct_id = await _account_id(client_ctx, acct)
+    run = await reconcile_byok(
+        client_ctx, date(2052, 3, 1), now=datetime(2052, 3, 11, tzinfo=UTC), account_ids=[acct_id]
+    )
+    assert run.accounts == 1 and run.corrections == []
+    async with client_ctx.db.connect() as conn:
+        month = (
+            await conn.execute(
+                text("SELECT list_usage, requests, fees FROM byok_months WHERE account_id = :a"), {"a": acct_id}
+            )
+        ).all()
+    assert month == [(Decimal("6.00"), 3, Decimal("0.10"))]
 
 
 async def _account_id(ctx: Context, account: str) -> int:
