@@ -6,12 +6,11 @@ generations in the UTC month, under the account's balance lock (so no charge run
 
 - recomputes each generation's fee in the order the hot path charged them (generation id: rows are
   inserted under the account's balance lock, so ids follow the lock order even when concurrent requests'
-  `created_at` do not), on its list cost (none for one that zero completion insurance covered, which counts as no request
-  either), with the
-  policy it recorded when charged (`byok_policy_id`: rules are versioned so past entries keep the rule that
-  made them, SPEC §5, and a policy added later with a backdated `effective_from` re-prices nothing), or, for
-  a generation that recorded none, the policy in force at its `created_at` (`usage.expected_byok_fees`), and
-  the month's list usage and request count;
+  `created_at` do not), on its list cost (none for one that zero completion insurance covered, which counts
+  as no request either), with the policy it recorded when charged (`byok_policy_id`: rules are versioned so
+  past entries keep the rule that made them, SPEC §5, and a policy added later with a backdated
+  `effective_from` re-prices nothing), or, for a generation that recorded none, the policy in force at its
+  `created_at` (`usage.expected_byok_fees`), and the month's list usage and request count;
 - compares the expected total with what was charged: the generations' `byok_fee` plus the corrections
   already posted for that account-month (`byok_corrections`);
 - posts ONE `byok_fee` entry for a difference, referenced by a `byok_corrections` row (signed amount,
