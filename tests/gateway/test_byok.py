@@ -4,6 +4,7 @@ list-price cost from credits, only on the part above the allowance; the older pe
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
@@ -174,17 +175,7 @@ async def test_zero_completion_insurance_covers_a_byok_generation(
     assert (view["byok_usage"], view["usage"]) == ("40.00", "1.50")
     assert (await api.balance(acct))["balance"] == "98.50"
 
-    acct_id = await _account_id(client_ctx, acct)
-    run = await reconcile_byok(
-        client_ctx, date(2026, 11, 1), now=datetime(2026, 11, 20, tzinfo=UTC), account_ids=[acct_id]
-    )
-    assert run.accounts == 1 and run.corrections == []
-    async with client_ctx.db.connect() as conn:
-        month = (
-            await conn.execute(
-                text("SELECT list_usage, requests, fees FROM byok_months WHERE account_id = :a"), {"a": acct_id}
-            )
-        ).all()
+    month = await _reconciled_month(client_ctx, acct, date(2026, 11, 1), now=datetime(2026, 11, 20, tzinfo=UTC))
     assert month == [(Decimal("25030"), 4, Decimal("1.5"))]  # the two insured ones are no requests either
 
 
@@ -216,18 +207,22 @@ async def test_an_insured_byok_request_is_not_one_of_the_months_free_requests(
     paid = [(await _byok(gw, acct, "2.00"))["byok_fee"] for _ in range(3)]
     assert paid == ["0.00", "0.00", "0.10"]  # two free requests, then 5% of the list cost
 
-    acct_id = await _account_id(client_ctx, acct)
-    run = await reconcile_byok(
-        client_ctx, date(2052, 3, 1), now=datetime(2052, 3, 11, tzinfo=UTC), account_ids=[acct_id]
-    )
+    month = await _reconciled_month(client_ctx, acct, date(2052, 3, 1), now=datetime(2052, 3, 11, tzinfo=UTC))
+    assert month == [(Decimal("6.00"), 3, Decimal("0.10"))]
+
+
+async def _reconciled_month(ctx: Context, account: str, month: date, *, now: datetime) -> list[Any]:
+    """The month's BYOK reconciliation for `account`, which must find nothing to correct; then the account's
+    `byok_months` rows (list usage, requests, fees) as it left them."""
+    acct_id = await _account_id(ctx, account)
+    run = await reconcile_byok(ctx, month, now=now, account_ids=[acct_id])
     assert run.accounts == 1 and run.corrections == []
-    async with client_ctx.db.connect() as conn:
-        month = (
+    async with ctx.db.connect() as conn:
+        return list(
             await conn.execute(
                 text("SELECT list_usage, requests, fees FROM byok_months WHERE account_id = :a"), {"a": acct_id}
             )
-        ).all()
-    assert month == [(Decimal("6.00"), 3, Decimal("0.10"))]
+        )
 
 
 async def _account_id(ctx: Context, account: str) -> int:
