@@ -37,6 +37,7 @@ class StripePayment:
     account: str | None  # our account id, from the metadata we set
     failure_code: str | None = None
     failure_message: str | None = None
+    paid: datetime | None = None  # its successful charge's time, when Stripe showed the charge
 
     def to_fulfil(self, source: str, checkout_session: str | None = None) -> Payment:
         """What `fulfil_payment` is handed for this payment, by whoever found it."""
@@ -47,9 +48,11 @@ class StripePayment:
             purchase_id=self.purchase_id,
             source=source,
             checkout_session=checkout_session,
-            # The PaymentIntent's creation: a lower bound of its payment, minutes before it at a checkout,
-            # far closer than whenever a lost webhook's payment is found.
-            paid_at=self.created if self.created.timestamp() > 0 else None,  # (0: Stripe gave none)
+            # When it was paid: its successful charge's time, as the webhook path takes its event's (which
+            # Stripe sends as the charge succeeds), so the refund window and the lot's lifetime are the same
+            # whichever path credits it. Without the charge, the PaymentIntent's creation: a lower bound,
+            # minutes before the payment at a checkout, far closer than whenever a lost webhook's payment is found.
+            paid_at=self.paid or (self.created if self.created.timestamp() > 0 else None),  # (0: Stripe gave none)
         )
 
 
@@ -61,6 +64,16 @@ def _plain(obj: Any) -> dict[str, Any]:
 def _meta(obj: dict[str, Any]) -> dict[str, Any]:
     meta = obj.get("metadata")
     return dict(meta) if isinstance(meta, dict) else {}
+
+
+def paid_time(pi: dict[str, Any]) -> datetime | None:
+    """When the PaymentIntent was paid: its latest charge's creation, when that charge is shown (expanded:
+    `latest_charge` is only an id unless the request asked for the object) and succeeded; else None."""
+    charge = pi.get("latest_charge")
+    if not isinstance(charge, dict) or charge.get("status") != "succeeded":
+        return None
+    created = charge.get("created")
+    return datetime.fromtimestamp(created, UTC) if isinstance(created, int) and created > 0 else None
 
 
 def payment_of(sdk_object: Any) -> StripePayment:
@@ -79,6 +92,7 @@ def payment_of(sdk_object: Any) -> StripePayment:
         account=meta.get("account"),
         failure_code=error.get("decline_code") or error.get("code"),
         failure_message=error.get("message"),
+        paid=paid_time(pi),
     )
 
 
@@ -88,7 +102,7 @@ def unavailable(exc: Exception) -> ApiError:
 
 async def payments_since(sdk: stripe.StripeClient, settings: Settings, since: datetime) -> AsyncIterator[StripePayment]:
     """Every PaymentIntent created at or after `since`, in the order Stripe lists them (newest first)."""
-    params: dict[str, Any] = {"limit": PAGE_SIZE}
+    params: dict[str, Any] = {"limit": PAGE_SIZE, "expand": ["data.latest_charge"]}
     if not settings.stripe_api_base:  # the emulator refuses the filter (see the module's docstring)
         params["created"] = {"gte": int(since.timestamp())}
     page = await sdk.v1.payment_intents.list_async(params)  # type: ignore[arg-type]
@@ -101,7 +115,7 @@ async def payments_since(sdk: stripe.StripeClient, settings: Settings, since: da
 async def retrieve_payment(sdk: stripe.StripeClient, payment_intent: str) -> StripePayment | None:
     """The PaymentIntent, or None when Stripe has no such object."""
     try:
-        return payment_of(await sdk.v1.payment_intents.retrieve_async(payment_intent))
+        return payment_of(await sdk.v1.payment_intents.retrieve_async(payment_intent, {"expand": ["latest_charge"]}))
     except stripe.InvalidRequestError as exc:
         if exc.http_status == 404:
             return None

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.context import Context
 from billing.reconcile.service import AMOUNT_MISMATCH, CREDITED, UNPAID_CREDIT, reconcile_payments
+from billing.reconcile.stripe_payments import payments_since, retrieve_payment
 from billing.settings import Settings
 from tests.conftest import ADMIN, ROOT, Api, key
 from tests.purchases.conftest import buy, pay
@@ -129,10 +130,16 @@ async def test_a_payment_found_late_keeps_its_time_for_the_refund_window_and_the
     sdk: stripe.StripeClient, clock_at: Any,
 ) -> None:  # fmt: skip
     """A payment whose webhook was lost, found by the reconciler 30 hours later: its refund window (24 hours)
-    and its credits' lifetime (a year) run from the payment (its PaymentIntent's time at Stripe), not from
+    and its credits' lifetime (a year) run from the payment (its successful charge's time at Stripe), not from
     the run that credited it (SPEC §5)."""
     account, purchase = await paid_without_webhook(recon_api, recon_client, recon_stripe, "10.00")
-    created = datetime.fromtimestamp(sdk.v1.payment_intents.retrieve(purchase["payment_intent"]).created, UTC)
+    pi = sdk.v1.payment_intents.retrieve(purchase["payment_intent"], {"expand": ["latest_charge"]})
+    created = datetime.fromtimestamp(pi.latest_charge.created, UTC)  # type: ignore[union-attr]
+    found = await retrieve_payment(sdk, purchase["payment_intent"])
+    assert found is not None and found.paid == created  # the charge itself read back, not only its id
+    since = created - timedelta(minutes=1)
+    listed = [p.paid async for p in payments_since(sdk, recon_ctx.settings, since) if p.id == pi.id]
+    assert listed == [created]
     clock_at(created + timedelta(hours=30))
     run = await reconcile_payments(recon_ctx, sdk, grace=NOW, source="test")
     assert mentions([run], CREDITED, purchase["payment_intent"]) == 1
@@ -273,3 +280,19 @@ async def test_the_scheduler_sends_the_reconciler_on_its_interval(recon_settings
         for key in client.scan_iter(match=f"{settings.queue_namespace}:*"):
             client.delete(key)
     assert {m.actor_name for m in messages} == {"reconcile_payments"}
+
+
+def test_a_payment_is_dated_by_its_successful_charge_and_else_by_its_payment_intent() -> None:
+    """What the reconciler and support tickets credit a payment with as its time: the charge that paid it, as
+    the webhook path dates it by its event (sent as the charge succeeds), so the refund window and the lot's
+    lifetime do not depend on which path credited it; the PaymentIntent's creation (earlier: a checkout may be
+    paid long after it began) only when the charge is not shown."""
+    from billing.reconcile.stripe_payments import payment_of
+
+    created, charged = 1_800_000_000, 1_800_001_800  # the customer paid half an hour after the checkout began
+    pi = {"id": "pi_1", "status": "succeeded", "amount": 1000, "amount_received": 1000, "currency": "usd"}
+    paid = payment_of({**pi, "created": created, "latest_charge": {"status": "succeeded", "created": charged}})
+    assert paid.to_fulfil("test").paid_at == datetime.fromtimestamp(charged, UTC)
+    for unseen in ("ch_1", {"status": "failed", "created": charged}, None):  # not expanded, not the payment, none
+        payment = payment_of({**pi, "created": created, "latest_charge": unseen})
+        assert payment.to_fulfil("test").paid_at == datetime.fromtimestamp(created, UTC), unseen
