@@ -290,8 +290,9 @@ class OpenHoldRow(Base):
 
     __tablename__ = "open_holds"
     __table_args__ = (
-        Index("ix_open_holds_account_id", "account_id"),
-        Index("ix_open_holds_key_id", "key_id", postgresql_where=text("key_id IS NOT NULL")),
+        # The payer's open holds not yet expired, one index range (migration 0021 says why both columns)
+        Index("ix_open_holds_account_id_expires_at", "account_id", "expires_at"),
+        Index("ix_open_holds_key_id_expires_at", "key_id", "expires_at", postgresql_where=text("key_id IS NOT NULL")),
         Index("ix_open_holds_expires_at", "expires_at"),
     )
 

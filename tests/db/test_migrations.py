@@ -1,14 +1,17 @@
 """Schema only through Alembic: every migration downgrades cleanly, and the models agree with it."""
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
+from billing.db import pipeline
 from billing.db.migrate import downgrade, upgrade
 from billing.db.models import Base
+from billing.gateway import service
 from billing.settings import sqlalchemy_url
 from tests.conftest import create_database, drop_database
 
@@ -113,5 +116,54 @@ def test_open_holds_start_with_the_holds_open_before_the_migration(scratch_url: 
             indexes = {i["name"] for i in inspect(conn).get_indexes("holds")}
             assert {"ix_holds_open_account", "ix_holds_open_key"} <= indexes
             assert "open_holds" not in inspect(conn).get_table_names()
+    finally:
+        engine.dispose()
+
+
+def _scans_of(plan: dict[str, Any], relation: str) -> Iterator[dict[str, Any]]:
+    if plan.get("Relation Name") == relation:
+        yield plan
+    for child in plan.get("Plans", []):
+        yield from _scans_of(child, relation)
+
+
+def test_a_payers_open_holds_are_read_within_its_unexpired_range(scratch_url: str) -> None:
+    """Migration 0021: the gateway's state reads sum the payer's (account's and key's) open holds not yet
+    expired through one index range of payer and expiry, in the generic plan they run with. With an index of
+    the payer alone, the expiry was a filter, and the planner at times preferred the index of the expiry alone:
+    a scan of every hold resolved since the last vacuum, on every call (docs/performance.md, session 22)."""
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    try:
+        upgrade(scratch_url)
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO accounts (public_id, kind, type, external_id)"
+                     " SELECT 'acct_p' || n, 'user', 'liability', 'p' || n FROM generate_series(1, 1000) AS n")
+            )  # fmt: skip
+            conn.execute(
+                text("INSERT INTO api_keys (public_id, account_id, name)"
+                     " SELECT 'key_p' || substr(public_id, 7), id, 'k' FROM accounts WHERE external_id LIKE 'p%'")
+            )  # fmt: skip
+            conn.execute(
+                text("INSERT INTO holds (account_id, key_id, request_id, amount, status, fingerprint, expires_at)"
+                     " SELECT k.account_id, CASE WHEN n % 2 = 0 THEN k.id END, 'r' || k.id || '_' || n, 1,"
+                     "        CASE WHEN n = 3 THEN 'captured' ELSE 'open' END, 'f', now() + n * interval '1 minute'"
+                     " FROM api_keys k CROSS JOIN generate_series(1, 4) AS n")
+            )  # fmt: skip
+            conn.execute(text("ANALYZE"))
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            values = {"key": "key_p5", "account": "acct_p5", "now": "2026-11-29 00:00:00+00", "month": "2026-11-01",
+                      "generation": "gen_p", "request_id": "req_p"}  # fmt: skip
+            for name, statement in [("hold", service.HOLD_SQL), ("charge", service.CHARGE_BYOK_SQL)]:
+                query, names = pipeline.compiled(statement)
+                conn.exec_driver_sql(f"PREPARE {name} AS {query.decode()}")
+                arguments = ", ".join(f"'{values[n]}'" for n in names)
+                (plan,) = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE {name}({arguments})").scalar_one()
+                scans = list(_scans_of(plan["Plan"], "open_holds"))
+                assert len(scans) == 3, (name, scans)  # the account's sum, the key's, the holds on expired lots
+                for scan in scans:
+                    bound = scan.get("Index Cond") or scan.get("Recheck Cond") or ""
+                    assert "expires_at" in bound and ("account_id" in bound or "key_id" in bound), (name, scan)
     finally:
         engine.dispose()
