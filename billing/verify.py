@@ -9,6 +9,7 @@
 - lots plus debt make the balance: no lot-less credit, only debt.
 - every captured hold has exactly one generation; no other hold (open, released, expired) has one;
 - `open_holds` holds exactly the open holds, each as it is in `holds` (what admissions count as held).
+- every cached `purchased` equals the credits of the paid lots its account's purchases and paid grants created.
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ CHECKS: dict[str, str] = {
         WHERE h.id IS NULL OR o.hold_id IS NULL
            OR (h.account_id, h.key_id, h.amount, h.created_at, h.expires_at)
               IS DISTINCT FROM (o.account_id, o.key_id, o.amount, o.created_at, o.expires_at) LIMIT 20""",
+    # Kept by the journal (`Entry.purchased_delta`, migration 0022); the free-model quota reads it.
+    "purchased_mismatch": """
+        SELECT b.account_id FROM balances b
+        LEFT JOIN (SELECT l.account_id, sum(l.amount) AS total FROM lots l JOIN journal_entries e ON e.id = l.entry_id
+                   WHERE l.category = 'paid' AND e.kind IN ('purchase', 'grant') GROUP BY l.account_id) p
+               ON p.account_id = b.account_id
+        WHERE b.purchased <> coalesce(p.total, 0) LIMIT 20""",
 }
 
 

@@ -147,6 +147,7 @@ class Journal:
             "l_expires": lot.expires_at if lot else None,
             "b_delta": entry.balance_delta,
             "b_credits": entry.credits_delta,
+            "b_purchased": entry.purchased_delta,
             "b_usage": entry.usage_delta,
             "u_ids": list(consumed),
             "u_deltas": list(consumed.values()),
@@ -205,7 +206,7 @@ p AS (
     ORDER BY x.n),
 b AS (
     UPDATE balances SET balance = balance + :b_delta, total_credits = total_credits + :b_credits,
-           total_usage = total_usage + :b_usage, updated_at = now()
+           total_usage = total_usage + :b_usage, purchased = purchased + :b_purchased, updated_at = now()
     WHERE account_id = :e_account),
 u AS (
     UPDATE lots SET remaining = remaining + x.delta

@@ -80,6 +80,8 @@ class BalanceRow(Base):
     balance: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
     total_credits: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
     total_usage: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
+    # What was paid for in total (`Entry.purchased_delta`, migration 0022): the free-model quota's threshold.
+    purchased: Mapped[Decimal] = mapped_column(MONEY, server_default=text("0"))
     updated_at: Mapped[datetime] = mapped_column(TS, server_default=text("now()"))
 
 

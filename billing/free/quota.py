@@ -59,20 +59,13 @@ def purchased_enough_sql(account_id: str) -> str:
     the SQL expression of its internal id. The one definition behind the day quota above and a key's
     `is_free_tier`.
 
-    Purchased means paid for: the credits of each `paid` lot a payment created — a purchase, or a staff
-    `paid` grant (credits paid outside Stripe). Not the `paid` lot of a won dispute, which gives back credits
-    their purchase already counted, nor a positive adjustment's (a correction, not a payment). Refunds and
-    disputes are not subtracted: SPEC §5 asks what the account has purchased "in total", not what it kept.
-
-    A running sum over the account's lots in index order (amounts are positive, so it reaches the threshold
-    exactly when the total does), read only until it does: a free-model request of an account that tops up
-    every day reads its first lots, not every lot it ever had.
+    Purchased means paid for (`Entry.purchased_delta`): the total the journal keeps beside the balance
+    (`balances.purchased`, migration 0022), one primary-key read, however many lots an account that tops up
+    every day has had.
     """
     return (
-        "EXISTS (SELECT 1 FROM (SELECT sum(l.amount) OVER (ORDER BY l.expires_at) AS running"
-        " FROM lots l JOIN journal_entries e ON e.id = l.entry_id"
-        f" WHERE l.account_id = {account_id} AND l.category = 'paid' AND e.kind IN ('purchase', 'grant')) p"
-        f" WHERE p.running >= {PURCHASE_THRESHOLD})"
+        f"coalesce((SELECT pb.purchased FROM balances pb WHERE pb.account_id = {account_id}), 0)"
+        f" >= {PURCHASE_THRESHOLD}"
     )
 
 

@@ -17,6 +17,8 @@ hold            Credits reserved for one request until it is captured, released 
                 holds reserve (SPEC §5 Holds, Expiry).
 credits / usage `total_credits` counts credits added (minus refunds and clawbacks), `total_usage` counts
                 credits spent on usage and fees; both are kept beside the balance.
+purchased       What the customer has paid for, in total (`purchased`, kept beside the balance too): the
+                credits of each paid lot a payment created. It only grows (SPEC §5 Free models).
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class Posting:
             raise ValueError("only customer postings belong to a lot")
 
 
+_PAYMENTS = (EntryKind.PURCHASE, EntryKind.GRANT)
+
+
 @dataclass(frozen=True, slots=True)
 class NewLot:
     category: LotCategory
@@ -165,6 +170,18 @@ class Entry:
     def balance_delta(self) -> Decimal:
         """What the entry does to the customer's balance."""
         return sum((p.amount for p in self.postings if isinstance(p.account, Customer)), ZERO)
+
+    @property
+    def purchased_delta(self) -> Decimal:
+        """What the entry adds to what the customer has purchased in total: the credits of a `paid` lot that a
+        payment created — a purchase, or a staff `paid` grant (credits paid outside Stripe). Not the `paid` lot
+        of a won dispute, which gives back credits their purchase already counted, nor a positive
+        adjustment's (a correction, not a payment). Refunds and disputes take nothing off: SPEC §5 asks what
+        the account has purchased "in total", not what it kept."""
+        lot = self.new_lot
+        if lot is not None and lot.category is LotCategory.PAID and self.kind in _PAYMENTS:
+            return lot.amount
+        return ZERO
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """Schema only through Alembic: every migration downgrades cleanly, and the models agree with it."""
 
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -165,5 +166,42 @@ def test_a_payers_open_holds_are_read_within_its_unexpired_range(scratch_url: st
                 for scan in scans:
                     bound = scan.get("Index Cond") or scan.get("Recheck Cond") or ""
                     assert "expires_at" in bound and ("account_id" in bound or "key_id" in bound), (name, scan)
+    finally:
+        engine.dispose()
+
+
+def test_purchased_starts_with_what_the_lots_already_say_was_paid_for(scratch_url: str) -> None:
+    """Migration 0022: each balance's `purchased` starts as the paid lots its purchases and paid grants created
+    (not a won dispute's paid lot, not an adjustment's, not a promotional grant's); downgrading drops it."""
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    try:
+        upgrade(scratch_url, "0021_open_holds_by_payer_expiry")
+        with engine.begin() as conn:
+            accounts = conn.execute(
+                text("INSERT INTO accounts (public_id, kind, type, external_id)"
+                     " VALUES ('acct_b', 'user', 'liability', 'b'), ('acct_n', 'user', 'liability', 'n') RETURNING id")
+            ).scalars().all()  # fmt: skip
+            conn.execute(text("INSERT INTO balances (account_id) SELECT unnest(CAST(:a AS bigint[]))"), {"a": accounts})
+            lots = [("purchase", "paid", "7"), ("grant", "paid", "4"), ("grant", "promotional", "100"),
+                    ("adjustment", "paid", "50"), ("dispute", "paid", "5")]  # fmt: skip
+            for kind, category, amount in lots:
+                conn.execute(
+                    text("WITH e AS (INSERT INTO journal_entries (kind, account_id, description)"
+                         "           VALUES (:k, :a, 'test') RETURNING id, posted_at),"
+                         " l AS (INSERT INTO lots (account_id, category, amount, remaining, expires_at, entry_id)"
+                         "       SELECT :a, :c, :m, :m, now(), e.id FROM e RETURNING id)"
+                         " INSERT INTO postings (entry_id, account_id, lot_id, amount, balance_after, posted_at)"
+                         " SELECT e.id, :a, l.id, :m, :m, e.posted_at FROM e, l UNION ALL"
+                         " SELECT e.id, (SELECT min(id) FROM accounts WHERE kind = 'platform'), NULL, -:m, NULL,"
+                         "        e.posted_at FROM e"),
+                    {"k": kind, "a": accounts[0], "c": category, "m": Decimal(amount)},
+                )  # fmt: skip
+        upgrade(scratch_url)
+        with engine.connect() as conn:
+            purchased = dict(conn.execute(text("SELECT account_id, purchased FROM balances")).all())
+            assert purchased == {accounts[0]: Decimal("11"), accounts[1]: Decimal("0")}
+        downgrade(scratch_url, "0021_open_holds_by_payer_expiry")
+        with engine.connect() as conn:
+            assert "purchased" not in {c["name"] for c in inspect(conn).get_columns("balances")}
     finally:
         engine.dispose()

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import clock
 from billing.app import create_asgi
+from billing.db import pipeline
 from billing.db.journal import Journal
 from billing.free.quota import FreeLimiter, MemoryCounter, windows
 from billing.ledger.model import Customer, Entry, EntryKind, Platform, Posting
@@ -264,35 +265,41 @@ async def test_a_won_dispute_does_not_count_its_purchase_twice(client: AsyncTest
     assert await day_limit_and_free_tier() == (1000, False)
 
 
-async def test_whether_an_account_bought_enough_is_read_from_as_few_lots_as_reach_10_dollars(
+async def test_whether_an_account_bought_enough_is_read_from_its_balance_row_not_its_lots(
     api: Api, engine: AsyncEngine
 ) -> None:
     """Each free-model request (and each key read) asks whether the account has purchased $10 in total. An
-    account topping up every day has thousands of paid lots; the answer reads lots only until their running
-    total reaches $10, not all of them (counted in rows the plan read, not timed)."""
-    from billing.free.quota import purchased_enough_sql
+    account topping up every day has thousands of paid lots; the answer is the total the journal keeps beside
+    the balance, read in the generic plan the service runs with, and no lot is read at all (counted in the
+    plan's relations, not timed)."""
+    from billing.free.service import _ACCOUNT
 
     account = (await api.account())["id"]
-    await api.grant(account, "10.00", category="paid")
-    async with engine.begin() as conn:
-        internal = await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :a"), {"a": account})
-        await conn.execute(
-            text("INSERT INTO lots (account_id, category, amount, remaining, expires_at, entry_id)"
-                 " SELECT l.account_id, 'paid', 1, 0, now() + g * interval '1 minute', l.entry_id"
-                 " FROM lots l, generate_series(1, 3000) AS g WHERE l.account_id = :id"),
-            {"id": internal},
-        )  # fmt: skip
-        await conn.execute(text("ANALYZE lots"))
-    sql = f"SELECT {purchased_enough_sql(str(internal))}"
-    async with engine.connect() as conn:
-        assert await conn.scalar(text(sql)) is True
-        plan = (await conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}"))).scalar_one()
+    for amount in ("4.00", "5.99"):
+        await api.grant(account, amount, category="paid")
+    await api.grant(account, "50.00", category="promotional")
 
-    def lots_read(node: dict[str, Any]) -> int:
-        own = node["Actual Rows"] * node["Actual Loops"] if node.get("Relation Name") == "lots" else 0
-        return own + sum(lots_read(child) for child in node.get("Plans", ()))
+    async def purchased_enough() -> tuple[bool, list[str]]:
+        async with engine.connect() as conn:
+            await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            query, names = pipeline.compiled(str(_ACCOUNT))
+            await conn.exec_driver_sql(f"PREPARE free_account AS {query.decode()}")
+            arguments = ", ".join({"p": f"'{account}'", "k": "NULL"}[n] for n in names)
+            row = (await conn.exec_driver_sql(f"EXECUTE free_account({arguments})")).one()
+            plan = (await conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE free_account({arguments})")).scalar_one()
+            await conn.exec_driver_sql("DEALLOCATE free_account")
 
-    assert lots_read(plan[0]["Plan"]) <= 20  # of 3,001
+        def relations(node: dict[str, Any]) -> list[str]:
+            own = [node["Relation Name"]] if "Relation Name" in node else []
+            return own + [r for child in node.get("Plans", ()) for r in relations(child)]
+
+        return row.purchased_enough, relations(plan[0]["Plan"])
+
+    enough, read = await purchased_enough()
+    assert enough is False  # $9.99 paid for; the promotional $50 was given away
+    assert "lots" not in read and "balances" in read
+    await api.grant(account, "0.01", category="paid")
+    assert (await purchased_enough())[0] is True
 
 
 async def spend(engine: AsyncEngine, account: str, amount: Decimal) -> None:

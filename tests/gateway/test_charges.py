@@ -180,6 +180,12 @@ async def test_a_charge_reads_only_the_lots_with_something_left(api: Api, gw: Ga
                  " WHERE a.public_id = :a"),
             {"a": acct},
         )  # fmt: skip
+        # (paid lots of the grant's entry: what the account purchased grows with them, as a top-up's would)
+        await conn.execute(
+            text("UPDATE balances SET purchased = purchased + 3000"
+                 " WHERE account_id = (SELECT id FROM accounts WHERE public_id = :a)"),
+            {"a": acct},
+        )  # fmt: skip
         await conn.execute(text("ANALYZE lots"))
     params = {"key": None, "account": acct, "now": datetime.now(UTC), "generation": f"gen-{uuid.uuid4().hex}"}
     async with engine.connect() as conn:

@@ -212,6 +212,17 @@ async def test_open_holds_kept_apart_from_holds_are_reported(throwaway: Context)
     assert sorted(result.problems["open_holds_mismatch"]) == sorted([missing, changed, resolved])
 
 
+async def test_a_purchased_total_apart_from_the_paid_lots_is_reported(throwaway: Context) -> None:
+    """`purchased` is what the free-model quota reads: one that no longer equals the paid lots the account's
+    purchases and paid grants created is reported (the fixture's promotional grant counts for nothing)."""
+    async with throwaway.db.begin() as conn:
+        account = await conn.scalar(text("SELECT id FROM accounts WHERE public_id = 'acct_broken'"))
+        assert await conn.scalar(text("SELECT purchased FROM balances WHERE account_id = :a"), {"a": account}) == 0
+        await conn.execute(text("UPDATE balances SET purchased = 10 WHERE account_id = :a"), {"a": account})
+    result = await verify(throwaway)
+    assert result.problems == {"purchased_mismatch": [account]}
+
+
 async def test_the_actor_publishes_the_result(
     actors: ModuleType, worker: subprocess.Popen[bytes], jobs_settings: Settings
 ) -> None:
