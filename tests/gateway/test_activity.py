@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from billing.db import pipeline
 from billing.gateway import activity
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway, funded
@@ -139,3 +142,44 @@ async def test_a_bad_export_is_refused_before_anything_is_sent(
 ) -> None:
     r = await _export(client, await funded(api), **params)
     assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+
+
+async def test_a_page_of_a_busy_accounts_activity_reads_about_its_own_rows(api: Api, engine: AsyncEngine) -> None:
+    """An account with thousands of generations pays for a page of 21, not for its history: the page is read with
+    a plan made for its own values (`activity.PLANS`), where the generic plan the service's statements run with
+    read every generation of the account below the cursor, then sorted them (counted in rows, not timed)."""
+    account = (await api.account())["id"]
+    async with engine.begin() as conn:
+        internal = await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :a"), {"a": account})
+        await conn.execute(
+            text("INSERT INTO generations (generation_id, account_id, status, fingerprint, total_cost, created_at)"
+                 " SELECT 'gen-busy-' || :a || '-' || n, :a, 'charged', 'f', 0.01, now() - n * interval '1 minute'"
+                 " FROM generate_series(1, 3000) AS n"),
+            {"a": internal},
+        )  # fmt: skip
+        await conn.execute(text("ANALYZE generations"))
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")  # as the service's connections
+        query, names = pipeline.compiled(str(activity._PAGE))
+        await conn.exec_driver_sql(f"PREPARE busy_page AS {query.decode()}")
+        values = {
+            "account": str(internal),
+            "key": "NULL",
+            "since": "NULL",
+            "until": "NULL",
+            "before": "9e15",
+            "n": "21",
+        }
+        await conn.exec_driver_sql(activity.PLANS)
+        plan = (
+            await conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE busy_page({', '.join(values[n] for n in names)})"
+            )
+        ).scalar_one()
+        await conn.exec_driver_sql("DEALLOCATE busy_page")
+
+    def generations_read(node: dict[str, Any]) -> int:
+        own = node["Actual Rows"] * node["Actual Loops"] if node.get("Relation Name") == "generations" else 0
+        return own + sum(generations_read(child) for child in node.get("Plans", ()))
+
+    assert generations_read(plan[0]["Plan"]) <= 25  # of 3,000
