@@ -469,6 +469,7 @@ class FulfilmentRow(Base):
     the PaymentIntent is what makes 'credited exactly once' a database fact, whoever calls."""
 
     __tablename__ = "fulfilments"
+    __table_args__ = (Index("ix_fulfilments_created_at", "created_at"),)  # the reconciler's window (migration 0023)
 
     payment_intent: Mapped[str] = mapped_column(Text, primary_key=True)
     purchase_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("purchases.id"), unique=True)

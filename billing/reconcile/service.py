@@ -40,6 +40,13 @@ NEEDS_REVIEW = "needs_review"  # succeeded at Stripe, but fulfilment refused it 
 UNPAID_CREDIT = "unpaid_credit"  # credited in the ledger, not succeeded at Stripe
 AMOUNT_MISMATCH = "amount_mismatch"  # credited in the ledger for another amount than Stripe received
 
+# What the ledger credited in a run's window, through `ix_fulfilments_created_at` (migration 0023): a range of
+# the window's rows, not every payment ever fulfilled, every few minutes.
+CREDITS_IN_WINDOW = text(
+    "SELECT payment_intent, purchase_id, entry_id, amount_cents FROM fulfilments"
+    " WHERE created_at >= :start AND created_at <= :end ORDER BY created_at"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Finding:
@@ -119,15 +126,7 @@ async def _check_credits(ctx: Context, sdk: stripe.StripeClient, run: Run, succe
     as succeeded, for the amount credited. A PaymentIntent the walk did not see is asked for by id (it
     may have been created before the window and credited inside it)."""
     async with ctx.db.connect() as conn:
-        credits = (
-            await conn.execute(
-                text(
-                    "SELECT payment_intent, purchase_id, entry_id, amount_cents FROM fulfilments"
-                    " WHERE created_at >= :start AND created_at <= :end ORDER BY created_at"
-                ),
-                {"start": run.window_start, "end": run.window_end},
-            )
-        ).all()
+        credits = (await conn.execute(CREDITS_IN_WINDOW, {"start": run.window_start, "end": run.window_end})).all()
     for credit in credits:
         payment = succeeded.get(credit.payment_intent) or await retrieve_payment(sdk, credit.payment_intent)
         if payment is None or payment.status != "succeeded":

@@ -205,3 +205,35 @@ def test_purchased_starts_with_what_the_lots_already_say_was_paid_for(scratch_ur
             assert "purchased" not in {c["name"] for c in inspect(conn).get_columns("balances")}
     finally:
         engine.dispose()
+
+
+def test_the_reconcilers_window_of_credits_is_an_index_range(scratch_url: str) -> None:
+    """Migration 0023: the credits of a reconciler run's window are read through an index of their time, in the
+    generic plan the service runs with, not by scanning every fulfilment ever made (counted in rows read)."""
+    from billing.reconcile.service import CREDITS_IN_WINDOW
+
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    try:
+        upgrade(scratch_url)
+        with engine.begin() as conn:
+            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")  # rows without their parents
+            conn.execute(
+                text("INSERT INTO fulfilments (payment_intent, purchase_id, entry_id, amount_cents, source, created_at)"
+                     " SELECT 'pi_' || n, n, n, 1000, 'webhook',"
+                     "        TIMESTAMPTZ '2026-11-29 12:00Z' - n * interval '30 minutes'"
+                     " FROM generate_series(1, 20000) AS n")
+            )  # fmt: skip
+            conn.exec_driver_sql("ANALYZE fulfilments")
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            query, names = pipeline.compiled(str(CREDITS_IN_WINDOW))
+            conn.exec_driver_sql(f"PREPARE window_credits AS {query.decode()}")
+            values = {"start": "'2026-11-26 12:00Z'", "end": "'2026-11-29 12:00Z'"}
+            (plan,) = conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE window_credits({', '.join(values[n] for n in names)})"
+            ).scalar_one()
+        scans = list(_scans_of(plan["Plan"], "fulfilments"))
+        assert len(scans) == 1 and scans[0]["Actual Rows"] == 144  # three days of one every 30 minutes
+        assert scans[0]["Node Type"] != "Seq Scan" and scans[0].get("Rows Removed by Filter", 0) == 0
+    finally:
+        engine.dispose()
