@@ -11,6 +11,11 @@ from billing.settings import Settings, sqlalchemy_url
 # Every statement here looks rows up by key, so one generic plan per prepared statement is right, and
 # re-planning on each execution was a measurable share of the hot path's database time.
 SESSION_OPTIONS = "-c timezone=UTC -c plan_cache_mode=force_generic_plan"
+# ... except a listing whose rows for one value differ by orders of magnitude (a busy account's history, a quiet
+# account's tickets) and whose LIMIT is a parameter: its generic plan was made for the average value and an
+# unknown LIMIT, and read everything below the cursor. Such a read plans for its own values, in its own
+# transaction only (docs/performance.md, session 22).
+CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 APPLICATION_NAME = "billing"
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from billing import clock
 from billing.auth.principal import Principal
 from billing.context import Context
+from billing.db.engine import CUSTOM_PLANS
 from billing.errors import invalid, not_found
 from billing.gateway import schemas as s
 from billing.gateway.service import GENERATION_FROM, generation_of
@@ -41,12 +42,10 @@ WHERE g.account_id = :account AND g.status = 'charged'
   AND g.id < :before
 ORDER BY g.id DESC LIMIT :n"""
 )
-# A page is planned for its own values (`SET LOCAL`, this transaction only), not with the generic plan the
-# service's connections use for the hot path: for that plan an account has as many generations as the average
-# one and the page's LIMIT is unknown, so it read every generation of the account below the cursor and sorted
-# them — 7,993 rows for a page of 21 of a busy account (session 22). With its values the planner walks the
-# account's `(account_id, id)` index back from the cursor and stops at the page's end.
-PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+# A page is planned for its own values (`CUSTOM_PLANS`): with the generic plan of the service's connections an
+# account had as many generations as the average one and the page's LIMIT was unknown, so it read every
+# generation of the account below the cursor and sorted them — 7,993 rows for a page of 21 of a busy account
+# (session 22). With its values the planner walks `(account_id, id)` back from the cursor to the page's end.
 _CURSOR = text("SELECT id FROM generations WHERE generation_id = :g AND account_id = :account AND status = 'charged'")
 
 # The export's columns: the generation's own fields, in the order a spreadsheet reads them.
@@ -89,7 +88,7 @@ def _range(raw_since: str | None, raw_until: str | None, *, export: bool) -> tup
 
 async def _rows(conn: Any, account: int, key: str | None, since: Any, until: Any, before: int, n: int) -> list[Any]:
     params = {"account": account, "key": key, "since": since, "until": until, "before": before, "n": n}
-    await conn.exec_driver_sql(PLANS)
+    await conn.exec_driver_sql(CUSTOM_PLANS)
     return list((await conn.execute(_PAGE, params)).all())
 
 

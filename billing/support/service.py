@@ -39,6 +39,7 @@ from billing import clock
 from billing.accounts.service import find_account
 from billing.auth.principal import Principal
 from billing.context import Context
+from billing.db.engine import CUSTOM_PLANS
 from billing.errors import API, ApiError, invalid, not_found
 from billing.idempotency import Outcome, run_once
 from billing.ledger.money import format_money
@@ -241,6 +242,16 @@ TICKET_COLUMNS = "t.*, a.public_id AS account_public, p.public_id AS purchase_pu
 TICKET_FROM = "support_tickets t JOIN accounts a ON a.id = t.account_id LEFT JOIN purchases p ON p.id = t.purchase_id"
 
 
+# Planned for its values (`CUSTOM_PLANS`): then a filter left out folds away and the page walks `(account_id, id)`
+# or `(status, id)` back from the cursor; the generic plan kept both indexes out and walked every ticket back
+# from the newest (19,998 of 20,000 rows to list a quiet account's, session 22).
+TICKETS = text(
+    f"SELECT {TICKET_COLUMNS} FROM {TICKET_FROM} WHERE (CAST(:status AS text) IS NULL OR t.status = :status)"
+    " AND (CAST(:a AS bigint) IS NULL OR t.account_id = :a)"
+    " AND (CAST(:cursor AS bigint) IS NULL OR t.id < :cursor) ORDER BY t.id DESC LIMIT :n"
+)
+
+
 def ticket_view(r: Row[Any]) -> s.Ticket:
     return s.Ticket(
         id=public_id("tkt", r.id),
@@ -348,14 +359,8 @@ async def list_tickets(
     cursor = internal_id("tkt", starting_after, "support_ticket") if starting_after else None
     async with ctx.db.connect() as conn:
         account_id = (await find_account(conn, principal, account)).id if account else None
+        await conn.exec_driver_sql(CUSTOM_PLANS)
         rows = (
-            await conn.execute(
-                text(
-                    f"SELECT {TICKET_COLUMNS} FROM {TICKET_FROM} WHERE (CAST(:status AS text) IS NULL OR t.status = :status)"
-                    " AND (CAST(:a AS bigint) IS NULL OR t.account_id = :a)"
-                    " AND (CAST(:cursor AS bigint) IS NULL OR t.id < :cursor) ORDER BY t.id DESC LIMIT :n"
-                ),
-                {"status": status, "a": account_id, "cursor": cursor, "n": limit + 1},
-            )
+            await conn.execute(TICKETS, {"status": status, "a": account_id, "cursor": cursor, "n": limit + 1})
         ).all()
     return ListOf(data=[ticket_view(r) for r in rows[:limit]], has_more=len(rows) > limit)

@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing.db import pipeline
+from billing.db.engine import CUSTOM_PLANS
 from billing.gateway import activity
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway, funded
@@ -146,7 +147,7 @@ async def test_a_bad_export_is_refused_before_anything_is_sent(
 
 async def test_a_page_of_a_busy_accounts_activity_reads_about_its_own_rows(api: Api, engine: AsyncEngine) -> None:
     """An account with thousands of generations pays for a page of 21, not for its history: the page is read with
-    a plan made for its own values (`activity.PLANS`), where the generic plan the service's statements run with
+    a plan made for its own values (`CUSTOM_PLANS`), where the generic plan the service's statements run with
     read every generation of the account below the cursor, then sorted them (counted in rows, not timed)."""
     account = (await api.account())["id"]
     async with engine.begin() as conn:
@@ -170,7 +171,7 @@ async def test_a_page_of_a_busy_accounts_activity_reads_about_its_own_rows(api: 
             "before": "9e15",
             "n": "21",
         }
-        await conn.exec_driver_sql(activity.PLANS)
+        await conn.exec_driver_sql(CUSTOM_PLANS)
         plan = (
             await conn.exec_driver_sql(
                 f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE busy_page({', '.join(values[n] for n in names)})"

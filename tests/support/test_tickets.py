@@ -293,3 +293,46 @@ async def test_a_checkout_session_is_looked_up_and_its_payment_resolved(
     if expected == "credited":
         p = (await client.get(f"/v1/purchases/{purchase['id']}", headers=ADMIN)).json()
         assert (p["status"], p["checkout_session"]) == ("succeeded", session["id"])
+
+
+async def test_a_quiet_accounts_tickets_are_listed_without_walking_everyone_elses(
+    api: Api, engine: AsyncEngine
+) -> None:
+    """Support's list (and the console's account page) filters by account and/or status: planned for its values
+    (`CUSTOM_PLANS`), a quiet account's page reads its own tickets, where the generic plan walked every ticket
+    back from the newest (counted in rows the plan read, not timed)."""
+    from billing.db import pipeline
+    from billing.db.engine import CUSTOM_PLANS
+
+    busy, quiet = (await api.account())["id"], (await api.account())["id"]
+    async with engine.begin() as conn:
+        ids = {
+            a: await conn.scalar(text("SELECT id FROM accounts WHERE public_id = :a"), {"a": a}) for a in (busy, quiet)
+        }
+        ticket = ("INSERT INTO support_tickets (account_id, payment_intent, status, resolution, findings, created_by,"
+                  " resolved_at) SELECT :a, 'pi_' || n, :s, 'test', '{}', 'test', now() FROM generate_series(1, :n) AS n")  # fmt: skip
+        await conn.execute(text(ticket), {"a": ids[quiet], "s": "needs_review", "n": 1})
+        await conn.execute(text(ticket), {"a": ids[busy], "s": "credited", "n": 5000})
+        await conn.execute(text("ANALYZE support_tickets"))
+    async with engine.begin() as conn:
+        query, names = pipeline.compiled(str(service.TICKETS))
+        await conn.exec_driver_sql(f"PREPARE quiet_tickets AS {query.decode()}")
+        await conn.exec_driver_sql(CUSTOM_PLANS)
+        read = []
+        for status, account in [("NULL", ids[quiet]), ("'needs_review'", "NULL")]:
+            values = {"status": status, "a": str(account), "cursor": "NULL", "n": "21"}
+            arguments = ", ".join(values[n] for n in names)
+            (plan,) = (
+                await conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE quiet_tickets({arguments})")
+            ).scalar_one()
+            read.append(_rows_read(plan["Plan"], "support_tickets"))
+        await conn.exec_driver_sql("DEALLOCATE quiet_tickets")
+    assert max(read) <= 50, read  # of 5,000 and more
+
+
+def _rows_read(node: dict[str, Any], relation: str) -> int:
+    """Rows a plan took from `relation`: those it returned, and those it read and filtered out."""
+    own = 0
+    if node.get("Relation Name") == relation:
+        own = (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
+    return own + sum(_rows_read(child, relation) for child in node.get("Plans", ()))
