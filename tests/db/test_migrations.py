@@ -2,18 +2,17 @@
 
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from billing.db import pipeline
 from billing.db.migrate import downgrade, upgrade
 from billing.db.models import Base
 from billing.gateway import service
 from billing.settings import sqlalchemy_url
+from tests import plans
 from tests.conftest import create_database, drop_database
 
 
@@ -121,13 +120,6 @@ def test_open_holds_start_with_the_holds_open_before_the_migration(scratch_url: 
         engine.dispose()
 
 
-def _scans_of(plan: dict[str, Any], relation: str) -> Iterator[dict[str, Any]]:
-    if plan.get("Relation Name") == relation:
-        yield plan
-    for child in plan.get("Plans", []):
-        yield from _scans_of(child, relation)
-
-
 def test_a_payers_open_holds_are_read_within_its_unexpired_range(scratch_url: str) -> None:
     """Migration 0021: the gateway's state reads sum the payer's (account's and key's) open holds not yet
     expired through one index range of payer and expiry, in the generic plan they run with. With an index of
@@ -157,11 +149,10 @@ def test_a_payers_open_holds_are_read_within_its_unexpired_range(scratch_url: st
             values = {"key": "key_p5", "account": "acct_p5", "now": "2026-11-29 00:00:00+00", "month": "2026-11-01",
                       "generation": "gen_p", "request_id": "req_p"}  # fmt: skip
             for name, statement in [("hold", service.HOLD_SQL), ("charge", service.CHARGE_BYOK_SQL)]:
-                query, names = pipeline.compiled(statement)
-                conn.exec_driver_sql(f"PREPARE {name} AS {query.decode()}")
-                arguments = ", ".join(f"'{values[n]}'" for n in names)
-                (plan,) = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE {name}({arguments})").scalar_one()
-                scans = list(_scans_of(plan["Plan"], "open_holds"))
+                conn.exec_driver_sql(plans.prepare(name, statement))
+                literals = {n: f"'{v}'" for n, v in values.items()}
+                (plan,) = conn.exec_driver_sql(plans.explain(name, statement, literals)).scalar_one()
+                scans = plans.scans(plan["Plan"], "open_holds")
                 assert len(scans) == 3, (name, scans)  # the account's sum, the key's, the holds on expired lots
                 for scan in scans:
                     bound = scan.get("Index Cond") or scan.get("Recheck Cond") or ""
@@ -226,13 +217,11 @@ def test_the_reconcilers_window_of_credits_is_an_index_range(scratch_url: str) -
             conn.exec_driver_sql("ANALYZE fulfilments")
         with engine.connect() as conn:
             conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-            query, names = pipeline.compiled(str(CREDITS_IN_WINDOW))
-            conn.exec_driver_sql(f"PREPARE window_credits AS {query.decode()}")
+            conn.exec_driver_sql(plans.prepare("window_credits", str(CREDITS_IN_WINDOW)))
             values = {"start": "'2026-11-26 12:00Z'", "end": "'2026-11-29 12:00Z'"}
-            (plan,) = conn.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE window_credits({', '.join(values[n] for n in names)})"
-            ).scalar_one()
-        scans = list(_scans_of(plan["Plan"], "fulfilments"))
+            explain = plans.explain("window_credits", str(CREDITS_IN_WINDOW), values, analyze=True)
+            (plan,) = conn.exec_driver_sql(explain).scalar_one()
+        scans = plans.scans(plan["Plan"], "fulfilments")
         assert len(scans) == 1 and scans[0]["Actual Rows"] == 144  # three days of one every 30 minutes
         assert scans[0]["Node Type"] != "Seq Scan" and scans[0].get("Rows Removed by Filter", 0) == 0
     finally:

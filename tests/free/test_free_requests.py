@@ -27,11 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from billing import clock
 from billing.app import create_asgi
-from billing.db import pipeline
 from billing.db.journal import Journal
 from billing.free.quota import FreeLimiter, MemoryCounter, windows
 from billing.ledger.model import Customer, Entry, EntryKind, Platform, Posting
 from billing.settings import Settings
+from tests import plans
 from tests.conftest import ADMIN, ROOT, Api, served
 from tests.purchases.conftest import buy, pay
 from tests.webhooks.test_disputes import dispute, send
@@ -282,18 +282,12 @@ async def test_whether_an_account_bought_enough_is_read_from_its_balance_row_not
     async def purchased_enough() -> tuple[bool, list[str]]:
         async with engine.connect() as conn:
             await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
-            query, names = pipeline.compiled(str(_ACCOUNT))
-            await conn.exec_driver_sql(f"PREPARE free_account AS {query.decode()}")
-            arguments = ", ".join({"p": f"'{account}'", "k": "NULL"}[n] for n in names)
-            row = (await conn.exec_driver_sql(f"EXECUTE free_account({arguments})")).one()
-            plan = (await conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) EXECUTE free_account({arguments})")).scalar_one()
+            await conn.exec_driver_sql(plans.prepare("free_account", str(_ACCOUNT)))
+            literals = {"p": f"'{account}'", "k": "NULL"}
+            row = (await conn.exec_driver_sql(plans.execute("free_account", str(_ACCOUNT), literals))).one()
+            plan = (await conn.exec_driver_sql(plans.explain("free_account", str(_ACCOUNT), literals))).scalar_one()
             await conn.exec_driver_sql("DEALLOCATE free_account")
-
-        def relations(node: dict[str, Any]) -> list[str]:
-            own = [node["Relation Name"]] if "Relation Name" in node else []
-            return own + [r for child in node.get("Plans", ()) for r in relations(child)]
-
-        return row.purchased_enough, relations(plan[0]["Plan"])
+        return row.purchased_enough, [node.get("Relation Name") for node in plans.nodes(plan[0]["Plan"])]
 
     enough, read = await purchased_enough()
     assert enough is False  # $9.99 paid for; the promotional $50 was given away

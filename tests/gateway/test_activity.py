@@ -13,9 +13,9 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from billing.db import pipeline
 from billing.db.engine import CUSTOM_PLANS
 from billing.gateway import activity
+from tests import plans
 from tests.conftest import ADMIN, Api
 from tests.gateway.conftest import Gateway, funded
 
@@ -161,8 +161,7 @@ async def test_a_page_of_a_busy_accounts_activity_reads_about_its_own_rows(api: 
         await conn.execute(text("ANALYZE generations"))
     async with engine.begin() as conn:
         await conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")  # as the service's connections
-        query, names = pipeline.compiled(str(activity._PAGE))
-        await conn.exec_driver_sql(f"PREPARE busy_page AS {query.decode()}")
+        await conn.exec_driver_sql(plans.prepare("busy_page", str(activity._PAGE)))
         values = {
             "account": str(internal),
             "key": "NULL",
@@ -172,15 +171,7 @@ async def test_a_page_of_a_busy_accounts_activity_reads_about_its_own_rows(api: 
             "n": "21",
         }
         await conn.exec_driver_sql(CUSTOM_PLANS)
-        plan = (
-            await conn.exec_driver_sql(
-                f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE busy_page({', '.join(values[n] for n in names)})"
-            )
-        ).scalar_one()
+        explain = plans.explain("busy_page", str(activity._PAGE), values, analyze=True)
+        (plan,) = (await conn.exec_driver_sql(explain)).scalar_one()
         await conn.exec_driver_sql("DEALLOCATE busy_page")
-
-    def generations_read(node: dict[str, Any]) -> int:
-        own = node["Actual Rows"] * node["Actual Loops"] if node.get("Relation Name") == "generations" else 0
-        return own + sum(generations_read(child) for child in node.get("Plans", ()))
-
-    assert generations_read(plan[0]["Plan"]) <= 25  # of 3,000
+    assert plans.rows_read(plan["Plan"], "generations") <= 25  # of 3,000

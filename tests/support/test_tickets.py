@@ -21,6 +21,7 @@ from billing.db.journal import Journal
 from billing.settings import Settings
 from billing.support import service
 from billing.support.schemas import CreateTicket
+from tests import plans
 from tests.conftest import ADMIN, BEYOND_YEAR_9999_UTC, Api, key
 from tests.purchases.conftest import buy
 from tests.stripe_helpers import checkout_session, full_snapshot, pay_at_emulator
@@ -301,7 +302,6 @@ async def test_a_quiet_accounts_tickets_are_listed_without_walking_everyone_else
     """Support's list (and the console's account page) filters by account and/or status: planned for its values
     (`CUSTOM_PLANS`), a quiet account's page reads its own tickets, where the generic plan walked every ticket
     back from the newest (counted in rows the plan read, not timed)."""
-    from billing.db import pipeline
     from billing.db.engine import CUSTOM_PLANS
 
     busy, quiet = (await api.account())["id"], (await api.account())["id"]
@@ -315,24 +315,13 @@ async def test_a_quiet_accounts_tickets_are_listed_without_walking_everyone_else
         await conn.execute(text(ticket), {"a": ids[busy], "s": "credited", "n": 5000})
         await conn.execute(text("ANALYZE support_tickets"))
     async with engine.begin() as conn:
-        query, names = pipeline.compiled(str(service.TICKETS))
-        await conn.exec_driver_sql(f"PREPARE quiet_tickets AS {query.decode()}")
+        await conn.exec_driver_sql(plans.prepare("quiet_tickets", str(service.TICKETS)))
         await conn.exec_driver_sql(CUSTOM_PLANS)
         read = []
         for status, account in [("NULL", ids[quiet]), ("'needs_review'", "NULL")]:
             values = {"status": status, "a": str(account), "cursor": "NULL", "n": "21"}
-            arguments = ", ".join(values[n] for n in names)
-            (plan,) = (
-                await conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE quiet_tickets({arguments})")
-            ).scalar_one()
-            read.append(_rows_read(plan["Plan"], "support_tickets"))
+            explain = plans.explain("quiet_tickets", str(service.TICKETS), values, analyze=True)
+            (plan,) = (await conn.exec_driver_sql(explain)).scalar_one()
+            read.append(plans.rows_read(plan["Plan"], "support_tickets"))
         await conn.exec_driver_sql("DEALLOCATE quiet_tickets")
     assert max(read) <= 50, read  # of 5,000 and more
-
-
-def _rows_read(node: dict[str, Any], relation: str) -> int:
-    """Rows a plan took from `relation`: those it returned, and those it read and filtered out."""
-    own = 0
-    if node.get("Relation Name") == relation:
-        own = (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * node["Actual Loops"]
-    return own + sum(_rows_read(child, relation) for child in node.get("Plans", ()))
