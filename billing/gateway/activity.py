@@ -42,10 +42,6 @@ WHERE g.account_id = :account AND g.status = 'charged'
   AND g.id < :before
 ORDER BY g.id DESC LIMIT :n"""
 )
-# A page is planned for its own values (`CUSTOM_PLANS`): with the generic plan of the service's connections an
-# account had as many generations as the average one and the page's LIMIT was unknown, so it read every
-# generation of the account below the cursor and sorted them — 7,993 rows for a page of 21 of a busy account
-# (session 22). With its values the planner walks `(account_id, id)` back from the cursor to the page's end.
 _CURSOR = text("SELECT id FROM generations WHERE generation_id = :g AND account_id = :account AND status = 'charged'")
 
 # The export's columns: the generation's own fields, in the order a spreadsheet reads them.
@@ -87,6 +83,10 @@ def _range(raw_since: str | None, raw_until: str | None, *, export: bool) -> tup
 
 
 async def _rows(conn: Any, account: int, key: str | None, since: Any, until: Any, before: int, n: int) -> list[Any]:
+    """A page, planned for its own values (`CUSTOM_PLANS`): for the generic plan of the service's connections an
+    account had as many generations as the average one and the page's LIMIT was unknown, so it read every
+    generation of the account below the cursor and sorted them (7,993 rows for a page of 21 of a busy account,
+    session 22). With its values the planner walks `(account_id, id)` back from the cursor to the page's end."""
     params = {"account": account, "key": key, "since": since, "until": until, "before": before, "n": n}
     await conn.exec_driver_sql(CUSTOM_PLANS)
     return list((await conn.execute(_PAGE, params)).all())
