@@ -38,6 +38,7 @@ ACCOUNT_COLUMNS = (
     "   WHERE h.account_id = a.id AND h.expires_at > :now) AS held,"
     " (SELECT coalesce(sum(l.remaining), 0) FROM lots l"
     "   WHERE l.account_id = a.id AND l.live AND l.expires_at <= :now) AS expired,"
+    # (through `ix_disputes_account_id_not_won`, migration 0024: every account read asks it)
     " EXISTS (SELECT 1 FROM disputes d WHERE d.account_id = a.id AND d.status <> 'won') AS flagged,"
     # Only with expired lots and open holds: the lots and holds, to tell what of the expired lots the holds
     # reserve (their captures pay from it: counted once, as held; `unspendable`).
@@ -94,17 +95,15 @@ def _account(row: Row[Any]) -> s.Account:
     )
 
 
+FIND_ACCOUNT = text(
+    f"SELECT {ACCOUNT_COLUMNS} FROM accounts a JOIN balances b ON b.account_id = a.id"
+    " WHERE a.public_id = :p AND a.kind <> 'platform'"
+)
+
+
 async def find_account(conn: AsyncConnection, principal: Principal, account: str) -> Row[Any]:
     """The account, if it exists and the caller may see it; otherwise 404 (foreign accounts included)."""
-    row = (
-        await conn.execute(
-            text(
-                f"SELECT {ACCOUNT_COLUMNS} FROM accounts a JOIN balances b ON b.account_id = a.id"
-                " WHERE a.public_id = :p AND a.kind <> 'platform'"
-            ),
-            {"p": account, "now": clock.now()},
-        )
-    ).first()
+    row = (await conn.execute(FIND_ACCOUNT, {"p": account, "now": clock.now()})).first()
     if row is None or not principal.may_see(row.id):
         raise not_found("account", account)
     return row

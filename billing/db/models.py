@@ -548,6 +548,8 @@ class DisputeRow(Base):
         CheckConstraint("amount >= 0 AND fee_amount >= 0 AND amount + fee_amount > 0", name="amounts"),
         CheckConstraint("(status = 'won') = (reinstated_entry_id IS NOT NULL)", name="reinstated"),
         Index("ix_disputes_purchase_id", "purchase_id"),
+        # every account read asks whether it has a dispute not won (`flagged`; migration 0024)
+        Index("ix_disputes_account_id_not_won", "account_id", postgresql_where=text("status <> 'won'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -711,6 +713,8 @@ class AutoTopupAttemptRow(Base):
         CheckConstraint("status IN ('pending', 'succeeded', 'declined', 'failed')", name="status"),
         Index("uq_auto_topup_attempts_pending", "account_id", unique=True, postgresql_where=text("status = 'pending'")),
         Index("ix_auto_topup_attempts_account_id", "account_id", "id"),
+        # what the account's top-ups took since the month began, for its monthly cap (migration 0024)
+        Index("ix_auto_topup_attempts_account_id_created_at", "account_id", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

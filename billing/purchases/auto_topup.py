@@ -354,6 +354,12 @@ async def settle(ctx: Context, now: datetime, run: Run) -> None:
                 await _declined(conn, r.account_id, r.error, now, run)
 
 
+# What the account's top-ups took this month, for its monthly cap: one index range of the account's attempts
+# since the month began (`ix_auto_topup_attempts_account_id_created_at`, migration 0024), not all it ever made.
+SPENT_SINCE = text(
+    "SELECT coalesce(sum(amount), 0) FROM auto_topup_attempts WHERE account_id = :a"
+    " AND status IN ('pending', 'succeeded') AND created_at >= :m"
+)
 _DUE = text(
     "SELECT t.account_id FROM auto_topups t JOIN balances b ON b.account_id = t.account_id"
     " WHERE t.enabled AND b.balance < t.threshold"
@@ -381,13 +387,7 @@ async def _claim(conn: AsyncConnection, account_id: int, now: datetime, run: Run
         return None
     if t.monthly_cap is not None:
         month = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        spent = await conn.scalar(
-            text(
-                "SELECT coalesce(sum(amount), 0) FROM auto_topup_attempts WHERE account_id = :a"
-                " AND status IN ('pending', 'succeeded') AND created_at >= :m"
-            ),
-            {"a": account_id, "m": month},
-        )
+        spent = await conn.scalar(SPENT_SINCE, {"a": account_id, "m": month})
         if Decimal(spent) + t.amount > t.monthly_cap:
             return None
     pricing = await pricing_in_force(conn, now)

@@ -226,3 +226,50 @@ def test_the_reconcilers_window_of_credits_is_an_index_range(scratch_url: str) -
         assert scans[0]["Node Type"] != "Seq Scan" and scans[0].get("Rows Removed by Filter", 0) == 0
     finally:
         engine.dispose()
+
+
+def test_an_accounts_disputes_and_its_months_top_ups_are_index_ranges(scratch_url: str) -> None:
+    """Migration 0024: every account read asks whether the account has a dispute it did not win, and the auto
+    top-up job what the account's top-ups took this month. In the generic plans the service runs them with, each
+    reads the account's own rows (counted in rows read), not every dispute or every attempt ever made."""
+    from billing.accounts.service import FIND_ACCOUNT
+    from billing.purchases.auto_topup import SPENT_SINCE
+
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    try:
+        upgrade(scratch_url)
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO accounts (public_id, kind, type, external_id)"
+                     " SELECT 'acct_d' || n, 'user', 'liability', 'd' || n FROM generate_series(1, 2000) AS n")
+            )  # fmt: skip
+            conn.execute(text("INSERT INTO balances (account_id) SELECT id FROM accounts WHERE kind <> 'platform'"))
+            conn.exec_driver_sql("SET LOCAL session_replication_role = replica")  # rows without their parents
+            conn.execute(
+                text("INSERT INTO disputes (stripe_dispute, purchase_id, account_id, amount, fee_amount, status,"
+                     "                      entry_id, reinstated_entry_id)"
+                     " SELECT 'dp_' || a.id || '_' || n, a.id * 10 + n, a.id, 1, 0.15,"
+                     "        CASE WHEN n = 1 THEN 'lost' ELSE 'won' END, a.id * 10 + n,"
+                     "        CASE WHEN n = 1 THEN NULL ELSE a.id * 10 + n + 5 END"
+                     " FROM accounts a CROSS JOIN generate_series(1, 3) AS n WHERE a.external_id LIKE 'd%'")
+            )  # fmt: skip
+            conn.execute(
+                text("INSERT INTO auto_topup_attempts (account_id, status, amount, created_at)"
+                     " SELECT a.id, 'succeeded', 10, TIMESTAMPTZ '2026-11-29 12:00Z' - n * interval '1 day'"
+                     " FROM accounts a CROSS JOIN generate_series(1, 400) AS n WHERE a.external_id IN ('d1', 'd2')")
+            )  # fmt: skip
+            conn.exec_driver_sql("ANALYZE")
+            d1 = conn.execute(text("SELECT id FROM accounts WHERE external_id = 'd1'")).scalar_one()
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            read = {}
+            for name, statement, values, relation in [
+                ("account", str(FIND_ACCOUNT), {"p": "'acct_d1'", "now": "now()"}, "disputes"),
+                ("spent", str(SPENT_SINCE), {"a": str(d1), "m": "'2026-11-01 00:00Z'"}, "auto_topup_attempts"),
+            ]:
+                conn.exec_driver_sql(plans.prepare(name, statement))
+                (plan,) = conn.exec_driver_sql(plans.explain(name, statement, values, analyze=True)).scalar_one()
+                read[name] = plans.rows_read(plan["Plan"], relation)
+        assert read == {"account": 1, "spent": 28}  # its one dispute not won; its top-ups of November 1–28
+    finally:
+        engine.dispose()
