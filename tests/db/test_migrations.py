@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Connection, create_engine, inspect, text
 
 from billing.db.migrate import downgrade, upgrade
 from billing.db.models import Base
@@ -120,6 +120,15 @@ def test_open_holds_start_with_the_holds_open_before_the_migration(scratch_url: 
         engine.dispose()
 
 
+def _customers(conn: Connection, tag: str, count: int) -> None:
+    """`count` user accounts, `acct_<tag><n>` with external id `<tag><n>`."""
+    conn.execute(
+        text("INSERT INTO accounts (public_id, kind, type, external_id)"
+             " SELECT 'acct_' || :t || n, 'user', 'liability', :t || n FROM generate_series(1, :c) AS n"),
+        {"t": tag, "c": count},
+    )  # fmt: skip
+
+
 def test_a_payers_open_holds_are_read_within_its_unexpired_range(scratch_url: str) -> None:
     """Migration 0021: the gateway's state reads sum the payer's (account's and key's) open holds not yet
     expired through one index range of payer and expiry, in the generic plan they run with. With an index of
@@ -129,10 +138,7 @@ def test_a_payers_open_holds_are_read_within_its_unexpired_range(scratch_url: st
     try:
         upgrade(scratch_url)
         with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO accounts (public_id, kind, type, external_id)"
-                     " SELECT 'acct_p' || n, 'user', 'liability', 'p' || n FROM generate_series(1, 1000) AS n")
-            )  # fmt: skip
+            _customers(conn, "p", 1000)
             conn.execute(
                 text("INSERT INTO api_keys (public_id, account_id, name)"
                      " SELECT 'key_p' || substr(public_id, 7), id, 'k' FROM accounts WHERE external_id LIKE 'p%'")
@@ -239,10 +245,7 @@ def test_an_accounts_disputes_and_its_months_top_ups_are_index_ranges(scratch_ur
     try:
         upgrade(scratch_url)
         with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO accounts (public_id, kind, type, external_id)"
-                     " SELECT 'acct_d' || n, 'user', 'liability', 'd' || n FROM generate_series(1, 2000) AS n")
-            )  # fmt: skip
+            _customers(conn, "d", 2000)
             conn.execute(text("INSERT INTO balances (account_id) SELECT id FROM accounts WHERE kind <> 'platform'"))
             conn.exec_driver_sql("SET LOCAL session_replication_role = replica")  # rows without their parents
             conn.execute(
