@@ -9,7 +9,9 @@ them falls inside a 20 s window decides much of that window's p99 — for the se
 
 - `checkpoints`, `checkpoint_buffers`, `checkpoint_sync_ms`: checkpoints begun in the window, buffers
   checkpoints wrote in it and time spent syncing files (PostgreSQL reports a checkpoint's sync when it ends).
-- `autovacuum_runs`: autovacuum and autoanalyze passes finished on the database's tables.
+- `autovacuum_runs`: autovacuum and autoanalyze passes finished on the database's tables, and
+  `autovacuum_tables` which tables they were (`{"postings": {"vacuum": 1}}`): a pass over a growing ledger table
+  costs a window far more than one over `balances`.
 - `wal_mb`: WAL written, server-wide.
 - `disk_written_mb`, `largest_write_burst_mb`: everything this machine wrote to its disks, and the most in
   one SAMPLE_S interval (Linux, `/proc/vmstat`; None when the server runs elsewhere): a kernel writeback
@@ -48,7 +50,7 @@ _CHECKPOINTER = {  # PostgreSQL 17 moved the checkpointer's figures out of pg_st
     True: "SELECT num_timed + num_requested, buffers_written, sync_time FROM pg_stat_checkpointer",
     False: "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, checkpoint_sync_time FROM pg_stat_bgwriter",
 }
-_AUTOVACUUM = "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0) FROM pg_stat_user_tables"
+_AUTOVACUUM = "SELECT relname, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
 _WAL = "SELECT pg_current_wal_insert_lsn() - '0/0'"  # bytes of WAL ever written, server-wide, as of now
 
 
@@ -126,9 +128,9 @@ class Housekeeping:
         with psycopg.connect(self.url, autocommit=True) as conn:
             version = conn.info.server_version
             checkpoints, buffers, sync_ms = conn.execute(_CHECKPOINTER[version >= 170000]).fetchone() or (0, 0, 0)
-            (autovacuum,) = conn.execute(_AUTOVACUUM).fetchone() or (0,)
+            autovacuum = {table: (int(v), int(a)) for table, v, a in conn.execute(_AUTOVACUUM).fetchall()}
             (wal,) = conn.execute(_WAL).fetchone() or (0,)
-        return int(checkpoints), int(buffers), float(sync_ms), int(autovacuum), int(wal)
+        return int(checkpoints), int(buffers), float(sync_ms), autovacuum, int(wal)
 
     def _sample_disk(self) -> None:
         written = disk_written_kb()
@@ -193,7 +195,7 @@ class Housekeeping:
             "checkpoints": c1 - c0,
             "checkpoint_buffers": b1 - b0,
             "checkpoint_sync_ms": round(s1 - s0, 1),
-            "autovacuum_runs": a1 - a0,
+            **autovacuum_passes(a0, a1),
             "wal_mb": round((w1 - w0) / 2**20, 1),
             "disk_written_mb": round((self._disk[-1] - self._disk[0]) / 1024, 1) if len(self._disk) > 1 else None,
             "largest_write_burst_mb": round(max(steps) / 1024, 1) if steps else None,
@@ -201,6 +203,18 @@ class Housekeeping:
             "largest_steal_ms": round(max(stolen) * 1000 / _TICKS) if stolen else None,
             **sync_figures(self._syncs_ns if self._probe is not None else None),
         }
+
+
+def autovacuum_passes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The autovacuum and autoanalyze passes between two readings of each table's (vacuums, analyzes): their
+    number, and per table that had any, how many of each kind."""
+    tables: dict[str, dict[str, int]] = {}
+    for table, (vacuums, analyzes) in sorted(after.items()):
+        v0, a0 = before.get(table, (0, 0))
+        passes = {"vacuum": vacuums - v0, "analyze": analyzes - a0}
+        if any(passes.values()):
+            tables[table] = {kind: n for kind, n in passes.items() if n}
+    return {"autovacuum_runs": sum(sum(p.values()) for p in tables.values()), "autovacuum_tables": tables}
 
 
 def sync_figures(syncs_ns: list[int] | None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import psycopg
 
-from billing.bench.housekeeping import Housekeeping, server_settings
+from billing.bench.housekeeping import Housekeeping, autovacuum_passes, server_settings
 
 
 def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(database_url: str, tmp_path: Path) -> None:
@@ -31,7 +31,22 @@ def test_a_window_counts_the_checkpoint_wal_and_disk_writes_made_inside_it(datab
     assert report["wal_mb"] >= 4.0, report  # 20,000 rows of ~230 bytes
     assert report["disk_written_mb"] is not None and report["disk_written_mb"] >= 16.0, report
     assert report["largest_write_burst_mb"] is not None and report["largest_write_burst_mb"] >= 4.0, report
-    assert report["autovacuum_runs"] >= 0, report
+    tables = report["autovacuum_tables"]
+    assert report["autovacuum_runs"] == sum(n for passes in tables.values() for n in passes.values()), report
+
+
+def test_autovacuum_passes_name_the_tables_they_were_on() -> None:
+    before = {"postings": (3, 1), "balances": (7, 7), "lots": (0, 0)}
+    after = {"postings": (4, 1), "balances": (7, 9), "lots": (0, 0), "holds": (1, 1)}
+
+    assert autovacuum_passes(before, after) == {
+        "autovacuum_runs": 5,
+        "autovacuum_tables": {
+            "balances": {"analyze": 2},
+            "holds": {"vacuum": 1, "analyze": 1},
+            "postings": {"vacuum": 1},
+        },
+    }
 
 
 def io_written_bytes() -> int:
