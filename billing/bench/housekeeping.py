@@ -50,7 +50,8 @@ _CHECKPOINTER = {  # PostgreSQL 17 moved the checkpointer's figures out of pg_st
     True: "SELECT num_timed + num_requested, buffers_written, sync_time FROM pg_stat_checkpointer",
     False: "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, checkpoint_sync_time FROM pg_stat_bgwriter",
 }
-_AUTOVACUUM = "SELECT relname, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
+# (a table by its regclass name, qualified when outside the search path: two schemas may share a table's name)
+_AUTOVACUUM = "SELECT relid::regclass::text, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables"
 _WAL = "SELECT pg_current_wal_insert_lsn() - '0/0'"  # bytes of WAL ever written, server-wide, as of now
 
 
