@@ -86,6 +86,18 @@ def test_refunds_name_their_stripe_refund_or_the_event_that_booked_them(scratch_
         engine.dispose()
 
 
+def _customers(conn: Connection, tag: str, count: int) -> list[int]:
+    """`count` user accounts, `acct_<tag><n>` with external id `<tag><n>`; their ids, in that order."""
+    return list(
+        conn.execute(
+            text("INSERT INTO accounts (public_id, kind, type, external_id)"
+                 " SELECT 'acct_' || :t || n, 'user', 'liability', :t || n FROM generate_series(1, :c) AS n"
+                 " ORDER BY n RETURNING id"),
+            {"t": tag, "c": count},
+        ).scalars()
+    )  # fmt: skip
+
+
 def test_open_holds_start_with_the_holds_open_before_the_migration(scratch_url: str) -> None:
     """Migration 0019: the holds open when it runs are in `open_holds` from the start (admissions count them
     from there), resolved ones are not, and the table is vacuumed by dead rows, not by a fraction of its size;
@@ -94,10 +106,7 @@ def test_open_holds_start_with_the_holds_open_before_the_migration(scratch_url: 
     try:
         upgrade(scratch_url, "0018_ledger_vacuum_insert")
         with engine.begin() as conn:
-            account = conn.execute(
-                text("INSERT INTO accounts (public_id, kind, type, external_id)"
-                     " VALUES ('acct_m', 'user', 'liability', 'm') RETURNING id")
-            ).scalar_one()  # fmt: skip
+            (account,) = _customers(conn, "m", 1)
             conn.execute(
                 text("INSERT INTO holds (account_id, request_id, amount, status, fingerprint, expires_at)"
                      " SELECT :a, 'r' || n, n, CASE WHEN n % 2 = 0 THEN 'open' ELSE 'captured' END, 'f',"
@@ -118,15 +127,6 @@ def test_open_holds_start_with_the_holds_open_before_the_migration(scratch_url: 
             assert "open_holds" not in inspect(conn).get_table_names()
     finally:
         engine.dispose()
-
-
-def _customers(conn: Connection, tag: str, count: int) -> None:
-    """`count` user accounts, `acct_<tag><n>` with external id `<tag><n>`."""
-    conn.execute(
-        text("INSERT INTO accounts (public_id, kind, type, external_id)"
-             " SELECT 'acct_' || :t || n, 'user', 'liability', :t || n FROM generate_series(1, :c) AS n"),
-        {"t": tag, "c": count},
-    )  # fmt: skip
 
 
 def test_a_payers_open_holds_are_read_within_its_unexpired_range(scratch_url: str) -> None:
@@ -174,10 +174,7 @@ def test_purchased_starts_with_what_the_lots_already_say_was_paid_for(scratch_ur
     try:
         upgrade(scratch_url, "0021_open_holds_by_payer_expiry")
         with engine.begin() as conn:
-            accounts = conn.execute(
-                text("INSERT INTO accounts (public_id, kind, type, external_id)"
-                     " VALUES ('acct_b', 'user', 'liability', 'b'), ('acct_n', 'user', 'liability', 'n') RETURNING id")
-            ).scalars().all()  # fmt: skip
+            accounts = _customers(conn, "b", 2)
             conn.execute(text("INSERT INTO balances (account_id) SELECT unnest(CAST(:a AS bigint[]))"), {"a": accounts})
             lots = [("purchase", "paid", "7"), ("grant", "paid", "4"), ("grant", "promotional", "100"),
                     ("adjustment", "paid", "50"), ("dispute", "paid", "5")]  # fmt: skip
